@@ -1,0 +1,209 @@
+"""The graph path: any SavedModel in, an explainable SavedModel out.
+
+    read saved_model.pb -> find the ReLU sites the signature depends on -> select them ->
+    set `_gradient_op_type` on their NodeDefs in a private copy -> load the copy -> trace the
+    explainable signatures (forward + rule gradient) -> save into a temporary sibling of the
+    destination -> reload and check on a probe batch -> rename into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gbp_rewrite import explainable, export, rules, savedmodel, sites, verify
+from gbp_rewrite._version import __version__
+from gbp_rewrite.errors import OptionError, SignatureError, SourceModelError, VerificationError, one_line
+from gbp_rewrite.report import REPORT_JSON, REPORT_TEXT, ConversionReport, SiteEntry
+
+log = logging.getLogger(__name__)
+
+SCORES = ("logit", "probability")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Conversion options shared by the graph path and the Keras path."""
+
+    layers: tuple[str, ...] = ()
+    exclude_layers: tuple[str, ...] = ()
+    rule: str = "guided"
+    signature: str = "serving_default"
+    output: str | None = None
+    score: str = "logit"
+
+    def validate(self) -> rules.Rule:
+        if self.score not in SCORES:
+            raise OptionError(f"unknown score {self.score!r}; valid scores: {', '.join(SCORES)}")
+        return rules.get_rule(self.rule)
+
+
+def convert(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    layers: Sequence[str] | str | None = None,
+    exclude_layers: Sequence[str] | str | None = None,
+    rule: str = "guided",
+    signature: str = "serving_default",
+    output: str | None = None,
+    score: str = "logit",
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Write an explainable copy of the SavedModel `source` to `destination`.
+
+    Args:
+      source: a SavedModel directory (TF2, Keras 3 `model.export`, tf-keras `model.save`, TF1).
+      destination: the directory to create; written atomically, never half-written.
+      layers: names or glob patterns of the layers whose ReLUs get the rule (default: all).
+      exclude_layers: names or glob patterns of layers to leave alone.
+      rule: 'guided' (default), 'deconvnet' or 'vanilla'.
+      signature: the signature key to explain (default 'serving_default').
+      output: the output to explain when the signature has several.
+      score: 'logit' (default; the pre-softmax logit when the output ends in Softmax) or
+        'probability' (the softmax value itself).
+      overwrite: replace `destination` if it exists.
+
+    Returns:
+      The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
+
+    Raises:
+      GbpError: a one-line reason; the source is never modified and no destination is left behind.
+    """
+    started = time.perf_counter()
+    options = Options(_patterns(layers), _patterns(exclude_layers), rule, signature, output, score)
+    rule_obj = options.validate()
+    source, destination = Path(source), Path(destination)
+    model = savedmodel.read(source)
+    export.check_destination(destination, source=source, overwrite=overwrite)
+    signature_desc = model.signature(signature)
+    plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output)
+    found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
+    selection = sites.select(found, layers=options.layers, exclude_layers=options.exclude_layers)
+    softmax, score_note = _softmax_plan(model, plan, score)
+
+    patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
+    if softmax is not None:
+        patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
+    rules.register_graph_gradients()
+    with savedmodel.patched_copy(model, patches) as patched_dir:
+        loaded = savedmodel.load(patched_dir, tags=model.tags, source=source)
+        source_fn = loaded.signatures[signature]
+        probe = verify.probe_inputs(plan.inputs)
+        expected = _run_source(source_fn, plan, probe)
+        with rules.record_applications() as applied:
+            signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+        checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
+        extra = _kept_signatures(model, loaded, signature)
+        with export.atomic_directory(destination, overwrite=overwrite) as tmp:
+            explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
+            checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
+            report = ConversionReport(
+                tool_version=__version__,
+                source=str(source),
+                source_format=model.format,
+                destination=str(destination),
+                signature=signature,
+                rule=rule,
+                rule_description=rule_obj.description,
+                score=score,
+                explained_output=plan.output_key,
+                score_note=score_note,
+                inputs=[d.describe() for d in plan.inputs.values()],
+                saliency_outputs=dict(plan.saliency_outputs),
+                signatures={
+                    signature: plan.output_keys(),
+                    explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
+                    **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
+                },
+                sites=[_site_entry(s, selection) for s in found],
+                checks=checks,
+            )
+            report.seconds = time.perf_counter() - started
+            write_report(tmp, report)
+    log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
+             len(report.rewritten), len(report.sites), rule)
+    return report
+
+
+def _patterns(value: Sequence[str] | str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(p.strip() for p in value if p and p.strip())
+
+
+def _softmax_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPlan, score: str):
+    """The Softmax to give a pass-through gradient (score 'logit'), and a note for the report."""
+    producer = sites.find_output_producer(model.meta_graph, plan.explained.tensor_name)
+    ends_in_softmax = producer is not None and producer.op_type == "Softmax"
+    last_op = producer.op_type if producer is not None else "an op that could not be traced"
+    if score == "logit":
+        if ends_in_softmax:
+            return producer, f"pre-softmax logit: Softmax '{producer.node}' passes the gradient through"
+        return None, f"the output ends in {last_op}, not Softmax: its value is the score"
+    if not ends_in_softmax:
+        raise OptionError(
+            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
+            f"in {last_op}; its value already is the score, use --score logit"
+        )
+    return None, "softmax probability with the true softmax gradient"
+
+
+def _run_source(source_fn, plan: explainable.ExplainPlan, probe: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    try:
+        outputs = source_fn(**verify.to_tensors(probe, plan.inputs))
+        return {k: outputs[k].numpy() for k in plan.outputs}
+    except Exception as e:  # noqa: BLE001 - whatever breaks, the user needs the one line
+        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in probe.items())
+        raise SourceModelError(
+            f"the source model fails on a probe batch ({shapes}): {one_line(e)}"
+        ) from None
+
+
+def _check_applied(selection: sites.Selection, softmax, applied: set[str], rule: str) -> str:
+    """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
+    selected = selection.selected_sites
+    reached = [s for s in selected if s.node in applied]
+    if not reached:
+        raise VerificationError(
+            f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
+            "explained output, so the saliency would be the plain gradient; select other layers"
+        )
+    if softmax is not None and softmax.node not in applied:
+        raise VerificationError(f"the output Softmax '{softmax.node}' is not on the gradient path")
+    text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
+    if len(reached) < len(selected):
+        text += " (the others do not lie between the inputs and the explained output)"
+    return text
+
+
+def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:
+    extra = {k: loaded.signatures[k] for k in model.signature_keys() if k != explained}
+    if explainable.EXPLAIN_CLASS_SIGNATURE in extra:
+        raise SignatureError(
+            f"the source already has a signature named {explainable.EXPLAIN_CLASS_SIGNATURE!r}, "
+            "which the explainable export adds; is it already an explainable export?"
+        )
+    return extra
+
+
+def _site_entry(site: sites.Site, selection: sites.Selection) -> SiteEntry:
+    return SiteEntry(
+        layer=site.layer_path, op_name=site.node, op_type=site.op_type,
+        status=selection.status(site), function=site.function,
+    )
+
+
+def write_report(export_dir: Path, report: ConversionReport) -> None:
+    assets = export_dir / "assets"
+    assets.mkdir(exist_ok=True)
+    (assets / REPORT_JSON).write_text(report.to_json() + "\n", encoding="utf-8")
+    (assets / REPORT_TEXT).write_text(report.to_text() + "\n", encoding="utf-8")

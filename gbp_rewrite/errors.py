@@ -1,0 +1,44 @@
+"""The one exception family of gbp_rewrite.
+
+Every failure a user can cause (a bad path, a damaged model, an unknown layer name, a destination
+that exists) is raised as a subclass of `GbpError`, with a one-line message that names the problem,
+the offending value and the valid choices or the fix. The command line prints that line and exits 1.
+"""
+
+
+class GbpError(Exception):
+    """Base class of every error gbp_rewrite raises on purpose."""
+
+
+class SourceModelError(GbpError):
+    """The source model cannot be read, or is not a model this tool can explain."""
+
+
+class SignatureError(GbpError):
+    """The chosen signature, input or output does not exist or cannot be explained."""
+
+
+class SelectionError(GbpError):
+    """The layer selection matches nothing, or rewrites nothing."""
+
+
+class OptionError(GbpError):
+    """An option has a value outside its valid choices."""
+
+
+class OutputError(GbpError):
+    """The destination cannot be written (exists, is inside the source, ...)."""
+
+
+class VerificationError(GbpError):
+    """The written model failed its self-check."""
+
+
+def one_line(error: BaseException) -> str:
+    """Return the first non-empty line of an exception's message (TensorFlow's run to pages)."""
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    for line in str(text).splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return type(error).__name__

@@ -1,0 +1,208 @@
+"""The exported signatures: the original outputs, the saliency and the explained class together.
+
+Both paths (the patched SavedModel and the Keras custom-gradient clone) hand this module a
+`forward` function (a dict of input tensors -> a dict of output tensors, with the rule's gradients
+inside) and the variables' owner; this module writes the explainable SavedModel:
+
+    <signature key>   inputs as the source            outputs: the source's outputs,
+                                                                saliency (or saliency_<input> each),
+                                                                explained_class [batch] int64
+    explain_class     inputs as the source + class_index [batch] int64        same outputs
+
+One forward pass feeds both the predictions and the gradient, and the score's gradient is seeded
+with a one-hot vector of the explained class, so there is no gather/scatter plumbing in the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+from pathlib import Path
+from typing import Callable, Mapping
+
+import tensorflow as tf
+
+from gbp_rewrite.errors import SignatureError
+from gbp_rewrite.savedmodel import TensorDesc, strip_gradient_attrs
+
+SALIENCY = "saliency"
+EXPLAINED_CLASS = "explained_class"
+CLASS_INDEX = "class_index"
+EXPLAIN_CLASS_SIGNATURE = "explain_class"
+
+Forward = Callable[[dict[str, tf.Tensor]], Mapping[str, tf.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainPlan:
+    """What to explain: the signature's inputs, which get a saliency, and the explained output."""
+
+    signature_key: str
+    inputs: dict[str, TensorDesc]
+    outputs: dict[str, TensorDesc]
+    saliency_outputs: dict[str, str]  # saliency output key -> input key
+    output_key: str
+
+    @property
+    def explained(self) -> TensorDesc:
+        return self.outputs[self.output_key]
+
+    @property
+    def num_classes(self) -> int:
+        shape = self.explained.shape
+        return 1 if len(shape) == 1 else shape[-1]
+
+    def output_keys(self) -> list[str]:
+        return list(self.outputs) + list(self.saliency_outputs) + [EXPLAINED_CLASS]
+
+
+def make_plan(
+    signature_key: str,
+    inputs: Mapping[str, TensorDesc],
+    outputs: Mapping[str, TensorDesc],
+    *,
+    output: str | None = None,
+) -> ExplainPlan:
+    """Check that the signature can be explained and decide the layout of the exported one."""
+    _check_input_keys(signature_key, inputs)
+    float_inputs = [k for k, d in inputs.items() if d.dtype is not None and d.dtype.is_floating]
+    if not float_inputs:
+        described = "; ".join(d.describe() for d in inputs.values()) or "none"
+        raise SignatureError(
+            f"signature {signature_key!r} has no floating-point input (inputs: {described}); the "
+            "saliency is a gradient with respect to an input, so it needs a float input. For token "
+            "or categorical inputs, export a signature that takes the embeddings (a float tensor) "
+            "as input and convert that signature with --signature"
+        )
+    output_key = _choose_output(signature_key, outputs, output)
+    if len(float_inputs) == 1:
+        saliency = {SALIENCY: float_inputs[0]}
+    else:
+        saliency = {f"{SALIENCY}_{k}": k for k in float_inputs}
+    clashes = sorted((set(saliency) | {EXPLAINED_CLASS}) & set(outputs))
+    if clashes or CLASS_INDEX in inputs:
+        taken = ", ".join(clashes + ([CLASS_INDEX] if CLASS_INDEX in inputs else []))
+        raise SignatureError(
+            f"signature {signature_key!r} already uses the name(s) {taken}, which the explainable "
+            "signature adds; rename them in the source model"
+        )
+    return ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key)
+
+
+def _check_input_keys(signature_key: str, inputs: Mapping[str, TensorDesc]) -> None:
+    for key in inputs:
+        if not key.isidentifier() or keyword.iskeyword(key):
+            raise SignatureError(
+                f"signature {signature_key!r} has an input key {key!r} that is not a Python "
+                "identifier; gbp_rewrite can only rebuild signatures whose input keys are"
+            )
+
+
+def _choose_output(signature_key: str, outputs: Mapping[str, TensorDesc], output: str | None) -> str:
+    keys = list(outputs)
+    if output is None:
+        if len(keys) != 1:
+            raise SignatureError(
+                f"signature {signature_key!r} has {len(keys)} outputs ({', '.join(keys) or 'none'}); "
+                "choose the one to explain with --output"
+            )
+        output = keys[0]
+    elif output not in outputs:
+        raise SignatureError(
+            f"signature {signature_key!r} has no output {output!r}; its outputs: {', '.join(keys)}"
+        )
+    desc = outputs[output]
+    if desc.dtype is None or not desc.dtype.is_floating:
+        raise SignatureError(
+            f"output {output!r} is {getattr(desc.dtype, 'name', 'of unknown type')}, not a float "
+            "score; choose a float output (class scores or probabilities) with --output"
+        )
+    if desc.shape is None or len(desc.shape) not in (1, 2) or (len(desc.shape) == 2 and desc.shape[1] is None):
+        raise SignatureError(
+            f"output {output!r} has shape {desc.describe().split(' ', 2)[-1]}; the explained output "
+            "must be [batch] or [batch, classes] with a known number of classes (choose another "
+            "with --output)"
+        )
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph construction
+
+
+def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], class_index=None):
+    watched = [inputs[key] for key in plan.saliency_outputs.values()]
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(watched)
+        outputs = dict(forward(inputs))
+    explained = outputs[plan.output_key]
+    classes = _explained_classes(explained, plan.num_classes, class_index)
+    if plan.num_classes == 1 and len(plan.explained.shape) == 1:
+        seed = tf.ones_like(explained)
+    else:
+        seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
+    gradients = tape.gradient(
+        explained, watched, output_gradients=seed,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    result = {key: outputs[key] for key in plan.outputs}
+    result.update(zip(plan.saliency_outputs, gradients))
+    result[EXPLAINED_CLASS] = classes
+    return result
+
+
+def _explained_classes(explained: tf.Tensor, num_classes: int, class_index) -> tf.Tensor:
+    batch = tf.shape(explained, out_type=tf.int64)[0]
+    if class_index is None:
+        if num_classes == 1:
+            return tf.zeros([batch], tf.int64)
+        return tf.argmax(explained, axis=-1, output_type=tf.int64)
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(class_index, out_type=tf.int64)[0], batch,
+            message="class_index must hold one class per example of the batch",
+        ),
+        tf.debugging.assert_non_negative(class_index, message="class_index must be >= 0"),
+        tf.debugging.assert_less(
+            class_index, tf.constant(num_classes, tf.int64),
+            message=f"class_index must be < {num_classes}, the number of classes",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(class_index)
+
+
+def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    """The two explainable signatures as concrete functions, keyed by signature name."""
+    specs = {key: desc.spec() for key, desc in plan.inputs.items()}
+
+    @tf.function
+    def serve(**inputs):
+        return _explain(forward, plan, inputs)
+
+    @tf.function
+    def explain_class(**inputs):
+        class_index = inputs.pop(CLASS_INDEX)
+        return _explain(forward, plan, inputs, class_index)
+
+    class_spec = tf.TensorSpec([None], tf.int64, name=CLASS_INDEX)
+    return {
+        plan.signature_key: serve.get_concrete_function(**specs),
+        EXPLAIN_CLASS_SIGNATURE: explain_class.get_concrete_function(**specs, **{CLASS_INDEX: class_spec}),
+    }
+
+
+def save(
+    directory: Path,
+    *,
+    owner: tf.Module,
+    signatures: Mapping[str, tf.types.experimental.ConcreteFunction],
+) -> None:
+    """Write the SavedModel: `owner` carries the variables (they stay variables, not constants)."""
+    module = tf.Module(name="gbp_rewrite_explainable")
+    module.source = owner
+    # Custom gradients must not be saved: TensorFlow would call our registered gradient functions
+    # with op=None. The saliency is already ordinary ops (ReluGrad, Conv2DBackpropInput, ...).
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, str(directory), signatures=dict(signatures), options=options)
+    strip_gradient_attrs(directory / "saved_model.pb")

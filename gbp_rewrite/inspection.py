@@ -1,0 +1,80 @@
+"""`inspect`: what a model offers to explain - its signatures and ReLU-family sites by layer."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+from gbp_rewrite import savedmodel, sites
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    path: str
+    format: str
+    tags: list[str]
+    signatures: dict[str, savedmodel.SignatureDesc]
+    signature: str | None  # the signature whose sites are listed
+    sites: list[sites.Site]
+
+    def layers(self) -> dict[str, list[sites.Site]]:
+        """Sites grouped by layer path, in graph order."""
+        grouped: dict[str, list[sites.Site]] = collections.OrderedDict()
+        for site in self.sites:
+            grouped.setdefault(site.layer_path, []).append(site)
+        return grouped
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "tags": self.tags,
+            "signatures": {
+                key: {
+                    "inputs": {k: d.describe() for k, d in sig.inputs.items()},
+                    "outputs": {k: d.describe() for k, d in sig.outputs.items()},
+                }
+                for key, sig in self.signatures.items()
+            },
+            "signature": self.signature,
+            "sites": [
+                {"layer": s.layer_path, "op_name": s.node, "op_type": s.op_type, "function": s.function}
+                for s in self.sites
+            ],
+        }
+
+    def to_text(self) -> str:
+        lines = [f"{self.path}: {self.format} SavedModel, tags {','.join(self.tags) or '(none)'}"]
+        for key, sig in self.signatures.items():
+            lines.append(f"  signature {key}")
+            lines.extend(f"    input  {d.describe()}" for d in sig.inputs.values())
+            lines.extend(f"    output {d.describe()}" for d in sig.outputs.values())
+        if self.signature is None:
+            return "\n".join(lines)
+        rewritable = sum(s.rewritable for s in self.sites)
+        lines.append(
+            f"  ReLU-family sites of {self.signature}: {len(self.sites)} "
+            f"({rewritable} ReLU/ReLU6 that a rule can rewrite)"
+        )
+        for layer, layer_sites in self.layers().items():
+            ops = ", ".join(f"{s.op_type} {s.node}" for s in layer_sites)
+            lines.append(f"    {layer}: {ops}")
+        return "\n".join(lines)
+
+
+def inspect(path: str | os.PathLike, *, signature: str | None = None) -> ModelInfo:
+    """Describe the model at `path`: signatures, inputs, outputs, and ReLU sites of `signature`.
+
+    `signature` defaults to 'serving_default' when the model has it, else the first signature.
+    """
+    model = savedmodel.read(path)
+    keys = model.signature_keys()
+    signatures = {key: model.signature(key) for key in keys}
+    if signature is None:
+        signature = "serving_default" if "serving_default" in keys else (keys[0] if keys else None)
+    found: list[sites.Site] = []
+    if signature is not None:
+        desc = model.signature(signature)
+        found = sites.find_sites(model.meta_graph, [d.tensor_name for d in desc.outputs.values()])
+    return ModelInfo(str(path), model.format, model.tags, signatures, signature, found)

@@ -1,0 +1,81 @@
+"""The conversion report: what was found, what was done to it, and how the result checked out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+REPORT_JSON = "gbp_rewrite_report.json"
+REPORT_TEXT = "gbp_rewrite_report.txt"
+
+
+@dataclasses.dataclass
+class SiteEntry:
+    layer: str
+    op_name: str
+    op_type: str
+    status: str
+    function: str = ""
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == "rewritten"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Everything a reader needs to trust (or question) an explainable export."""
+
+    tool_version: str
+    source: str
+    source_format: str
+    destination: str
+    signature: str
+    rule: str
+    rule_description: str
+    score: str
+    explained_output: str
+    score_note: str
+    inputs: list[str]
+    saliency_outputs: dict[str, str]
+    signatures: dict[str, list[str]]
+    sites: list[SiteEntry]
+    checks: dict[str, str] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rewritten(self) -> list[SiteEntry]:
+        return [s for s in self.sites if s.rewritten]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_text(self) -> str:
+        lines = [
+            f"gbp_rewrite {self.tool_version}: {self.source} -> {self.destination}",
+            f"  source format : {self.source_format}",
+            f"  signature     : {self.signature} (inputs: {'; '.join(self.inputs)})",
+            f"  rule          : {self.rule} - {self.rule_description}",
+            f"  score         : {self.score} of the top class of output '{self.explained_output}' "
+            f"({self.score_note})",
+            "  saliency      : "
+            + ", ".join(f"{out} = d(score)/d({inp})" for out, inp in self.saliency_outputs.items()),
+            f"  ReLU-family sites: {len(self.sites)} found, {len(self.rewritten)} rewritten",
+        ]
+        width = max([len(s.layer) for s in self.sites] + [5])
+        for site in self.sites:
+            lines.append(f"    {site.layer:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
+        lines.append("  exported signatures:")
+        for key, outputs in self.signatures.items():
+            lines.append(f"    {key}: {', '.join(outputs)}")
+        if self.checks:
+            lines.append("  self-check:")
+            lines.extend(f"    {name}: {result}" for name, result in self.checks.items())
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        lines.append(f"  done in {self.seconds:.1f} s")
+        return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""Gradient rules for the ReLU family: the only module with gradient math.
+
+A rule maps (upstream gradient dy, forward output y) to the gradient passed down, dx:
+
+    guided     Relu:  dx = dy * [x > 0] * [dy > 0]      Relu6: dx = dy * [0 < x < 6] * [dy > 0]
+    deconvnet  both:  dx = dy * [dy > 0]
+    vanilla    Relu:  dx = dy * [x > 0]                 Relu6: dx = dy * [0 < x < 6]
+
+The gates are tested on the forward *output* y, exactly as TensorFlow's own Relu/Relu6 gradients do:
+y > 0 iff x > 0, and 0 < y < 6 iff 0 < x < 6. They are built from TensorFlow's fused kernels
+(ReluGrad, Relu6Grad, Relu), so they keep the tensor's dtype (float16 models work) and cost one
+extra elementwise kernel over the plain gradient.
+
+Two mechanisms use the same math: `register_graph_gradients` registers each (rule, op type) under a
+name that the graph path writes into a NodeDef's `_gradient_op_type` attr, and `activation` builds
+a `tf.custom_gradient` function for the Keras path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Callable
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import gen_nn_ops
+
+from gbp_rewrite.errors import OptionError
+
+# Op types a rule rewrites. Everything else keeps its true gradient.
+REWRITABLE_OP_TYPES = ("Relu", "Relu6")
+
+# Activation op types that are reported but left alone: no agreed guided rule exists for them.
+REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh")
+
+SOFTMAX_PASS_THROUGH = "GbpRewrite_Softmax_pass_through"
+
+GradientFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def _guided_relu(dy, y):
+    return gen_nn_ops.relu_grad(gen_nn_ops.relu(dy), y)
+
+
+def _guided_relu6(dy, y):
+    return gen_nn_ops.relu6_grad(gen_nn_ops.relu(dy), y)
+
+
+def _deconvnet(dy, y):
+    del y  # the deconvnet rule ignores the forward pass entirely
+    return gen_nn_ops.relu(dy)
+
+
+def _vanilla_relu(dy, y):
+    return gen_nn_ops.relu_grad(dy, y)
+
+
+def _vanilla_relu6(dy, y):
+    return gen_nn_ops.relu6_grad(dy, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A gradient rule: its name, a one-line description and dx = f(dy, y) per op type."""
+
+    name: str
+    description: str
+    gradients: dict[str, GradientFn]
+
+    def gradient(self, op_type: str, dy: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """The gradient passed down through one `op_type` op whose forward output is `y`."""
+        return self.gradients[op_type](dy, y)
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule(
+            "guided",
+            "guided backpropagation (Springenberg et al. 2014): dy * [x > 0] * [dy > 0]",
+            {"Relu": _guided_relu, "Relu6": _guided_relu6},
+        ),
+        Rule(
+            "deconvnet",
+            "deconvnet (Zeiler & Fergus 2014): dy * [dy > 0]",
+            {"Relu": _deconvnet, "Relu6": _deconvnet},
+        ),
+        Rule(
+            "vanilla",
+            "the true gradient: dy * [x > 0]",
+            {"Relu": _vanilla_relu, "Relu6": _vanilla_relu6},
+        ),
+    )
+}
+
+
+def get_rule(name: str) -> Rule:
+    """The rule called `name`, or an OptionError listing the valid names."""
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise OptionError(
+            f"unknown rule {name!r}; valid rules: {', '.join(RULES)}"
+        ) from None
+
+
+def gradient_op_type(rule_name: str, op_type: str) -> str:
+    """The `_gradient_op_type` attr value that selects `rule_name`'s gradient for `op_type`."""
+    return f"GbpRewrite_{op_type}_{rule_name}"
+
+
+_registration_lock = threading.Lock()
+_registered = False
+
+
+def register_graph_gradients() -> None:
+    """Register every rule for the graph path (idempotent, thread-safe).
+
+    TensorFlow's registry refuses a second registration under the same name, so this registers once
+    per process.
+    """
+    global _registered
+    with _registration_lock:
+        if _registered:
+            return
+        for rule in RULES.values():
+            for op_type, fn in rule.gradients.items():
+                _register(gradient_op_type(rule.name, op_type), fn)
+        _register_pass_through(SOFTMAX_PASS_THROUGH)
+        _registered = True
+
+
+# Sets that collect the names of the ops whose gradient a registered rule built, so the converter
+# can prove every selected op really received its rule (an ignored attr would fail silently).
+_recorders: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def record_applications():
+    """Collect the names of ops whose gradient one of our registered functions built."""
+    seen: set[str] = set()
+    with _registration_lock:
+        _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        with _registration_lock:
+            _recorders.remove(seen)
+
+
+def _note(op) -> None:
+    for seen in list(_recorders):
+        seen.add(op.name)
+
+
+def _register(name: str, fn: GradientFn) -> None:
+    def _gradient(op, dy):
+        _note(op)
+        return fn(dy, op.outputs[0])
+
+    if not _is_registered(name):
+        tf_ops.RegisterGradient(name)(_gradient)
+
+
+def _register_pass_through(name: str) -> None:
+    def _gradient(op, dy):
+        _note(op)
+        return dy
+
+    if not _is_registered(name):
+        tf_ops.RegisterGradient(name)(_gradient)
+
+
+def _is_registered(name: str) -> bool:
+    try:
+        tf_ops.gradient_registry.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+def activation(rule_name: str, op_type: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A ReLU or ReLU6 activation whose gradient is `rule_name`'s, for the Keras path."""
+    rule = get_rule(rule_name)
+    forward = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6}[op_type]
+
+    @tf.custom_gradient
+    def _activation(x):
+        y = forward(x)
+
+        def _gradient(dy):
+            return rule.gradient(op_type, dy, y)
+
+        return y, _gradient
+
+    return _activation
+
+
+def pass_through_softmax(axis: int = -1) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Softmax whose gradient passes straight through, so d(score)/dx is d(logit)/dx."""
+
+    @tf.custom_gradient
+    def _softmax(logits):
+        def _gradient(dy):
+            return dy
+
+        return tf.nn.softmax(logits, axis=axis), _gradient
+
+    return _softmax

@@ -1,0 +1,283 @@
+"""Read `saved_model.pb`, describe its signatures, patch gradient attrs, load a patched copy.
+
+The source directory is only ever read. Patching writes a new `saved_model.pb` into a private
+temporary directory whose other entries (variables/, assets/, ...) are symlinks to the source's,
+so a patched copy of a large model costs one small file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import tensorflow as tf
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
+
+log = logging.getLogger(__name__)
+
+SERVE_TAG = "serve"
+INIT_OP_KEY = "__saved_model_init_op"
+GRADIENT_ATTR = "_gradient_op_type"
+
+# Files of the source directory that the patched copy must not share: it has its own graph, and a
+# fingerprint of the original graph would describe the wrong file.
+_PATCHED_FILES = ("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDesc:
+    """One signature input or output: its key, tensor name, dtype and shape (None = unknown)."""
+
+    key: str
+    tensor_name: str
+    dtype: tf.DType
+    shape: tuple[int | None, ...] | None
+
+    def spec(self) -> tf.TensorSpec:
+        return tf.TensorSpec(self.shape, self.dtype, name=self.key)
+
+    def describe(self) -> str:
+        shape = "unknown rank" if self.shape is None else _shape_text(self.shape)
+        return f"{self.key}: {self.dtype.name} {shape}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureDesc:
+    key: str
+    inputs: dict[str, TensorDesc]
+    outputs: dict[str, TensorDesc]
+
+
+@dataclasses.dataclass
+class SavedModelFile:
+    """A parsed SavedModel directory and the meta graph this tool works on (the 'serve' one)."""
+
+    path: Path
+    proto: saved_model_pb2.SavedModel
+    meta_graph_index: int
+
+    @property
+    def meta_graph(self) -> meta_graph_pb2.MetaGraphDef:
+        return self.proto.meta_graphs[self.meta_graph_index]
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.meta_graph.meta_info_def.tags)
+
+    @property
+    def format(self) -> str:
+        """A short name for the kind of SavedModel: how it was most likely written."""
+        meta_graph = self.meta_graph
+        if not meta_graph.object_graph_def.nodes:
+            return "tf1"
+        if (self.path / "keras_metadata.pb").exists() or any(
+            node.user_object.identifier.startswith("_tf_keras")
+            for node in meta_graph.object_graph_def.nodes
+        ):
+            return "tf-keras"
+        if is_keras3_export(meta_graph):
+            return "keras3-export"
+        return "tf2"
+
+    def signature_keys(self) -> list[str]:
+        return sorted(k for k in self.meta_graph.signature_def if k != INIT_OP_KEY)
+
+    def signature(self, key: str) -> SignatureDesc:
+        """Describe signature `key`, or raise a SignatureError listing the keys there are."""
+        defs = self.meta_graph.signature_def
+        if key not in defs or key == INIT_OP_KEY:
+            keys = ", ".join(self.signature_keys()) or "(none)"
+            raise SignatureError(
+                f"the model in '{self.path}' has no signature {key!r}; its signatures: {keys} "
+                "(choose one with --signature)"
+            )
+        sig = defs[key]
+        return SignatureDesc(
+            key=key,
+            inputs={k: _tensor_desc(k, v) for k, v in sorted(sig.inputs.items())},
+            outputs={k: _tensor_desc(k, v) for k, v in sorted(sig.outputs.items())},
+        )
+
+
+def is_keras3_export(meta_graph: meta_graph_pb2.MetaGraphDef) -> bool:
+    """True for SavedModels written by Keras 3's `model.export` (its ExportArchive)."""
+    nodes = meta_graph.object_graph_def.nodes
+    if not nodes:
+        return False
+    root_children = {child.local_name for child in nodes[0].children}
+    return {"_all_variables", "_misc_assets"} <= root_children
+
+
+def read(path: str | os.PathLike) -> SavedModelFile:
+    """Parse the SavedModel at `path`; every failure is a one-line SourceModelError."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceModelError(f"no such file or directory: '{path}'")
+    if not path.is_dir():
+        raise SourceModelError(
+            f"'{path}' is a file, not a SavedModel directory (Keras models: pass a .keras or .h5 "
+            "file, or a directory written by model.export or tf.saved_model.save)"
+        )
+    proto = _parse(path)
+    if not proto.meta_graphs:
+        raise SourceModelError(
+            f"saved_model.pb in '{path}' holds no meta graph: it is truncated or empty; re-export the model"
+        )
+    return SavedModelFile(path=path, proto=proto, meta_graph_index=_serving_meta_graph(path, proto))
+
+
+def _parse(path: Path) -> saved_model_pb2.SavedModel:
+    proto = saved_model_pb2.SavedModel()
+    binary, text = path / "saved_model.pb", path / "saved_model.pbtxt"
+    try:
+        if binary.is_file():
+            proto.ParseFromString(binary.read_bytes())
+        elif text.is_file():
+            text_format.Parse(text.read_text(encoding="utf-8"), proto)
+        else:
+            raise SourceModelError(
+                f"'{path}' has no saved_model.pb: it is not a SavedModel directory (write one with "
+                "tf.saved_model.save or Keras' model.export)"
+            )
+    except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as e:
+        raise SourceModelError(
+            f"saved_model.pb in '{path}' is corrupt or truncated ({one_line(e)}); re-export the model"
+        ) from None
+    except OSError as e:
+        raise SourceModelError(f"cannot read '{path}': {one_line(e)}") from None
+    return proto
+
+
+def _serving_meta_graph(path: Path, proto: saved_model_pb2.SavedModel) -> int:
+    for index, meta_graph in enumerate(proto.meta_graphs):
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return index
+    if len(proto.meta_graphs) == 1:
+        return 0
+    tag_sets = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs)
+    raise SourceModelError(
+        f"the SavedModel in '{path}' has several meta graphs and none is tagged 'serve' "
+        f"(tag sets: {tag_sets}); re-export it with the 'serve' tag"
+    )
+
+
+def _tensor_desc(key: str, info: meta_graph_pb2.TensorInfo) -> TensorDesc:
+    try:
+        dtype = tf.dtypes.as_dtype(info.dtype)
+    except TypeError:
+        dtype = tf.dtypes.as_dtype(0) if False else None  # pragma: no cover - unknown enum
+    if info.tensor_shape.unknown_rank:
+        shape = None
+    else:
+        shape = tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
+    return TensorDesc(key=key, tensor_name=info.name, dtype=dtype, shape=shape)
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def apply_gradient_attrs(meta_graph: meta_graph_pb2.MetaGraphDef, patches: dict[tuple[str, str], str]) -> None:
+    """Set `_gradient_op_type` on nodes given as {(function name or '', node name): value}."""
+    by_function: dict[str, dict[str, str]] = {}
+    for (function, node), value in patches.items():
+        by_function.setdefault(function, {})[node] = value
+    _patch_nodes(meta_graph.graph_def.node, by_function.pop("", {}))
+    for function in meta_graph.graph_def.library.function:
+        _patch_nodes(function.node_def, by_function.pop(function.signature.name, {}))
+    if by_function:  # a site list from another graph: a bug, never silently ignored
+        raise AssertionError(f"patches name functions that do not exist: {sorted(by_function)}")
+
+
+def _patch_nodes(nodes, values: dict[str, str]) -> None:
+    remaining = dict(values)
+    for node in nodes:
+        value = remaining.pop(node.name, None)
+        if value is not None:
+            node.attr[GRADIENT_ATTR].s = value.encode()
+    if remaining:
+        raise AssertionError(f"patches name nodes that do not exist: {sorted(remaining)}")
+
+
+def strip_gradient_attrs(saved_model_pb: Path) -> int:
+    """Remove every `_gradient_op_type` attr from a written saved_model.pb; return how many.
+
+    They name gradient functions registered in the converting process only: left in place, every
+    loader would warn about "unsaved custom gradients". The gradients themselves are already
+    materialised as ordinary ops in the exported signatures.
+    """
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(saved_model_pb.read_bytes())
+    removed = 0
+    for meta_graph in proto.meta_graphs:
+        nodes = list(meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            nodes.extend(function.node_def)
+        for node in nodes:
+            if GRADIENT_ATTR in node.attr:
+                del node.attr[GRADIENT_ATTR]
+                removed += 1
+    if removed:
+        saved_model_pb.write_bytes(proto.SerializeToString(deterministic=True))
+    return removed
+
+
+@contextlib.contextmanager
+def patched_copy(model: SavedModelFile, patches: dict[tuple[str, str], str]) -> Iterator[Path]:
+    """A temporary SavedModel directory: the source with `patches` applied to its serving graph."""
+    proto = saved_model_pb2.SavedModel()
+    proto.CopyFrom(model.proto)
+    apply_gradient_attrs(proto.meta_graphs[model.meta_graph_index], patches)
+    tmp = Path(tempfile.mkdtemp(prefix="gbp_rewrite_patched_"))
+    try:
+        (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())
+        for entry in model.path.iterdir():
+            if entry.name not in _PATCHED_FILES:
+                os.symlink(entry.resolve(), tmp / entry.name)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _DropUnsavedGradientWarning(logging.Filter):
+    """Loading a patched copy warns that its custom gradients were not saved: we register them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unsaved custom gradients" not in record.getMessage()
+
+
+def load(path: Path, *, tags: list[str] | None = None, source: Path | None = None):
+    """`tf.saved_model.load` with every failure turned into a one-line SourceModelError."""
+    shown = source or path
+    quiet = _DropUnsavedGradientWarning()
+    loggers = [logging.getLogger("absl"), logging.getLogger("tensorflow")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        return tf.saved_model.load(str(path), tags=tags)
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+        raise SourceModelError(
+            f"the variables of '{shown}' are damaged or incomplete ({one_line(e)}); re-export the model"
+        ) from None
+    except tf.errors.NotFoundError as e:
+        raise SourceModelError(
+            f"'{shown}' is incomplete: {one_line(e)} (copy the whole SavedModel directory, "
+            "including variables/ and assets/)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - TensorFlow raises many types for damaged models
+        raise SourceModelError(
+            f"TensorFlow cannot load '{shown}': {type(e).__name__}: {one_line(e)}"
+        ) from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)

@@ -1,0 +1,330 @@
+"""Find ReLU-family ops in a SavedModel's graph, name their layers, and select them.
+
+A *site* is one activation op reachable from the explained signature: a node of the top-level graph
+(TF1 models) or of a library function (TF2 models), with the layer path a user knows it by:
+Keras 3 exports (`functional_1/conv1_1/Relu`) mean layer `conv1`; tf-keras per-layer functions
+(`__inference_conv1_layer_call_and_return_conditional_losses_42`) carry the layer in the function
+name; plain name scopes otherwise; an op outside any scope is known by its own name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import json
+import re
+from typing import Iterable, Sequence
+
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from gbp_rewrite import rules
+from gbp_rewrite.errors import SelectionError
+from gbp_rewrite.savedmodel import is_keras3_export
+
+ACTIVATION_OP_TYPES = rules.REWRITABLE_OP_TYPES + rules.REPORTED_OP_TYPES
+
+# Ops that pass a tensor through unchanged (up to dtype), followed when looking for the op that
+# really produces a signature output.
+_PASS_THROUGH_OPS = frozenset({"Identity", "IdentityN", "Cast", "Snapshot", "StopGradient"})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+_TF_KERAS_LAYER_FUNCTION = re.compile(
+    r"^__inference_(?P<layer>.+?)_layer_call_(?:and_return_conditional_losses|fn)_\d+$"
+)
+_SCOPE_SUFFIX = re.compile(r"^(?P<base>.+)_\d+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One activation op: where it lives (function '' = top-level graph), its type and layer path."""
+
+    function: str
+    node: str
+    op_type: str
+    path: tuple[str, ...]
+
+    @property
+    def layer(self) -> str:
+        return self.path[-1]
+
+    @property
+    def layer_path(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.function, self.node)
+
+    @property
+    def rewritable(self) -> bool:
+        return self.op_type in rules.REWRITABLE_OP_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The outcome of a layer selection: every site, and the ones to rewrite with why."""
+
+    sites: tuple[Site, ...]
+    selected: frozenset[tuple[str, str]]
+    excluded: frozenset[tuple[str, str]]
+
+    def status(self, site: Site) -> str:
+        if site.key in self.selected:
+            return "rewritten"
+        if not site.rewritable:
+            return f"kept: no guided rule for {site.op_type}"
+        if site.key in self.excluded:
+            return "kept: excluded"
+        return "kept: not selected"
+
+    @property
+    def selected_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.key in self.selected]
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph walking
+
+
+class _Graph:
+    """Index of a meta graph: top-level nodes and library functions by name."""
+
+    def __init__(self, meta_graph: meta_graph_pb2.MetaGraphDef):
+        self.meta_graph = meta_graph
+        self.top = {node.name: node for node in meta_graph.graph_def.node}
+        self.functions = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+        self._function_nodes: dict[str, dict] = {}
+
+    def function_nodes(self, name: str) -> dict:
+        if name not in self._function_nodes:
+            self._function_nodes[name] = {n.name: n for n in self.functions[name].node_def}
+        return self._function_nodes[name]
+
+    def reachable(self, tensor_names: Iterable[str]) -> tuple[set[str], list[str]]:
+        """Top-level nodes the tensors depend on, and every function those nodes call (transitively)."""
+        top_nodes: set[str] = set()
+        stack = [_node_of(name) for name in tensor_names]
+        while stack:
+            name = stack.pop()
+            if name in top_nodes or name not in self.top:
+                continue
+            top_nodes.add(name)
+            stack.extend(_node_of(i) for i in self.top[name].input)
+        functions: list[str] = []
+        seen: set[str] = set()
+        pending = [f for n in sorted(top_nodes) for f in _called_functions(self.top[n])]
+        while pending:
+            name = pending.pop(0)
+            if name in seen or name not in self.functions:
+                continue
+            seen.add(name)
+            functions.append(name)
+            for node in self.functions[name].node_def:
+                pending.extend(_called_functions(node))
+        return top_nodes, functions
+
+
+def _node_of(tensor_name: str) -> str:
+    return tensor_name.lstrip("^").split(":")[0]
+
+
+def _called_functions(node) -> list[str]:
+    names = []
+    for value in node.attr.values():
+        if value.HasField("func"):
+            names.append(value.func.name)
+        elif value.HasField("list"):
+            names.extend(f.name for f in value.list.func)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer names
+
+
+def known_names(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
+    """Layer and scope names the model states itself: variable paths, object names, Keras configs."""
+    names: set[str] = set()
+    for node in meta_graph.object_graph_def.nodes:
+        kind = node.WhichOneof("kind")
+        if kind == "variable":
+            names.update(node.variable.name.split(":")[0].split("/")[:-1])
+        elif kind == "user_object" and node.user_object.metadata:
+            names.update(_names_in_keras_metadata(node.user_object.metadata))
+        names.update(child.local_name for child in node.children)
+    for node in meta_graph.graph_def.node:  # TF1 variables: VariableV2/VarHandleOp scopes
+        if node.op in ("VariableV2", "VarHandleOp", "Variable"):
+            names.update(node.name.split("/")[:-1])
+    return names
+
+
+def _names_in_keras_metadata(metadata: str) -> list[str]:
+    try:
+        data = json.loads(metadata)
+    except ValueError:
+        return []
+    name = data.get("name") if isinstance(data, dict) else None
+    return [name] if isinstance(name, str) else []
+
+
+class _LayerNamer:
+    """Maps (function, node name) to the layer path a user knows."""
+
+    def __init__(self, meta_graph: meta_graph_pb2.MetaGraphDef):
+        self.known = known_names(meta_graph)
+        self.keras3 = is_keras3_export(meta_graph)
+
+    def path(self, function: str, node_name: str) -> tuple[str, ...]:
+        prefix = []
+        match = _TF_KERAS_LAYER_FUNCTION.match(function)
+        if match:
+            prefix.append(match.group("layer"))
+        scopes = [self._segment(s) for s in node_name.split("/")[:-1]]
+        path = tuple(prefix + scopes)
+        return path or (node_name,)
+
+    def _segment(self, segment: str) -> str:
+        """Strip Keras' `_N` scope suffix when that yields a real layer name.
+
+        Keras 3 traces every layer call in a uniquified name scope (`conv1_1`, a second call of a
+        shared layer `conv1_3`), so for its exports the suffix is stripped unless the suffixed name
+        is itself a known layer. Elsewhere it is stripped only when the base is a known layer.
+        """
+        match = _SCOPE_SUFFIX.match(segment)
+        if not match:
+            return segment
+        base = match.group("base")
+        if base in self.known:
+            return base
+        if self.keras3 and segment not in self.known:
+            return base
+        return segment
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence[str]) -> list[Site]:
+    """Every activation op (ReLU family and the others reported) the given outputs depend on."""
+    graph = _Graph(meta_graph)
+    namer = _LayerNamer(meta_graph)
+    top_nodes, functions = graph.reachable(output_tensors)
+    sites = [
+        Site("", name, graph.top[name].op, namer.path("", name))
+        for name in sorted(top_nodes)
+        if graph.top[name].op in ACTIVATION_OP_TYPES
+    ]
+    for function in functions:
+        for node in graph.functions[function].node_def:
+            if node.op in ACTIVATION_OP_TYPES:
+                sites.append(Site(function, node.name, node.op, namer.path(function, node.name)))
+    return sites
+
+
+def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> Site | None:
+    """The op that computes a signature output, looking through identities, casts and calls.
+
+    Returns it as a Site (its op type may be anything) or None when the trail is lost.
+    """
+    graph = _Graph(meta_graph)
+    namer = _LayerNamer(meta_graph)
+    function, ref = "", tensor_name
+    for _ in range(10_000):  # a bound against malformed, cyclic graphs
+        node_name, index = _split_ref(ref, in_function=bool(function))
+        nodes = graph.function_nodes(function) if function else graph.top
+        node = nodes.get(node_name)
+        if node is None:
+            return None
+        if node.op in _CALL_OPS:
+            callee = node.attr["f"].func.name
+            if callee not in graph.functions:
+                return None
+            fdef = graph.functions[callee]
+            if index >= len(fdef.signature.output_arg):
+                return None
+            function, ref = callee, fdef.ret[fdef.signature.output_arg[index].name]
+            continue
+        if node.op in _PASS_THROUGH_OPS:
+            inputs = [i for i in node.input if not i.startswith("^")]
+            position = index if node.op == "IdentityN" else 0
+            if position >= len(inputs):
+                return None
+            ref = inputs[position]
+            if function and ":" not in ref:  # a function argument: the caller's business
+                return None
+            continue
+        return Site(function, node.name, node.op, namer.path(function, node.name))
+    return None
+
+
+def _split_ref(ref: str, *, in_function: bool) -> tuple[str, int]:
+    """'node:0' (graph) or 'node:out_arg:0' (function body) -> (node, output index)."""
+    parts = ref.split(":")
+    if in_function:
+        return parts[0], int(parts[2]) if len(parts) == 3 else 0
+    return parts[0], int(parts[1]) if len(parts) == 2 else 0
+
+
+def layers_with_relu(sites: Iterable[Site]) -> list[str]:
+    """Names of the layers that hold a rewritable ReLU, in graph order, once each."""
+    return list(dict.fromkeys(s.layer_path for s in sites if s.rewritable))
+
+
+def activation_summary(sites: Iterable[Site]) -> str:
+    """'Relu x3, Sigmoid x1' (op types by count), or 'none'."""
+    counts = collections.Counter(s.op_type for s in sites)
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
+
+
+def _matches(site: Site, pattern: str) -> bool:
+    candidates = (site.layer_path, *site.path, site.node)
+    return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
+
+
+def select(
+    sites: Sequence[Site],
+    *,
+    layers: Sequence[str] | None = None,
+    exclude_layers: Sequence[str] | None = None,
+) -> Selection:
+    """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
+
+    A name or glob matches a site when it matches the layer's name, any enclosing layer (a nested
+    model), the full layer path or the op name. One that matches nothing is an error listing the
+    layers that hold ReLUs, and so is a selection that rewrites nothing.
+    """
+    rewritable = [s for s in sites if s.rewritable]
+    if not rewritable:
+        found = activation_summary(sites)
+        raise SelectionError(
+            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
+            "backpropagation only changes ReLU-family gradients"
+        )
+    layers = _clean(layers)
+    exclude_layers = _clean(exclude_layers)
+    for option, patterns in (("--layers", layers), ("--exclude_layers", exclude_layers)):
+        for pattern in patterns:
+            if not any(_matches(s, pattern) for s in rewritable):
+                raise SelectionError(
+                    f"{option} {pattern!r} matches no layer holding a ReLU; layers with ReLUs: "
+                    f"{', '.join(layers_with_relu(rewritable))}"
+                )
+    chosen = [s for s in rewritable if not layers or any(_matches(s, p) for p in layers)]
+    excluded = {s.key for s in chosen if any(_matches(s, p) for p in exclude_layers)}
+    selected = {s.key for s in chosen} - excluded
+    if not selected:
+        raise SelectionError(
+            "the layer selection rewrites nothing: every selected ReLU is excluded by "
+            f"--exclude_layers {','.join(exclude_layers)}"
+        )
+    return Selection(tuple(sites), frozenset(selected), frozenset(excluded))
+
+
+def _clean(patterns: Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    return [p.strip() for p in patterns if p and p.strip()]

@@ -1,0 +1,101 @@
+"""Checks on an explainable export: the converter's self-check on a probe batch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from gbp_rewrite.errors import VerificationError, one_line
+from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, ExplainPlan
+from gbp_rewrite.savedmodel import TensorDesc
+
+log = logging.getLogger(__name__)
+
+PROBE_BATCH = 2
+_UNKNOWN_DIM = 32
+
+# Forward passes of the same graph can differ in the last bits when TensorFlow fuses the
+# explainable graph differently (e.g. oneDNN picks another convolution kernel).
+PREDICTION_RTOL = 1e-5
+PREDICTION_ATOL = 1e-6
+
+
+def probe_inputs(inputs: Mapping[str, TensorDesc], *, batch: int = PROBE_BATCH, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic batch for the inputs: floats uniform in [0, 1), integers 0, strings empty."""
+    rng = np.random.default_rng(seed)
+    probe = {}
+    for key, desc in inputs.items():
+        shape = _probe_shape(desc.shape, batch)
+        dtype = desc.dtype
+        if dtype.is_floating:
+            probe[key] = rng.random(shape).astype(dtype.as_numpy_dtype)
+        elif dtype == tf.string:
+            probe[key] = np.full(shape, b"", dtype=object)
+        else:
+            probe[key] = np.zeros(shape, dtype=dtype.as_numpy_dtype)
+    return probe
+
+
+def _probe_shape(shape, batch: int) -> list[int]:
+    if shape is None:
+        return [batch]
+    return [batch if i == 0 and d is None else (_UNKNOWN_DIM if d is None else d) for i, d in enumerate(shape)]
+
+
+def to_tensors(arrays: Mapping[str, np.ndarray], inputs: Mapping[str, TensorDesc]) -> dict[str, tf.Tensor]:
+    return {k: tf.constant(v, dtype=inputs[k].dtype) for k, v in arrays.items()}
+
+
+def self_check(
+    export_dir: Path,
+    *,
+    plan: ExplainPlan,
+    probe: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+) -> dict[str, str]:
+    """Reload the export and run it on the probe batch: predictions equal, saliency finite.
+
+    Returns the check results as text; raises VerificationError on a failure.
+    """
+    try:
+        loaded = tf.saved_model.load(str(export_dir))
+        outputs = loaded.signatures[plan.signature_key](**to_tensors(probe, plan.inputs))
+        classes = outputs[EXPLAINED_CLASS].numpy()
+        by_class = loaded.signatures[EXPLAIN_CLASS_SIGNATURE](
+            **to_tensors(probe, plan.inputs), class_index=tf.constant(classes)
+        )
+    except Exception as e:  # noqa: BLE001 - any failure to run is the finding
+        raise VerificationError(f"the written model does not run on a probe batch: {one_line(e)}") from None
+    checks = {}
+    worst = 0.0
+    for key, want in expected.items():
+        got = outputs[key].numpy()
+        if got.shape != want.shape or not np.allclose(got, want, rtol=PREDICTION_RTOL, atol=PREDICTION_ATOL):
+            raise VerificationError(
+                f"the written model's output {key!r} differs from the source model's on the probe "
+                f"batch (max abs difference {_max_diff(got, want):.3g})"
+            )
+        worst = max(worst, _max_diff(got, want))
+    checks["predictions"] = f"equal to the source model's (max abs difference {worst:.3g})"
+    for key in plan.saliency_outputs:
+        saliency = outputs[key].numpy()
+        if saliency.shape != probe[plan.saliency_outputs[key]].shape:
+            raise VerificationError(f"{key} has shape {saliency.shape}, not the input's")
+        if not np.all(np.isfinite(saliency)):
+            raise VerificationError(f"{key} is not finite on the probe batch (NaN or Inf)")
+        if not np.array_equal(by_class[key].numpy(), saliency):
+            raise VerificationError(
+                f"{EXPLAIN_CLASS_SIGNATURE} with the top classes disagrees with {plan.signature_key} on {key}"
+            )
+    checks["saliency"] = "finite, same shape and dtype as the input; explain_class agrees"
+    return checks
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape or a.size == 0:
+        return float("inf") if a.shape != b.shape else 0.0
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
