@@ -21,6 +21,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from gbp_rewrite import tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,11 @@ def patched_copy(model: SavedModelFile, patches: dict[tuple[str, str], str]) -> 
     """A temporary SavedModel directory: the source with `patches` applied to its serving graph."""
     proto = saved_model_pb2.SavedModel()
     proto.CopyFrom(model.proto)
-    apply_gradient_attrs(proto.meta_graphs[model.meta_graph_index], patches)
+    meta_graph = proto.meta_graphs[model.meta_graph_index]
+    apply_gradient_attrs(meta_graph, patches)
+    converted = tf1_variables.convert_ref_variables(meta_graph)
+    if converted:
+        log.info("converted %d TF1 reference variables to resource variables", converted)
     tmp = Path(tempfile.mkdtemp(prefix="gbp_rewrite_patched_"))
     try:
         (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())

@@ -1,0 +1,289 @@
+"""Builders of the small models the tests convert, one per SavedModel family and structure.
+
+Every builder writes a model to a directory and returns that directory. Weights come from fixed
+seeds or from a numpy_reference layer spec, so the same function can be built as a Keras 3 export,
+a tf-keras SavedModel, a TF1 SavedModelBuilder graph and a TF2 tf.Module, and each checked against
+the numpy reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+import numpy_reference as ref
+
+# ---------------------------------------------------------------------------------------------
+# Spec -> TensorFlow ops (TF1 graphs and TF2 modules share these)
+
+
+def _conv(x, layer, kernel, bias):
+    strides = ref._pair(layer.get("strides", 1))
+    y = tf.nn.conv2d(x, kernel, strides=[1, *strides, 1], padding=layer.get("padding", "valid").upper())
+    return y + bias if bias is not None else y
+
+
+def _activation(x, name):
+    if name in (None, "linear"):
+        return x
+    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax}[name](x)
+
+
+def _apply(layers, x, weights):
+    """Apply spec layers with tf ops; `weights(layer, key)` returns the tensor for a weight."""
+    for i, layer in enumerate(layers):
+        kind = layer["type"]
+        name = layer.get("name") or f"{kind}_{i}"
+        with tf.name_scope(name):
+            if kind == "conv2d":
+                x = _activation(_conv(x, layer, weights(layer, "kernel"), weights(layer, "bias")), layer.get("activation"))
+            elif kind == "dense":
+                y = tf.matmul(x, weights(layer, "kernel"))
+                if layer.get("bias") is not None:
+                    y = y + weights(layer, "bias")
+                x = _activation(y, layer.get("activation"))
+            elif kind == "relu":
+                x = tf.nn.relu(x)
+            elif kind == "relu6":
+                x = tf.nn.relu6(x)
+            elif kind == "maxpool":
+                pool, strides = ref._maxpool_geometry(layer)
+                x = tf.nn.max_pool2d(x, pool, strides, "VALID")
+            elif kind == "flatten":
+                x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])
+            elif kind == "gap":
+                x = tf.reduce_mean(x, axis=[1, 2])
+            elif kind == "batchnorm":
+                x = tf.nn.batch_normalization(
+                    x, weights(layer, "mean"), weights(layer, "var"), weights(layer, "beta"),
+                    weights(layer, "gamma"), float(layer.get("epsilon", 1e-3)))
+            elif kind == "softmax":
+                x = tf.nn.softmax(x)
+            elif kind == "residual":
+                x = x + _apply(layer["layers"], x, weights)
+            else:
+                raise ValueError(kind)
+    return x
+
+
+def _weight_keys(layer):
+    return [k for k in ("kernel", "bias", "gamma", "beta", "mean", "var") if layer.get(k) is not None]
+
+
+def _all_layers(layers):
+    for layer in layers:
+        yield layer
+        if layer["type"] == "residual":
+            yield from _all_layers(layer["layers"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+def spec_keras3(spec, input_shape, path: Path) -> Path:
+    model = ref.keras_model(spec, input_shape)
+    model.export(str(path), verbose=False)
+    return path
+
+
+def spec_tf_keras(spec, input_shape, path: Path) -> Path:
+    import tf_keras
+
+    inputs = tf_keras.Input(shape=tuple(input_shape), name="image")
+    outputs = ref._keras_layers(tf_keras, spec, inputs)
+    model = tf_keras.Model(inputs, outputs, name="ref_model")
+    model.save(str(path), save_format="tf")
+    return path
+
+
+def spec_tf1(spec, input_shape, path: Path) -> Path:
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, *input_shape], name="image")
+        variables = {}
+
+        def weights(layer, key):
+            ident = (id(layer), key)
+            if ident not in variables:
+                # Legacy VariableV2 (ref) variables, named by the enclosing name scope.
+                variables[ident] = tf.compat.v1.Variable(
+                    np.asarray(layer[key], np.float32), name=key, use_resource=False)
+            return variables[ident]
+
+        y = _apply(spec, x, weights)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            signature = tf.compat.v1.saved_model.predict_signature_def({"image": x}, {"scores": y})
+            builder.add_meta_graph_and_variables(
+                session, ["serve"], signature_def_map={"serving_default": signature})
+            builder.save()
+    return path
+
+
+class _SpecLayer(tf.Module):
+    """One spec layer as a tf.Module with its own tf.function: a nested function per layer."""
+
+    def __init__(self, layer):
+        super().__init__(name=layer.get("name"))
+        # Weight values live in variables; the layer dict keeps `True` so `_apply` sees they exist.
+        self.layer = {k: (True if k in _weight_keys(layer) else v) for k, v in layer.items() if k != "layers"}
+        self.weights = {k: tf.Variable(np.asarray(layer[k], np.float32), name=k) for k in _weight_keys(layer)}
+        self.inner = [_SpecLayer(l) for l in layer.get("layers", [])]
+
+    @tf.function
+    def __call__(self, x):
+        if self.inner:
+            with tf.name_scope(self.layer.get("name") or "residual"):
+                y = x
+                for module in self.inner:
+                    y = module(y)
+                return x + y
+        return _apply([self.layer], x, lambda layer, key: self.weights[key])
+
+
+class _SpecModule(tf.Module):
+    def __init__(self, spec, input_shape):
+        super().__init__(name="spec_module")
+        self.blocks = [_SpecLayer(layer) for layer in spec]
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
+
+    def _serve(self, image):
+        x = image
+        for block in self.blocks:
+            x = block(x)
+        return {"scores": x}
+
+
+def spec_tf2_module(spec, input_shape, path: Path) -> Path:
+    module = _SpecModule(spec, input_shape)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+FAMILIES = {
+    "keras3": spec_keras3,
+    "tf_keras": spec_tf_keras,
+    "tf1": spec_tf1,
+    "tf2_module": spec_tf2_module,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Structures: one Keras 3 model holding every construct the issue names
+
+
+def kitchen_sink_keras3(keras, *, seed=0):
+    """Nested model, a shared layer called twice, ReLU6 (two spellings), residual block,
+    BatchNorm, a standalone ReLU layer and a softmax head; weights scaled so ReLU6 saturates."""
+    layers = keras.layers
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 3), name="image")
+    shared = layers.Conv2D(3, 3, padding="same", activation="relu", name="shared")
+    x = shared(inputs)
+    x = shared(x)  # second call site of the same layer
+    inner_in = keras.Input((12, 12, 3))
+    h = layers.Conv2D(6, 3, padding="same", name="inner_conv")(inner_in)
+    h = layers.BatchNormalization(name="inner_bn")(h)
+    h = layers.ReLU(max_value=6, name="inner_relu6")(h)
+    block = keras.Model(inner_in, h, name="block")
+    x = block(x)
+    r = layers.Conv2D(6, 3, padding="same", activation="relu", name="res_conv")(x)
+    x = layers.Add(name="res_add")([x, r])
+    x = layers.Activation("relu6", name="act6")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(16, name="fc")(x)
+    x = layers.ReLU(name="fc_relu")(x)
+    outputs = layers.Dense(5, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs, name="sink")
+    _spread_weights(model, seed)
+    return model
+
+
+def _spread_weights(model, seed):
+    """Scale weights and BatchNorm statistics so that units are negative, positive and > 6."""
+    rng = np.random.default_rng(seed)
+    for layer in _leaf_layers(model):
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        if type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, var = weights
+            layer.set_weights([
+                rng.uniform(0.5, 3.0, gamma.shape).astype(np.float32),
+                rng.normal(1.0, 2.0, beta.shape).astype(np.float32),
+                rng.normal(0.0, 1.0, mean.shape).astype(np.float32),
+                rng.uniform(0.5, 2.0, var.shape).astype(np.float32),
+            ])
+        else:
+            kernel, *rest = weights
+            layer.set_weights([kernel * 2.0] + [rng.normal(0.0, 0.5, b.shape).astype(np.float32) for b in rest])
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def multi_io_keras3(keras, *, seed=0):
+    """Two float inputs and an integer input; two outputs (class probabilities and a box)."""
+    layers = keras.layers
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 3), name="image")
+    meta = keras.Input((4,), name="meta")
+    flag = keras.Input((1,), dtype="int32", name="flag")
+    x = layers.Conv2D(4, 3, activation="relu", name="conv")(image)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    m = layers.Dense(4, activation="relu", name="meta_fc")(meta)
+    f = layers.Flatten(name="flag_flat")(layers.Embedding(3, 2, name="flag_embed")(flag))
+    h = layers.Concatenate(name="concat")([x, m, f])
+    h = layers.Dense(8, activation="relu", name="trunk")(h)
+    probs = layers.Dense(3, activation="softmax", name="cls")(h)
+    box = layers.Dense(4, name="box")(h)
+    model = keras.Model({"image": image, "meta": meta, "flag": flag}, {"cls": probs, "box": box}, name="multi")
+    _spread_weights(model, seed)
+    return model
+
+
+def no_relu_keras3(keras):
+    layers = keras.layers
+    inputs = keras.Input((6,), name="x")
+    x = layers.Dense(4, activation="sigmoid", name="hidden")(inputs)
+    x = layers.LeakyReLU(negative_slope=0.1, name="leaky")(x)
+    outputs = layers.Dense(2, name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
+def int_input_module(path: Path) -> Path:
+    class Tokens(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = tf.Variable(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.int32, name="tokens")])
+        def serve(self, tokens):
+            return {"scores": tf.nn.relu(tf.reduce_sum(tf.gather(self.table, tokens), axis=1))}
+
+    module = Tokens()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (symlinks resolved), to prove a source was not touched."""
+    import hashlib
+
+    digest = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            file = Path(root) / name
+            digest[str(file.relative_to(path))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return digest
