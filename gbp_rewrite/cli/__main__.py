@@ -1,0 +1,3 @@
+from gbp_rewrite.cli import run
+
+run()
