@@ -37,6 +37,7 @@ class Options:
     signature: str = "serving_default"
     output: str | None = None
     score: str = "logit"
+    saliency_map: bool = False
 
     def validate(self) -> rules.Rule:
         if self.score not in SCORES:
@@ -55,6 +56,7 @@ def convert(
     output: str | None = None,
     score: str = "logit",
     overwrite: bool = False,
+    saliency_map: bool = False,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -69,6 +71,8 @@ def convert(
       score: 'logit' (default; the pre-softmax logit when the output ends in Softmax) or
         'probability' (the softmax value itself).
       overwrite: replace `destination` if it exists.
+      saliency_map: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the
+        channels scaled per example to [0, 1] (image inputs [batch, H, W, C] only).
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -77,13 +81,15 @@ def convert(
       GbpError: a one-line reason; the source is never modified and no destination is left behind.
     """
     started = time.perf_counter()
-    options = Options(_patterns(layers), _patterns(exclude_layers), rule, signature, output, score)
+    options = Options(_patterns(layers), _patterns(exclude_layers), rule, signature, output, score,
+                      saliency_map=saliency_map)
     rule_obj = options.validate()
     source, destination = Path(source), Path(destination)
     model = savedmodel.read(source)
     export.check_destination(destination, source=source, overwrite=overwrite)
     signature_desc = model.signature(signature)
-    plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output)
+    plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
+                                 saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = sites.select(found, layers=options.layers, exclude_layers=options.exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
@@ -117,6 +123,7 @@ def convert(
                 score_note=score_note,
                 inputs=[d.describe() for d in plan.inputs.values()],
                 saliency_outputs=dict(plan.saliency_outputs),
+                saliency_maps=dict(plan.saliency_maps),
                 signatures={
                     signature: plan.output_keys(),
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
@@ -197,7 +204,7 @@ def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -
 
 def _site_entry(site: sites.Site, selection: sites.Selection) -> SiteEntry:
     return SiteEntry(
-        layer=site.layer_path, op_name=site.node, op_type=site.op_type,
+        layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
         status=selection.status(site), function=site.function,
     )
 

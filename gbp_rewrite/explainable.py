@@ -9,6 +9,10 @@ inside) and the variables' owner; this module writes the explainable SavedModel:
                                                                 explained_class [batch] int64
     explain_class     inputs as the source + class_index [batch] int64        same outputs
 
+With `saliency_map=True` both signatures also return `saliency_map` ([batch, H, W] float32: the
+largest |saliency| over the channels, divided by its per-example maximum), a ready heat map for
+clients; only for image inputs ([batch, H, W, C]).
+
 One forward pass feeds both the predictions and the gradient, and the score's gradient is seeded
 with a one-hot vector of the explained class, so there is no gather/scatter plumbing in the graph.
 """
@@ -26,6 +30,7 @@ from gbp_rewrite.errors import SignatureError
 from gbp_rewrite.savedmodel import TensorDesc, strip_gradient_attrs
 
 SALIENCY = "saliency"
+SALIENCY_MAP = "saliency_map"
 EXPLAINED_CLASS = "explained_class"
 CLASS_INDEX = "class_index"
 EXPLAIN_CLASS_SIGNATURE = "explain_class"
@@ -42,6 +47,7 @@ class ExplainPlan:
     outputs: dict[str, TensorDesc]
     saliency_outputs: dict[str, str]  # saliency output key -> input key
     output_key: str
+    saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
 
     @property
     def explained(self) -> TensorDesc:
@@ -53,7 +59,7 @@ class ExplainPlan:
         return 1 if len(shape) == 1 else shape[-1]
 
     def output_keys(self) -> list[str]:
-        return list(self.outputs) + list(self.saliency_outputs) + [EXPLAINED_CLASS]
+        return list(self.outputs) + list(self.saliency_outputs) + list(self.saliency_maps) + [EXPLAINED_CLASS]
 
 
 def make_plan(
@@ -62,8 +68,12 @@ def make_plan(
     outputs: Mapping[str, TensorDesc],
     *,
     output: str | None = None,
+    saliency_map: bool = False,
 ) -> ExplainPlan:
-    """Check that the signature can be explained and decide the layout of the exported one."""
+    """Check that the signature can be explained and decide the layout of the exported one.
+
+    `saliency_map` adds a [batch, H, W] heat map output per saliency (image inputs only).
+    """
     _check_input_keys(signature_key, inputs)
     float_inputs = [k for k, d in inputs.items() if d.dtype is not None and d.dtype.is_floating]
     if not float_inputs:
@@ -79,14 +89,28 @@ def make_plan(
         saliency = {SALIENCY: float_inputs[0]}
     else:
         saliency = {f"{SALIENCY}_{k}": k for k in float_inputs}
-    clashes = sorted((set(saliency) | {EXPLAINED_CLASS}) & set(outputs))
+    maps = _saliency_maps(signature_key, inputs, saliency) if saliency_map else {}
+    clashes = sorted((set(saliency) | set(maps) | {EXPLAINED_CLASS}) & set(outputs))
     if clashes or CLASS_INDEX in inputs:
         taken = ", ".join(clashes + ([CLASS_INDEX] if CLASS_INDEX in inputs else []))
         raise SignatureError(
             f"signature {signature_key!r} already uses the name(s) {taken}, which the explainable "
             "signature adds; rename them in the source model"
         )
-    return ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key)
+    return ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key, maps)
+
+
+def _saliency_maps(signature_key: str, inputs: Mapping[str, TensorDesc], saliency: dict[str, str]) -> dict[str, str]:
+    """saliency_map output key -> saliency output key; refuses inputs that are not images."""
+    for input_key in saliency.values():
+        shape = inputs[input_key].shape
+        if shape is None or len(shape) != 4:
+            raise SignatureError(
+                f"--saliency_map needs image inputs [batch, height, width, channels], but signature "
+                f"{signature_key!r} has input {inputs[input_key].describe()}; convert without "
+                "--saliency_map and use the `saliency` output"
+            )
+    return {SALIENCY_MAP + key[len(SALIENCY):]: key for key in saliency}
 
 
 def _check_input_keys(signature_key: str, inputs: Mapping[str, TensorDesc]) -> None:
@@ -147,8 +171,17 @@ def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], 
     )
     result = {key: outputs[key] for key in plan.outputs}
     result.update(zip(plan.saliency_outputs, gradients))
+    for map_key, saliency_key in plan.saliency_maps.items():
+        result[map_key] = _saliency_map(result[saliency_key])
     result[EXPLAINED_CLASS] = classes
     return result
+
+
+def _saliency_map(saliency: tf.Tensor) -> tf.Tensor:
+    """[batch, H, W, C] -> [batch, H, W] float32: max |saliency| over channels / its per-example max."""
+    magnitude = tf.reduce_max(tf.abs(tf.cast(saliency, tf.float32)), axis=-1)
+    peak = tf.reduce_max(magnitude, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(magnitude, peak)  # an all-zero map stays zero, not NaN
 
 
 def _explained_classes(explained: tf.Tensor, num_classes: int, class_index) -> tf.Tensor:
@@ -192,6 +225,15 @@ def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.
     }
 
 
+def variables_of(owner) -> list[tf.Variable]:
+    """Every variable reachable from `owner` through tracked attributes, once each."""
+    found = {}
+    for trackable in tf.train.TrackableView(owner).descendants():
+        if isinstance(trackable, tf.Variable):
+            found.setdefault(id(trackable), trackable)
+    return list(found.values())
+
+
 def save(
     directory: Path,
     *,
@@ -199,8 +241,10 @@ def save(
     signatures: Mapping[str, tf.types.experimental.ConcreteFunction],
 ) -> None:
     """Write the SavedModel: `owner` carries the variables (they stay variables, not constants)."""
-    module = tf.Module(name="gbp_rewrite_explainable")
+    module = tf.__internal__.tracking.AutoTrackable()
     module.source = owner
+    # Listed at the root so that `tf.saved_model.load(dir).variables` works for every consumer.
+    module.variables = variables_of(owner)
     # Custom gradients must not be saved: TensorFlow would call our registered gradient functions
     # with op=None. The saliency is already ordinary ops (ReluGrad, Conv2DBackpropInput, ...).
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)

@@ -12,7 +12,8 @@ REPORT_TEXT = "gbp_rewrite_report.txt"
 
 @dataclasses.dataclass
 class SiteEntry:
-    layer: str
+    layer: str  # the layer's own name, e.g. "conv1"
+    path: str  # enclosing models and layers, e.g. "model/block/conv1"
     op_name: str
     op_type: str
     status: str
@@ -44,6 +45,7 @@ class ConversionReport:
     checks: dict[str, str] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
 
     @property
     def rewritten(self) -> list[SiteEntry]:
@@ -65,6 +67,8 @@ class ConversionReport:
             f"({self.score_note})",
             "  saliency      : "
             + ", ".join(f"{out} = d(score)/d({inp})" for out, inp in self.saliency_outputs.items()),
+            *(f"  saliency map  : {key} = max |{saliency}| over channels, scaled per example to [0, 1]"
+              for key, saliency in self.saliency_maps.items()),
             f"  ReLU-family sites: {len(self.sites)} found, {len(self.rewritten)} rewritten",
         ]
         width = max([len(s.layer) for s in self.sites] + [5])

@@ -41,6 +41,10 @@ class Zoo:
             family, kind = name.split("@")
             return model_zoo.FAMILIES[family](self.spec(kind), INPUT_SHAPE, path)
         builders = {
+            "string_input": lambda: model_zoo.string_input_module(path),
+            "relu6_hand": lambda: model_zoo.relu6_hand_module(path),
+            "float16": lambda: model_zoo.float16_module(path),
+            "mixed_float16": lambda: model_zoo.mixed_float16_keras3(keras, path),
             "sink": lambda: model_zoo.kitchen_sink_keras3(keras).export(str(path), verbose=False),
             "multi_io": lambda: model_zoo.multi_io_keras3(keras).export(str(path), verbose=False),
             "no_relu": lambda: model_zoo.no_relu_keras3(keras).export(str(path), verbose=False),
@@ -60,7 +64,10 @@ class Zoo:
         key = (name, tuple(sorted((k, str(v)) for k, v in options.items())))
         if key not in self._converted:
             destination = self.root / "exports" / f"{name}-{len(self._converted)}"
-            report = gbp_rewrite.convert(self.model(name), destination, **options)
+            source = self.model(name)
+            before = model_zoo.tree_digest(source)
+            report = gbp_rewrite.convert(source, destination, **options)
+            assert model_zoo.tree_digest(source) == before, f"converting {name} changed the source"
             self._converted[key] = (destination, report)
         return self._converted[key]
 

@@ -277,6 +277,77 @@ def int_input_module(path: Path) -> Path:
     return path
 
 
+def string_input_module(path: Path) -> Path:
+    class Text(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+        def serve(self, text):
+            return {"score": tf.nn.relu(tf.strings.to_number(text))[:, None]}
+
+    module = Text()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def relu6_hand_module(path: Path) -> Path:
+    """score = relu6(8 x0) + relu6(2 x1) - relu6(3 x2): at x = [1, .5, .5] the first unit is
+    saturated (8 > 6) and the third gets a negative upstream gradient. By hand:
+        vanilla   [0, 2, -3]    guided [0, 2, 0]    deconvnet [8, 2, 0]"""
+
+    class Hand(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = tf.Variable([8.0, 2.0, 3.0])
+            self.sign = tf.Variable([[1.0], [1.0], [-1.0]])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def serve(self, x):
+            with tf.name_scope("units"):
+                hidden = tf.nn.relu6(x * self.scale)
+            return {"score": tf.matmul(hidden, self.sign)}
+
+    module = Hand()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def float16_module(path: Path) -> Path:
+    """A half-precision model end to end: float16 input, conv, ReLU, dense, float16 scores."""
+
+    class Half(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, 4)).astype(np.float16))
+            self.dense = tf.Variable(rng.normal(size=(6 * 6 * 4, 3)).astype(np.float16))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float16, name="image")])
+        def serve(self, image):
+            with tf.name_scope("conv"):
+                h = tf.nn.relu(tf.nn.conv2d(image, self.kernel, 1, "VALID"))
+            return {"scores": tf.matmul(tf.reshape(h, [-1, 6 * 6 * 4]), self.dense)}
+
+    module = Half()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def mixed_float16_keras3(keras, path: Path) -> Path:
+    """Keras 3 with the mixed_float16 policy: float32 input, float16 compute, float32 softmax."""
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3), name="image")
+        x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+        x = keras.layers.ReLU(max_value=6, name="act6")(x)
+        x = keras.layers.Flatten()(x)
+        outputs = keras.layers.Dense(3, activation="softmax", dtype="float32", name="probs")(x)
+        keras.Model(inputs, outputs).export(str(path), verbose=False)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    return path
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (symlinks resolved), to prove a source was not touched."""
     import hashlib

@@ -395,8 +395,14 @@ def _backward_layers(tape, dy, ctx):
     """Back-propagate ``dy`` through a tape produced by ``_forward_layers``."""
     for layer, cache in reversed(tape):
         _, backward_fn = _layer_ops(layer)
-        dy = backward_fn(layer, cache, dy, ctx)
+        dy = backward_fn(layer, cache, dy, _layer_ctx(layer, ctx))
     return dy
+
+
+def _layer_ctx(layer, ctx):
+    """The context for one layer: its own rule when ``layer_rules`` names it."""
+    rule = ctx.get("layer_rules", {}).get(layer.get("name"))
+    return ctx if rule is None else dict(ctx, rule=rule)
 
 
 # --------------------------------------------------------------------------
@@ -440,7 +446,8 @@ def _resolve_classes(output, class_index):
     return classes.copy()
 
 
-def saliency(spec, x, *, rule="guided", score="logit", class_index=None):
+def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
+             layer_rules=None):
     """Saliency map d(score)/d(input) with the ReLU gradients of ``rule``.
 
     Args:
@@ -451,6 +458,9 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None):
         softmax, see the module docstring).
       class_index: None (top class per example), an int, or one int per
         example.
+      layer_rules: optional {layer name: rule} overriding ``rule`` for the
+        ReLUs of the named layers (a partial layer selection is ``rule=
+        "vanilla"`` plus the selected layers mapped to the rewriting rule).
 
     Returns:
       (saliency, classes): float64 array shaped like ``x`` and int64 [batch].
@@ -468,7 +478,7 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None):
     classes = _resolve_classes(output, class_index)
     seed = np.zeros_like(output)
     seed[np.arange(len(classes)), classes] = 1.0
-    ctx = {"rule": rule, "score": score}
+    ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {})}
     return _backward_layers(tape, seed, ctx), classes
 
 
