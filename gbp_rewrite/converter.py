@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gbp_rewrite import explainable, export, rules, savedmodel, sites, verify
+from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, sites, verify
 from gbp_rewrite._version import __version__
 from gbp_rewrite.errors import OptionError, SignatureError, SourceModelError, VerificationError, one_line
 from gbp_rewrite.report import REPORT_JSON, REPORT_TEXT, ConversionReport, SiteEntry
@@ -57,11 +58,15 @@ def convert(
     score: str = "logit",
     overwrite: bool = False,
     saliency_map: bool = False,
+    version: int | str | None = None,
+    safe_mode: bool = True,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
     Args:
-      source: a SavedModel directory (TF2, Keras 3 `model.export`, tf-keras `model.save`, TF1).
+      source: a SavedModel directory (TF2, Keras 3 `model.export`, tf-keras `model.save`, TF1);
+        or a Keras model: a keras.Model object or a .keras/.h5 file, which goes the Keras path
+        (gbp_rewrite.keras_path: a clone with custom-gradient ReLUs, the same export and report).
       destination: the directory to create; written atomically, never half-written.
       layers: names or glob patterns of the layers whose ReLUs get the rule (default: all).
       exclude_layers: names or glob patterns of layers to leave alone.
@@ -73,6 +78,11 @@ def convert(
       overwrite: replace `destination` if it exists.
       saliency_map: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the
         channels scaled per example to [0, 1] (image inputs [batch, H, W, C] only).
+      version: write TF Serving's layout: `destination` is the model's base path and the export
+        goes to `destination`/N, N = `version` (an integer) or 'next' (one more than the highest
+        version there, 1 when there is none). The version folder appears complete or not at all.
+      safe_mode: Keras files only: refuse unsafe deserialisation (default). False allows Lambda
+        layers, whose Python code runs when the file is loaded: only for files you trust.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -80,11 +90,20 @@ def convert(
     Raises:
       GbpError: a one-line reason; the source is never modified and no destination is left behind.
     """
+    if keras_loading.is_keras_source(source):
+        from gbp_rewrite import keras_path  # imported here: it needs Keras, the graph path does not
+
+        return keras_path.convert(
+            source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
+            signature=signature, output=output, score=score, overwrite=overwrite,
+            saliency_map=saliency_map, version=version, safe_mode=safe_mode,
+        )
     started = time.perf_counter()
     options = Options(_patterns(layers), _patterns(exclude_layers), rule, signature, output, score,
                       saliency_map=saliency_map)
     rule_obj = options.validate()
     source, destination = Path(source), Path(destination)
+    destination = export.version_directory(destination, version)
     model = savedmodel.read(source)
     export.check_destination(destination, source=source, overwrite=overwrite)
     signature_desc = model.signature(signature)
@@ -98,18 +117,22 @@ def convert(
     if softmax is not None:
         patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
+    phase = _PhaseTimer()
     with savedmodel.patched_copy(model, patches) as patched_dir:
-        loaded = savedmodel.load(patched_dir, tags=model.tags, source=source)
+        with phase("load"):
+            loaded = savedmodel.load(patched_dir, tags=model.tags, source=source)
         source_fn = loaded.signatures[signature]
         probe = verify.probe_inputs(plan.inputs)
         expected = _run_source(source_fn, plan, probe)
-        with rules.record_applications() as applied:
+        with rules.record_applications() as applied, phase("trace"):
             signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
         checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
         extra = _kept_signatures(model, loaded, signature)
         with export.atomic_directory(destination, overwrite=overwrite) as tmp:
-            explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
-            checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
+            with phase("save"):
+                explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
+            with phase("self-check"):
+                checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
             report = ConversionReport(
                 tool_version=__version__,
                 source=str(source),
@@ -137,6 +160,22 @@ def convert(
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
+
+
+class _PhaseTimer:
+    """Logs how long each phase of a conversion takes (visible with --verbose)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - started
+            log.info("%s: %.1f s", name, self.seconds[name])
 
 
 def _patterns(value: Sequence[str] | str | None) -> tuple[str, ...]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -28,6 +30,8 @@ import tensorflow as tf
 
 from gbp_rewrite.errors import SignatureError
 from gbp_rewrite.savedmodel import TensorDesc, strip_gradient_attrs
+
+log = logging.getLogger(__name__)
 
 SALIENCY = "saliency"
 SALIENCY_MAP = "saliency_map"
@@ -154,7 +158,7 @@ def _choose_output(signature_key: str, outputs: Mapping[str, TensorDesc], output
 # Graph construction
 
 
-def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], class_index=None):
+def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], class_index: tf.Tensor):
     watched = [inputs[key] for key in plan.saliency_outputs.values()]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(watched)
@@ -184,15 +188,20 @@ def _saliency_map(saliency: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(magnitude, peak)  # an all-zero map stays zero, not NaN
 
 
-def _explained_classes(explained: tf.Tensor, num_classes: int, class_index) -> tf.Tensor:
-    batch = tf.shape(explained, out_type=tf.int64)[0]
-    if class_index is None:
-        if num_classes == 1:
-            return tf.zeros([batch], tf.int64)
-        return tf.argmax(explained, axis=-1, output_type=tf.int64)
+def _explained_classes(explained: tf.Tensor, num_classes: int, class_index: tf.Tensor) -> tf.Tensor:
+    """The class explained per example: `class_index`, or the top class where it is -1."""
+    if num_classes == 1:
+        top = tf.zeros_like(class_index)
+    else:
+        top = tf.argmax(explained, axis=-1, output_type=tf.int64)
+    return tf.where(class_index < 0, top, class_index)
+
+
+def _checked_classes(class_index: tf.Tensor, batch_input: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """`class_index` after run-time checks: one per example, each in [0, num_classes)."""
     checks = [
         tf.debugging.assert_equal(
-            tf.shape(class_index, out_type=tf.int64)[0], batch,
+            tf.shape(class_index, out_type=tf.int64)[0], tf.shape(batch_input, out_type=tf.int64)[0],
             message="class_index must hold one class per example of the batch",
         ),
         tf.debugging.assert_non_negative(class_index, message="class_index must be >= 0"),
@@ -206,17 +215,28 @@ def _explained_classes(explained: tf.Tensor, num_classes: int, class_index) -> t
 
 
 def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.experimental.ConcreteFunction]:
-    """The two explainable signatures as concrete functions, keyed by signature name."""
+    """The two explainable signatures as concrete functions, keyed by signature name.
+
+    Both call one traced core, so the forward and backward graphs are built (and saved) once;
+    `serving_default` passes class -1 ("the top class") for every example.
+    """
     specs = {key: desc.spec() for key, desc in plan.inputs.items()}
+    batch_source = next(iter(plan.saliency_outputs.values()))
 
-    @tf.function
+    # autograph=False: no Python control flow depends on tensors here, and tracing is faster.
+    @tf.function(autograph=False)
+    def core(inputs, class_index):
+        return _explain(forward, plan, inputs, class_index)
+
+    @tf.function(autograph=False)
     def serve(**inputs):
-        return _explain(forward, plan, inputs)
+        top = tf.fill(tf.shape(inputs[batch_source], out_type=tf.int64)[:1], tf.constant(-1, tf.int64))
+        return core(inputs, top)
 
-    @tf.function
+    @tf.function(autograph=False)
     def explain_class(**inputs):
         class_index = inputs.pop(CLASS_INDEX)
-        return _explain(forward, plan, inputs, class_index)
+        return core(inputs, _checked_classes(class_index, inputs[batch_source], plan.num_classes))
 
     class_spec = tf.TensorSpec([None], tf.int64, name=CLASS_INDEX)
     return {
@@ -227,9 +247,15 @@ def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.
 
 def variables_of(owner) -> list[tf.Variable]:
     """Every variable reachable from `owner` through tracked attributes, once each."""
+    return [t for t in _state_of(owner) if isinstance(t, tf.Variable)]
+
+
+def _state_of(owner) -> list:
+    """The variables, resources (lookup tables, ...) and asset files reachable from `owner`."""
+    kinds = (tf.Variable, tf.saved_model.experimental.TrackableResource, tf.saved_model.Asset)
     found = {}
     for trackable in tf.train.TrackableView(owner).descendants():
-        if isinstance(trackable, tf.Variable):
+        if isinstance(trackable, kinds):
             found.setdefault(id(trackable), trackable)
     return list(found.values())
 
@@ -237,16 +263,55 @@ def variables_of(owner) -> list[tf.Variable]:
 def save(
     directory: Path,
     *,
-    owner: tf.Module,
+    owner,
     signatures: Mapping[str, tf.types.experimental.ConcreteFunction],
 ) -> None:
-    """Write the SavedModel: `owner` carries the variables (they stay variables, not constants)."""
-    module = tf.__internal__.tracking.AutoTrackable()
-    module.source = owner
-    # Listed at the root so that `tf.saved_model.load(dir).variables` works for every consumer.
-    module.variables = variables_of(owner)
+    """Write the SavedModel; `owner` holds the variables (they stay variables, not constants).
+
+    Only the variables the signatures capture and the owner's resources (lookup tables, ...) and
+    assets are saved with the signatures, not the owner's other functions: re-serialising every
+    restored function of a large model would double the conversion time and the export's graph.
+    Should a signature capture something that misses, the whole owner is saved instead.
+    """
     # Custom gradients must not be saved: TensorFlow would call our registered gradient functions
     # with op=None. The saliency is already ordinary ops (ReluGrad, Conv2DBackpropInput, ...).
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, str(directory), signatures=dict(signatures), options=options)
+    captured = _captured_variables(signatures.values())
+    try:
+        root = _root(owner, variables=captured)
+        tf.saved_model.save(root, str(directory), signatures=dict(signatures), options=options)
+    except (ValueError, AssertionError, KeyError) as e:
+        log.info("saving the signatures' state alone failed (%s); saving the whole owner", e)
+        _empty(directory)
+        root = _root(owner, variables=variables_of(owner), whole=True)
+        tf.saved_model.save(root, str(directory), signatures=dict(signatures), options=options)
     strip_gradient_attrs(directory / "saved_model.pb")
+
+
+def _captured_variables(functions) -> list[tf.Variable]:
+    """The variables the signatures read, once each.
+
+    Keras 3 exports track every weight twice (`variables` and `_all_variables`, distinct objects);
+    saving only what the signatures capture keeps one copy.
+    """
+    found = {}
+    for function in functions:
+        for variable in function.variables:
+            found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
+def _root(owner, *, variables: list[tf.Variable], whole: bool = False):
+    root = tf.__internal__.tracking.AutoTrackable()
+    if whole:
+        root.source = owner
+    else:
+        root.state = [t for t in _state_of(owner) if not isinstance(t, tf.Variable)]
+    # Listed at the root so that `tf.saved_model.load(dir).variables` works for every consumer.
+    root.variables = list(variables)
+    return root
+
+
+def _empty(directory: Path) -> None:
+    for entry in directory.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -69,9 +69,13 @@ def test_export_runs_without_gbp_rewrite(fresh, zoo, name):
     for key in got.files:
         np.testing.assert_array_equal(got[key], expected[name][key])
     assert {"serving_default", "explain_class"} <= set(summary[name]["signatures"])
+    # The variables the source signature reads (a TF1 graph's reference variables are not Python
+    # objects when loaded: count its checkpoint entries instead).
+    source_model = tf.saved_model.load(str(zoo.model(name)))
+    used = len(source_model.signatures["serving_default"].variables)
     checkpoint = str(zoo.model(name) / "variables" / "variables")
-    source_variables = len([k for k, _ in tf.train.list_variables(checkpoint) if "CHECKPOINTABLE" not in k])
-    assert summary[name]["variables"] >= source_variables > 0, "variables were frozen or lost"
+    stored = len([k for k, _ in tf.train.list_variables(checkpoint) if "CHECKPOINTABLE" not in k])
+    assert summary[name]["variables"] == (used or stored) > 0, "variables were frozen or lost"
 
 
 def test_no_warning_about_unsaved_custom_gradients(fresh):
@@ -88,3 +92,4 @@ def test_export_is_about_the_size_of_the_source(zoo):
         export_dir, _ = zoo.converted(name)
         source = zoo.model(name)
         assert size(export_dir, "variables/*") <= 1.05 * size(source, "variables/*") + 4096
+        assert size(export_dir, "variables/*") >= 0.45 * size(source, "variables/*")  # Keras 3 stores weights twice

@@ -1,0 +1,183 @@
+"""Benchmark: what an explanation costs next to a prediction and a plain input gradient.
+
+For keras.applications ResNet50, VGG16 and MobileNetV2 (weights=None, classifier_activation=None:
+no download) and the testdata CNN, at batch 1 and 8, this measures side by side in one process,
+interleaved call by call (the machine is shared and noisy; ratios of interleaved medians are what
+can be trusted):
+
+  (a) the source SavedModel's serving signature (a prediction),
+  (b) the explainable export's serving signature (prediction + saliency + class),
+  (c) a tf.function taking the plain input gradient of the top class through the source SavedModel:
+      the floor for any gradient-based explanation,
+
+and, per model, the conversion's wall time and peak RSS (in a child process, as a user runs it) and
+the export's size on disk next to the source's. It prints b/a and b/c per model and batch.
+
+    .venv/bin/python tools/benchmark.py                      # everything (~10 minutes)
+    .venv/bin/python tools/benchmark.py --models shapes_cnn --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+APPLICATIONS = {"resnet50": "ResNet50", "vgg16": "VGG16", "mobilenetv2": "MobileNetV2"}
+MODELS = (*APPLICATIONS, "shapes_cnn")
+
+_CONVERT_CHILD = r"""
+import json, sys, time
+started = time.perf_counter()
+import gbp_rewrite
+imported = time.perf_counter()
+gbp_rewrite.convert(sys.argv[1], sys.argv[2], overwrite=True)
+print(json.dumps({"import_s": imported - started, "convert_s": time.perf_counter() - imported}))
+"""
+
+
+def build_source(name: str, workdir: Path) -> Path:
+    """The source SavedModel for `name` (built once and kept in `workdir`)."""
+    if name == "shapes_cnn":
+        return REPO / "testdata" / "shapes_cnn"
+    path = workdir / name
+    if not (path / "saved_model.pb").exists():
+        import keras
+
+        model = getattr(keras.applications, APPLICATIONS[name])(weights=None, classifier_activation=None)
+        model.export(str(path), verbose=False)
+    return path
+
+
+def convert_in_child(source: Path, destination: Path) -> dict:
+    """Run the conversion in a fresh process: wall time (whole command), peak RSS, phases."""
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, str(source), str(destination)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    stdout, stderr = child.stdout.read(), child.stderr.read()
+    if status != 0:
+        raise SystemExit(f"conversion of {source} failed:\n{stderr[-2000:]}")
+    phases = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, **phases}
+
+
+def disk_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed_functions(source: Path, export: Path):
+    """The three functions (a), (b), (c) and the input spec they share."""
+    import tensorflow as tf
+
+    source_model = tf.saved_model.load(str(source))
+    export_model = tf.saved_model.load(str(export))
+    plain = source_model.signatures["serving_default"]
+    explainable = export_model.signatures["serving_default"]
+    (key, spec), = plain.structured_input_signature[1].items()
+    (output_key,) = plain.structured_outputs
+
+    @tf.function(input_signature=[spec])
+    def input_gradient(x):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            y = plain(**{key: x})[output_key]
+        top = tf.one_hot(tf.argmax(y, -1), tf.shape(y)[-1], dtype=y.dtype)
+        return y, tape.gradient(y, x, output_gradients=top)
+
+    functions = {
+        "a": lambda x: plain(**{key: x}),
+        "b": lambda x: explainable(**{key: x}),
+        "c": input_gradient,
+    }
+    return functions, spec, (source_model, export_model)
+
+
+def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[str, float]:
+    import numpy as np
+    import tensorflow as tf
+
+    def call(fn):
+        return [t.numpy() for t in tf.nest.flatten(fn(x))]  # wait for the result
+
+    for _ in range(warmup):
+        for fn in functions.values():
+            call(fn)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            started = time.perf_counter()
+            call(fn)
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[dict]:
+    import numpy as np
+    import tensorflow as tf
+
+    source = build_source(name, workdir)
+    export = workdir / f"{name}_explainable"
+    conversion = convert_in_child(source, export)
+    functions, spec, _keep = timed_functions(source, export)
+    rows = []
+    for batch in batches:
+        shape = [batch, *spec.shape[1:]]
+        x = tf.constant(np.random.default_rng(0).uniform(0, 1, shape).astype(spec.dtype.as_numpy_dtype))
+        medians = interleaved_medians(functions, x, repeats=repeats)
+        rows.append({
+            "model": name, "batch": batch, **{f"{k}_ms": v * 1000 for k, v in medians.items()},
+            "b/a": medians["b"] / medians["a"], "b/c": medians["b"] / medians["c"],
+            "size_ratio": disk_size(export) / disk_size(source), **conversion,
+        })
+        print(_row_text(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (f"{'model':<12} {'batch':>5} {'a ms':>8} {'b ms':>8} {'c ms':>8} {'b/a':>6} {'b/c':>6} "
+          f"{'convert s':>9} {'(in-call)':>9} {'peak GiB':>8} {'size':>6}")
+
+
+def _row_text(row: dict) -> str:
+    return (f"{row['model']:<12} {row['batch']:>5} {row['a_ms']:>8.1f} {row['b_ms']:>8.1f} {row['c_ms']:>8.1f} "
+            f"{row['b/a']:>6.2f} {row['b/c']:>6.2f} {row['wall_s']:>9.1f} {row['convert_s']:>9.1f} "
+            f"{row['peak_rss_gib']:>8.2f} {row['size_ratio']:>6.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per function (median; >= 5)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gbp_rewrite_benchmark"),
+                        help="where source models and exports are kept between runs")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or args.repeats < 5:
+        parser.error(f"unknown models {unknown}; valid: {', '.join(MODELS)}" if unknown else "--repeats must be >= 5")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"# a = source signature, b = explainable signature, c = plain input gradient through the source;")
+    print(f"# convert s = whole command in a fresh process (in-call: gbp_rewrite.convert alone); size = export/source bytes")
+    print(HEADER, flush=True)
+    rows = [row for name in models for row in measure(name, workdir, [int(b) for b in args.batches.split(",")], args.repeats)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
