@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, sites, verify
+from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
 from gbp_rewrite._version import __version__
 from gbp_rewrite.errors import OptionError, SignatureError, SourceModelError, VerificationError, one_line
 from gbp_rewrite.report import REPORT_JSON, REPORT_TEXT, ConversionReport, SiteEntry
@@ -60,6 +60,7 @@ def convert(
     saliency_map: bool = False,
     version: int | str | None = None,
     safe_mode: bool = True,
+    allow_file_ops: bool = False,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -83,6 +84,9 @@ def convert(
         version there, 1 when there is none). The version folder appears complete or not at all.
       safe_mode: Keras files only: refuse unsafe deserialisation (default). False allows Lambda
         layers, whose Python code runs when the file is loaded: only for files you trust.
+      allow_file_ops: SavedModels only: load and run a model whose graph reads or writes files
+        (or the network) outside the standard save/restore functions (gbp_rewrite.security).
+        Default False: such a model is refused before TensorFlow runs any of it.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -105,6 +109,8 @@ def convert(
     source, destination = Path(source), Path(destination)
     destination = export.version_directory(destination, version)
     model = savedmodel.read(source)
+    file_op_warnings = security.check(security.find_file_ops(model.meta_graph), allow=allow_file_ops,
+                                      source=source)
     export.check_destination(destination, source=source, overwrite=overwrite)
     signature_desc = model.signature(signature)
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
@@ -121,15 +127,18 @@ def convert(
     with savedmodel.patched_copy(model, patches) as patched_dir:
         with phase("load"):
             loaded = savedmodel.load(patched_dir, tags=model.tags, source=source)
+        validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
         source_fn = loaded.signatures[signature]
+        plan = validation.reconcile_plan(plan, source_fn, source=source)  # damaged models: no abort
         probe = verify.probe_inputs(plan.inputs)
         expected = _run_source(source_fn, plan, probe)
-        with rules.record_applications() as applied, phase("trace"):
+        with rules.record_applications() as applied, phase("trace"), \
+                validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
             signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
         checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
         extra = _kept_signatures(model, loaded, signature)
         with export.atomic_directory(destination, overwrite=overwrite) as tmp:
-            with phase("save"):
+            with phase("save"), validation.tensorflow_errors("save the explainable model", source=source):
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
             with phase("self-check"):
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
@@ -155,6 +164,7 @@ def convert(
                 sites=[_site_entry(s, selection) for s in found],
                 checks=checks,
             )
+            report.warnings.extend(file_op_warnings)
             report.seconds = time.perf_counter() - started
             write_report(tmp, report)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,

@@ -14,6 +14,10 @@ class SourceModelError(GbpError):
     """The source model cannot be read, or is not a model this tool can explain."""
 
 
+class UnsafeModelError(SourceModelError):
+    """The model's graph reads or writes files (or the network) and that was not allowed."""
+
+
 class SignatureError(GbpError):
     """The chosen signature, input or output does not exist or cannot be explained."""
 
@@ -32,6 +36,18 @@ class OutputError(GbpError):
 
 class VerificationError(GbpError):
     """The written model failed its self-check."""
+
+
+class RenderError(GbpError):
+    """A saliency map, image or rendering option cannot be made into a picture."""
+
+
+class ImageError(GbpError):
+    """Input images cannot be explained (unreadable, not an image, or not the channels the model takes)."""
+
+
+class RestFormatError(GbpError):
+    """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
 
 
 def one_line(error: BaseException) -> str:

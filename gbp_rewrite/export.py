@@ -12,11 +12,12 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-from gbp_rewrite.errors import OutputError
+from gbp_rewrite.errors import OptionError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,16 @@ def remove_stale_siblings(parent: Path) -> list[Path]:
     return removed
 
 
+def temporary_directory(name: str) -> Path:
+    """A new private directory in the system's temp folder, named like a temporary sibling so that
+    the next run removes it if this process is killed before it can (SIGKILL runs no cleanup)."""
+    parent = Path(tempfile.gettempdir())
+    remove_stale_siblings(parent)
+    path = parent / f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o700)
+    return path
+
+
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -128,3 +139,40 @@ def next_version(base: Path) -> int:
     """The next free TF Serving version number under `base` (1 when there is none)."""
     versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
     return max(versions, default=0) + 1
+
+
+NEXT_VERSION = "next"
+
+
+def version_directory(base: Path, version: int | str | None) -> Path:
+    """Where a TF Serving model version goes: `base`/N (N given, or 'next' = the next free number).
+
+    `version` None means no version layout: `base` itself. TF Serving watches a model's base path
+    and serves the subfolders whose names are numbers; `atomic_directory` writes into a sibling
+    whose name starts with '.', which the server never takes for a version, and renames it to N
+    only when complete, so a running server never loads a half-written version.
+    """
+    if version is None:
+        return base
+    number = _version_number(version)
+    if base.exists() and not base.is_dir():
+        raise OutputError(f"the model base path '{base}' exists and is not a directory")
+    if (base / "saved_model.pb").exists():
+        raise OutputError(
+            f"'{base}' is itself a SavedModel, not a model base path; with a version, DST is the "
+            "folder that holds the version folders (DST/1, DST/2, ...): choose another folder"
+        )
+    return base / str(next_version(base) if number is None else number)
+
+
+def _version_number(version: int | str) -> int | None:
+    """A version number, or None for 'next'; anything else is an OptionError."""
+    if isinstance(version, str) and version.strip() == NEXT_VERSION:
+        return None
+    text = str(version).strip() if not isinstance(version, bool) else ""
+    if not text.isdigit():
+        raise OptionError(
+            f"invalid serving version {version!r}; give a non-negative integer (the TF Serving "
+            f"version folder) or '{NEXT_VERSION}' (one more than the highest existing version)"
+        )
+    return int(text)

@@ -11,6 +11,8 @@ Typical use::
     # {"heatmap": .../cat_heatmap.png, "overlay": .../cat_overlay.png,
     #  "guided": .../cat_guided.png}
 
+Bad arguments raise :class:`gbp_rewrite.errors.RenderError` (a ``GbpError``).
+
 Shapes never carry a batch axis: images are ``[H, W, 3]`` uint8, saliency
 (the gradient of a class score with respect to the model input) is
 ``[H, W, C]`` or ``[H, W]``.
@@ -26,6 +28,8 @@ from typing import Mapping, NoReturn
 
 import numpy as np
 import tensorflow as tf
+
+from gbp_rewrite.errors import RenderError
 
 __all__ = [
     "COLORMAP_NAMES",
@@ -79,7 +83,7 @@ _PNG_CHANNELS = (1, 2, 3, 4)
 
 def _fail(msg: str) -> NoReturn:
     """Raise the module's error type (the single place to change it)."""
-    raise ValueError(msg)
+    raise RenderError(msg)
 
 
 def _describe(array: np.ndarray) -> str:

@@ -13,7 +13,7 @@ extra elementwise kernel over the plain gradient.
 
 Two mechanisms use the same math: `register_graph_gradients` registers each (rule, op type) under a
 name that the graph path writes into a NodeDef's `_gradient_op_type` attr, and `activation` builds
-a `tf.custom_gradient` function for the Keras path.
+a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output softmax).
 """
 
 from __future__ import annotations
@@ -151,8 +151,14 @@ def record_applications():
 
 
 def _note(op) -> None:
+    _note_name(op.name)
+
+
+def _note_name(name: str | None) -> None:
+    if name is None:
+        return
     for seen in list(_recorders):
-        seen.add(op.name)
+        seen.add(name)
 
 
 def _register(name: str, fn: GradientFn) -> None:
@@ -181,8 +187,13 @@ def _is_registered(name: str) -> bool:
     return True
 
 
-def activation(rule_name: str, op_type: str) -> Callable[[tf.Tensor], tf.Tensor]:
-    """A ReLU or ReLU6 activation whose gradient is `rule_name`'s, for the Keras path."""
+def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A ReLU or ReLU6 activation whose gradient is `rule_name`'s, for the Keras path.
+
+    The forward pass is TensorFlow's own Relu/Relu6 kernel, so values are bit-identical to Keras'
+    `relu`/`relu6`. `name`, when given, is recorded by `record_applications` each time the gradient
+    is built, so the Keras path can prove the rule was reached.
+    """
     rule = get_rule(rule_name)
     forward = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6}[op_type]
 
@@ -191,6 +202,7 @@ def activation(rule_name: str, op_type: str) -> Callable[[tf.Tensor], tf.Tensor]
         y = forward(x)
 
         def _gradient(dy):
+            _note_name(name)
             return rule.gradient(op_type, dy, y)
 
         return y, _gradient
@@ -198,14 +210,24 @@ def activation(rule_name: str, op_type: str) -> Callable[[tf.Tensor], tf.Tensor]
     return _activation
 
 
-def pass_through_softmax(axis: int = -1) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Softmax whose gradient passes straight through, so d(score)/dx is d(logit)/dx."""
+def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`forward` (a softmax) unchanged, with a gradient that passes straight through: dx = dy.
+
+    On the explained output's softmax this makes d(score)/dx the gradient of the pre-softmax logit.
+    `name` is recorded by `record_applications` when the gradient is built.
+    """
 
     @tf.custom_gradient
-    def _softmax(logits):
+    def _pass_through(x):
         def _gradient(dy):
+            _note_name(name)
             return dy
 
-        return tf.nn.softmax(logits, axis=axis), _gradient
+        return forward(x), _gradient
 
-    return _softmax
+    return _pass_through
+
+
+def pass_through_softmax(axis: int = -1) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Softmax whose gradient passes straight through, so d(score)/dx is d(logit)/dx."""
+    return pass_through(lambda logits: tf.nn.softmax(logits, axis=axis))

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +20,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import tf1_variables
+from gbp_rewrite import export, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,8 @@ class TensorDesc:
 
     def describe(self) -> str:
         shape = "unknown rank" if self.shape is None else _shape_text(self.shape)
-        return f"{self.key}: {self.dtype.name} {shape}"
+        dtype = self.dtype.name if self.dtype is not None else "composite (ragged or sparse)"
+        return f"{self.key}: {dtype} {shape}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ class SavedModelFile:
                 "(choose one with --signature)"
             )
         sig = defs[key]
+        _check_tensor_names(self.path, key, sig, self.meta_graph.graph_def)
         return SignatureDesc(
             key=key,
             inputs={k: _tensor_desc(k, v) for k, v in sorted(sig.inputs.items())},
@@ -176,12 +177,33 @@ def _tensor_desc(key: str, info: meta_graph_pb2.TensorInfo) -> TensorDesc:
     try:
         dtype = tf.dtypes.as_dtype(info.dtype)
     except TypeError:
-        dtype = tf.dtypes.as_dtype(0) if False else None  # pragma: no cover - unknown enum
+        if info.WhichOneof("encoding") != "composite_tensor":  # a ragged/sparse tensor has no dtype
+            raise SourceModelError(
+                f"signature tensor {key!r} ('{info.name}') has data type number {info.dtype}, which "
+                "TensorFlow does not know: saved_model.pb is damaged; re-export the model"
+            ) from None
+        dtype = None
     if info.tensor_shape.unknown_rank:
         shape = None
     else:
         shape = tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
     return TensorDesc(key=key, tensor_name=info.name, dtype=dtype, shape=shape)
+
+
+def _check_tensor_names(path: Path, key: str, sig: meta_graph_pb2.SignatureDef, graph_def) -> None:
+    """Each signature tensor must name a node of the graph (a damaged file may name anything)."""
+    nodes = {node.name for node in graph_def.node}
+    for kind, infos in (("input", sig.inputs), ("output", sig.outputs)):
+        for tensor_key, info in sorted(infos.items()):
+            if info.WhichOneof("encoding") != "name":  # composite tensors list their components
+                continue
+            node, _, index = info.name.partition(":")
+            if node not in nodes or not (index == "" or index.isdigit()):
+                raise SourceModelError(
+                    f"signature {key!r} of '{path}' has {kind} {tensor_key!r} = tensor "
+                    f"'{info.name}', which is not in the graph: saved_model.pb is damaged; "
+                    "re-export the model"
+                )
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:
@@ -243,7 +265,7 @@ def patched_copy(model: SavedModelFile, patches: dict[tuple[str, str], str]) -> 
     converted = tf1_variables.convert_ref_variables(meta_graph)
     if converted:
         log.info("converted %d TF1 reference variables to resource variables", converted)
-    tmp = Path(tempfile.mkdtemp(prefix="gbp_rewrite_patched_"))
+    tmp = export.temporary_directory("gbp_rewrite_patched")  # removed by the next run if we are killed
     try:
         (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())
         for entry in model.path.iterdir():
@@ -281,7 +303,8 @@ def load(path: Path, *, tags: list[str] | None = None, source: Path | None = Non
         ) from None
     except Exception as e:  # noqa: BLE001 - TensorFlow raises many types for damaged models
         raise SourceModelError(
-            f"TensorFlow cannot load '{shown}': {type(e).__name__}: {one_line(e)}"
+            f"TensorFlow cannot load '{shown}': {type(e).__name__}: {one_line(e)} (the SavedModel "
+            "is damaged or inconsistent; re-export it)"
         ) from None
     finally:
         for logger in loggers:

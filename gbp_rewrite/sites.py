@@ -235,7 +235,7 @@ def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: s
         node_name, index = _split_ref(ref, in_function=bool(function))
         nodes = graph.function_nodes(function) if function else graph.top
         node = nodes.get(node_name)
-        if node is None:
+        if node is None or index < 0:
             return None
         if node.op in _CALL_OPS:
             callee = node.attr["f"].func.name
@@ -244,7 +244,10 @@ def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: s
             fdef = graph.functions[callee]
             if index >= len(fdef.signature.output_arg):
                 return None
-            function, ref = callee, fdef.ret[fdef.signature.output_arg[index].name]
+            ref = fdef.ret.get(fdef.signature.output_arg[index].name)  # .get: never add a key
+            if ref is None:
+                return None
+            function = callee
             continue
         if node.op in _PASS_THROUGH_OPS:
             inputs = [i for i in node.input if not i.startswith("^")]
@@ -260,11 +263,14 @@ def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: s
 
 
 def _split_ref(ref: str, *, in_function: bool) -> tuple[str, int]:
-    """'node:0' (graph) or 'node:out_arg:0' (function body) -> (node, output index)."""
+    """'node:0' (graph) or 'node:out_arg:0' (function body) -> (node, output index).
+
+    A malformed index (a damaged file) gives -1, which matches no output.
+    """
     parts = ref.split(":")
-    if in_function:
-        return parts[0], int(parts[2]) if len(parts) == 3 else 0
-    return parts[0], int(parts[1]) if len(parts) == 2 else 0
+    index_position = 2 if in_function else 1
+    index = parts[index_position] if len(parts) == index_position + 1 else "0"
+    return parts[0], int(index) if index.isdigit() else -1
 
 
 def layers_with_relu(sites: Iterable[Site]) -> list[str]:

@@ -16,6 +16,7 @@ ordinary TF2 variables; the values still come from the same checkpoint, under th
 
 from __future__ import annotations
 
+from google.protobuf import message
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
@@ -128,6 +129,12 @@ def _mark_collections_resource(meta_graph) -> None:
         values = meta_graph.collection_def[key].bytes_list.value
         for i, raw in enumerate(values):
             variable_def = variable_pb2.VariableDef()
-            variable_def.ParseFromString(raw)
+            try:
+                variable_def.ParseFromString(raw)
+            except message.DecodeError:
+                raise SourceModelError(
+                    f"the TF1 graph's '{key}' collection holds a damaged VariableDef (entry {i}); "
+                    "re-export the model"
+                ) from None
             variable_def.is_resource = True
             values[i] = variable_def.SerializeToString()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,7 @@ class Zoo:
             "multi_io": lambda: model_zoo.multi_io_keras3(keras).export(str(path), verbose=False),
             "no_relu": lambda: model_zoo.no_relu_keras3(keras).export(str(path), verbose=False),
             "int_input": lambda: model_zoo.int_input_module(path),
+            "shapes_cnn": lambda: shutil.copytree(REPO / "testdata" / "shapes_cnn", path),  # the shipped model
         }
         builders[name]()
         return path
@@ -75,6 +78,55 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(autouse=True)
+def _sources_are_never_changed(monkeypatch):
+    """Every gbp_rewrite.convert call of every test leaves its source as it was, failed or not:
+    files byte for byte, an in-memory Keras model's weights value for value (issue #7)."""
+    import gbp_rewrite
+    from gbp_rewrite import converter
+
+    convert = converter.convert
+
+    def checked_convert(source, destination, **options):
+        before = source_fingerprint(source)
+        try:
+            return convert(source, destination, **options)
+        finally:
+            assert source_fingerprint(source) == before, f"converting {source} changed the source"
+
+    monkeypatch.setattr(converter, "convert", checked_convert)
+    monkeypatch.setattr(gbp_rewrite, "convert", checked_convert)
+
+
+def source_fingerprint(source) -> object:
+    """sha256 of a source file or of every file of a source directory; a Keras model's weights."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        return model_zoo.tree_digest(path)
+    weights = getattr(source, "weights", None)
+    return None if weights is None else [np.array(w.numpy()).tobytes() for w in weights]
+
+
+@pytest.fixture(scope="session")
+def serving_check_binary() -> Path:
+    """tools/serving_check, built once per session (a stat() when it is up to date).
+
+    Skipped only where there is no C++ compiler; a failing compilation fails the tests.
+    """
+    import importlib.util
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler (g++) on PATH: cannot build tools/serving_check")
+    # Loaded under its own name: "build" is also the name of pypa's build package.
+    spec = importlib.util.spec_from_file_location(
+        "serving_check_build", REPO / "tools" / "serving_check" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build()
 
 
 def cli_command(*args: str) -> list[str]:

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import model_zoo
 from conftest import REPO, cli_command
 
 
@@ -26,9 +27,11 @@ def test_readme_main_job_converts_the_shipped_model(tmp_path):
     argv = shlex.split(convert)
     assert argv[:2] == [".venv/bin/gbp-rewrite", "convert"] and argv[2] == "testdata/shapes_cnn"
     destination = tmp_path / "explainable"
+    shipped = model_zoo.tree_digest(REPO / argv[2])
     result = subprocess.run(cli_command(*argv[1:3], destination, *argv[4:]), cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert model_zoo.tree_digest(REPO / argv[2]) == shipped, "converting changed the shipped model"
     assert "3 rewritten" in result.stdout
     assert (destination / "saved_model.pb").exists()
     assert (destination / "assets" / "gbp_rewrite_report.json").exists()

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from gbp_rewrite import render
+from gbp_rewrite.errors import GbpError, RenderError
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_heat_percentile_saturates_outliers(rng):
 
 @pytest.mark.parametrize("bad", [0, -1, 100.5, float("nan")])
 def test_heat_rejects_bad_percentile(bad):
-    with pytest.raises(ValueError, match="clip_percentile"):
+    with pytest.raises(RenderError, match="clip_percentile"):
         render.saliency_heat(np.ones((4, 4)), clip_percentile=bad)
 
 
@@ -109,7 +110,7 @@ def test_colormap_clips_out_of_range():
 
 
 def test_colormap_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(RenderError) as err:
         render.colormap(np.zeros((2, 2)), name="jet")
     for valid in render.COLORMAP_NAMES:
         assert valid in str(err.value)
@@ -148,7 +149,7 @@ def test_overlay_half_alpha_is_midpoint():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.1])
 def test_overlay_rejects_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(RenderError, match="alpha"):
         render.overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4)),
                        alpha=alpha)
 
@@ -255,16 +256,20 @@ def test_render_all_greyscale_saliency(tmp_path, rng):
                                out_dir=".", stem="a", colormap_name="jet"),
      r"inferno"),
 ])
-def test_bad_inputs_raise_helpful_value_error(call, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_inputs_raise_helpful_render_error(call, match):
+    with pytest.raises(RenderError, match=match):
         call()
 
 
 def test_failed_render_all_writes_nothing(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(RenderError):
         render.render_all(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 2)),
                           out_dir=tmp_path / "out", stem="x")
     assert not (tmp_path / "out").exists()
+
+
+def test_render_error_is_a_gbp_error():
+    assert issubclass(RenderError, GbpError)
 
 
 def test_heat_sparse_saliency_falls_back_to_max():

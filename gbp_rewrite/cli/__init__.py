@@ -19,17 +19,19 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from gbp_rewrite._version import __version__  # noqa: E402
-from gbp_rewrite.cli import common, convert_command, inspect_command  # noqa: E402
+from gbp_rewrite.cli import common, convert_command, explain_command, inspect_command  # noqa: E402
+from gbp_rewrite.cli import decode_command, request_command, verify_command  # noqa: E402
 
 PROGRAM = "gbp-rewrite"
 FLAGS = flags.FLAGS
 
-COMMANDS = {module.NAME: module for module in (inspect_command, convert_command)}
+COMMANDS = {module.NAME: module for module in (inspect_command, convert_command, explain_command,
+                                               verify_command, request_command, decode_command)}
 _GLOBAL_FLAGS = {"verbose"}
 
 
 class UsageError(Exception):
-    """Bad command-line usage: exit status 2."""
+    """Bad command-line usage: exit status 2 (a command's run() may raise it for flag combinations)."""
 
 
 def _our_flags() -> set[str]:
@@ -97,13 +99,16 @@ def main(argv: list[str]) -> int:
     except UsageError as e:
         _usage_exit(str(e))
     _configure_logging()
-    _import_tensorflow_quietly()
+    if getattr(module, "NEEDS_TENSORFLOW", True):  # verify runs TensorFlow in processes of its own
+        _import_tensorflow_quietly()
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from gbp_rewrite.errors import GbpError, one_line
 
     try:
         module.run(*positional)
+    except UsageError as e:
+        _usage_exit(str(e))
     except GbpError as e:
         sys.stderr.write(f"{PROGRAM}: error: {e}\n")
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -12,6 +13,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("signature", "serving_default", "the signature to work on.")
 flags.DEFINE_bool("json", False, "print JSON instead of text.")
 flags.DEFINE_bool("verbose", False, "log progress, TensorFlow's warnings, and tracebacks of internal errors.")
+flags.DEFINE_bool("unsafe_deserialization", False,
+                  "convert, inspect: allow loading a .keras/.h5 file that Keras' safe mode refuses, such "
+                  "as one with a Lambda layer. A risk: a Lambda layer is arbitrary Python code stored in "
+                  "the file, and it runs when the file is loaded; use only on files you trust.")
 
 
 def emit(result) -> None:
@@ -20,3 +25,11 @@ def emit(result) -> None:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(result.to_text() + "\n")
+
+
+def split_paths(values: list[str]) -> list[str]:
+    """Each --image value is a path, or a comma-separated list of paths (an existing path wins)."""
+    paths = []
+    for value in values:
+        paths.extend([value] if Path(value).exists() else [p for p in value.split(",") if p])
+    return paths

@@ -10,10 +10,11 @@ FLAGS = flags.FLAGS
 
 NAME = "convert"
 ARGS = ("SRC", "DST")
-SUMMARY = ("Write an explainable copy of SRC to DST: the signature returns the original outputs plus "
+SUMMARY = ("Write an explainable copy of SRC (a SavedModel directory, or a .keras/.h5 Keras file) to DST: the signature returns the original outputs plus "
            "`saliency` (d score / d input, same shape and dtype as the input) and `explained_class`; "
            "a second signature `explain_class` takes a class per example.")
-FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json"}
+FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json",
+              "saliency_map", "serving_version", "unsafe_deserialization", "allow_file_ops"}
 
 flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
                   "rule (default: every ReLU). A nested model's name selects all its layers.")
@@ -25,7 +26,18 @@ flags.DEFINE_string("output", None, "convert: the output to explain when the sig
 flags.DEFINE_enum("score", "logit", ("logit", "probability"),
                   "convert: what is explained for the top class: the pre-softmax logit (default) or "
                   "the softmax probability.")
+flags.DEFINE_bool("saliency_map", False,
+                  "convert: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the "
+                  "channels, scaled per example to [0, 1], a ready heat map (image inputs only).")
 flags.DEFINE_bool("overwrite", False, "convert: replace DST if it exists (otherwise it is left untouched).")
+flags.DEFINE_string("serving_version", None, "convert: write TF Serving's layout: DST is the model's "
+                    "base path and the export goes to DST/N, N a number or 'next' (one more than the "
+                    "highest version in DST, 1 when there is none); the folder appears only when complete.")
+flags.DEFINE_bool("allow_file_ops", False, "convert: load and run a SavedModel whose graph reads or "
+                  "writes files (or the network) outside the standard save/restore functions; such a "
+                  "model is refused by default, since converting runs it. Only for models you trust.")
+flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
+                         message="--serving_version takes a non-negative integer or 'next'")
 
 
 def run(source: str, destination: str) -> None:
@@ -35,5 +47,7 @@ def run(source: str, destination: str) -> None:
         source, destination,
         layers=FLAGS.layers, exclude_layers=FLAGS.exclude_layers, rule=FLAGS.rule,
         signature=FLAGS.signature, output=FLAGS.output, score=FLAGS.score, overwrite=FLAGS.overwrite,
+        saliency_map=FLAGS.saliency_map, version=FLAGS.serving_version,
+        safe_mode=not FLAGS.unsafe_deserialization, allow_file_ops=FLAGS.allow_file_ops,
     )
     common.emit(report)

@@ -1,0 +1,107 @@
+"""Run a signature through tools/serving_check: TensorFlow's C++ SavedModel loader, as TF Serving.
+
+The binary (built from tools/serving_check/serving_check.cc against the tensorflow wheel's
+libtensorflow_cc) calls `LoadSavedModel(..., {"serve"})` and `Session::Run` on a SignatureDef's
+tensor names: TF Serving's own path, with no Python at all. This module finds the binary, runs it
+on .npy inputs and compares its outputs with the ones Python computed on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+BINARY_ENV = "GBP_REWRITE_SERVING_CHECK"
+_REPO = Path(__file__).resolve().parents[1]
+_TOOL_DIR = _REPO / "tools" / "serving_check"
+DEFAULT_BINARY = _TOOL_DIR / "build" / "serving_check"
+RUN_TIMEOUT = 600
+
+# The C++ and Python runs execute the same graph with the same kernels; they may differ only where
+# the runtimes fuse ops differently.
+TOLERANCE = 1e-6
+
+_ERROR_PREFIX = "serving_check: error: "
+
+
+class CppCheckError(Exception):
+    """The binary failed: the one-line reason it printed."""
+
+
+def find_binary(binary: str | os.PathLike | None = None) -> Path | None:
+    """The serving_check binary: `binary`, else $GBP_REWRITE_SERVING_CHECK, else the repo's build."""
+    candidate = Path(binary or os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+    return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+def build_hint() -> str:
+    """How to build the binary (from a source checkout; it needs g++ and about a minute)."""
+    if (_TOOL_DIR / "build.py").is_file():
+        return f"build it with `python {_TOOL_DIR / 'build.py'}` (g++, about a minute)"
+    return (f"build tools/serving_check/build.py from a gbp_rewrite source checkout and set "
+            f"{BINARY_ENV} to the binary")
+
+
+def run_signature(
+    binary: Path, export_dir: Path, signature: str, inputs: Mapping[str, Path], out_dir: Path,
+) -> dict[str, np.ndarray]:
+    """Run `signature` of `export_dir` on the .npy `inputs`; return its outputs by key."""
+    command = [str(binary), "--model", str(export_dir), "--signature", signature,
+               "--output_dir", str(out_dir)]
+    for key, path in inputs.items():
+        command += ["--input", f"{key}={path}"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CppCheckError(f"no answer within {RUN_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        errors = [line[len(_ERROR_PREFIX):] for line in proc.stderr.splitlines()
+                  if line.startswith(_ERROR_PREFIX)]
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CppCheckError(errors[0] if errors else f"exit status {proc.returncode}: {tail}")
+    keys = [line.split(" ")[0] for line in proc.stdout.splitlines() if line.strip()]
+    return {key: np.load(out_dir / f"{key}.npy") for key in keys}
+
+
+def compare(cpp: Mapping[str, np.ndarray], python: Mapping[str, np.ndarray]) -> tuple[bool, str]:
+    """Same keys, dtypes and shapes; floats within TOLERANCE (absolute and relative), others equal."""
+    if sorted(cpp) != sorted(python):
+        return False, f"output keys differ: C++ {sorted(cpp)}, Python {sorted(python)}"
+    worst, problems = 0.0, []
+    for key, want in python.items():
+        got = cpp[key]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            problems.append(f"{key} is {got.dtype}{list(got.shape)} in C++, {want.dtype}{list(want.shape)} in Python")
+        elif np.issubdtype(want.dtype, np.floating):
+            if want.size:
+                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))))
+            if not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True):
+                problems.append(f"{key} differs by more than {TOLERANCE:g}")
+        elif not np.array_equal(got, want):
+            problems.append(f"{key} differs")
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"outputs equal Python's (max abs difference {worst:.3g})"
+
+
+def check_signature(
+    binary: Path, export_dir: Path, signature: str,
+    inputs: Mapping[str, Path], python_outputs: Mapping[str, np.ndarray] | None,
+) -> tuple[bool, str]:
+    """Run one signature in C++ on `inputs` and compare with `python_outputs`: (ok, one line).
+
+    `python_outputs` None means Python could not run the signature: then only C++ running counts.
+    """
+    with tempfile.TemporaryDirectory(prefix="gbp_rewrite_cpp_") as out_dir:
+        try:
+            cpp = run_signature(binary, export_dir, signature, inputs, Path(out_dir))
+        except CppCheckError as e:
+            return False, f"failed: {e}"
+        if python_outputs is None:
+            return True, "runs in C++ (Python could not run it, see above)"
+        return compare(cpp, python_outputs)

@@ -1,0 +1,179 @@
+"""Image files in, model-ready batches out: listing, decoding, resizing and preprocessing.
+
+    paths -> tf.data: read, tf.io.decode_image, match channels, tf.image.resize, preprocess
+          -> batches of {index, pixels, channels, encoded}
+
+The pipeline streams: only a few batches are in memory at a time, however many files there are.
+A file that does not decode is dropped from the stream (`ignore_errors`); its index is missing
+from the batches, and `diagnose` says why (by decoding it again, eagerly, to get the message).
+The encoded bytes travel with each example, so the caller can decode the image again at its
+original resolution (for the overlay) without holding every original in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import tensorflow as tf
+
+from gbp_rewrite.errors import ImageError, OptionError, one_line
+
+#: File extensions `list_folder` takes as images (what tf.io.decode_image reads, case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+# Keras applications' preprocessing modes: name -> description (the formula on 0..255 RGB input).
+PREPROCESSING = {
+    "unit": "x / 255 (values in [0, 1])",
+    "symmetric": "x / 127.5 - 1 (values in [-1, 1])",
+    "caffe": "RGB -> BGR, minus the ImageNet means (103.939, 116.779, 123.68)",
+    "none": "raw 0..255 floats",
+}
+_CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
+
+_GREY_FIX = ("the model takes 3-channel RGB: convert it (e.g. with --grayscale_to_rgb, or with an "
+             "image editor)")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What the model takes: [batch, height, width, 3] of `dtype`."""
+
+    height: int
+    width: int
+    dtype: tf.DType
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A file of a folder that is not an image by its extension, so it is not explained."""
+
+    file: str
+    reason: str
+
+
+def list_folder(folder: str | os.PathLike) -> tuple[list[str], list[Skipped]]:
+    """The image files of `folder` (not its subfolders), sorted by name, and the files skipped.
+
+    Hidden files (names starting with '.') are ignored; other files whose extension is not one
+    of IMAGE_EXTENSIONS are returned as skipped, so the caller can name them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"--dir '{folder}' is not a folder; pass a folder of images, or the files with --image")
+    images, skipped = [], []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        if entry.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(str(entry))
+        else:
+            skipped.append(Skipped(str(entry), f"not an image file name (extensions: {', '.join(IMAGE_EXTENSIONS)})"))
+    return images, skipped
+
+
+def check_preprocess(mode: str) -> str:
+    if mode not in PREPROCESSING:
+        raise OptionError(f"unknown preprocessing {mode!r}; valid modes: {', '.join(PREPROCESSING)}")
+    return mode
+
+
+def preprocess(pixels: tf.Tensor, mode: str) -> tf.Tensor:
+    """Apply a Keras-applications preprocessing mode to float RGB values in 0..255 ([..., 3])."""
+    check_preprocess(mode)
+    pixels = tf.cast(pixels, tf.float32)
+    if mode == "unit":
+        return pixels / 255.0
+    if mode == "symmetric":
+        return pixels / 127.5 - 1.0
+    if mode == "caffe":
+        return pixels[..., ::-1] - tf.constant(_CAFFE_BGR_MEANS, tf.float32)
+    return pixels
+
+
+def _decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Bytes -> uint8 [h, w, c] with the file's own channels (a GIF's first frame)."""
+    return tf.io.decode_image(encoded, channels=0, expand_animations=False)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """[h, w, c] -> [h, w, 3]: RGB(A) keeps R, G, B; grey(+alpha) repeats the grey channel."""
+    channels = tf.shape(image)[-1]
+    rgb = tf.cond(channels >= 3, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3]))
+    rgb.set_shape([None, None, 3])
+    return rgb
+
+
+def dataset(paths: Sequence[str], *, spec: InputSpec, mode: str, batch_size: int) -> tf.data.Dataset:
+    """Batches of {index, pixels [b, H, W, 3] spec.dtype, channels [b], encoded [b] bytes}.
+
+    `channels` is the file's own channel count (the caller refuses grey ones unless asked to
+    convert them); files that fail to read or decode are left out of the stream.
+    """
+    check_preprocess(mode)
+
+    def load(index, path):
+        encoded = tf.io.read_file(path)
+        image = _decode(encoded)
+        resized = tf.image.resize(tf.cast(_to_rgb(image), tf.float32), [spec.height, spec.width],
+                                  method="bilinear", antialias=True)
+        return {
+            "index": index,
+            "pixels": tf.cast(preprocess(resized, mode), spec.dtype),
+            "channels": tf.shape(image)[-1],
+            "encoded": encoded,
+        }
+
+    indexed = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), list(paths)))
+    return (
+        indexed.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()
+        .batch(batch_size)
+        .prefetch(1)
+    )
+
+
+def channel_problem(channels: int, *, grayscale_to_rgb: bool) -> str | None:
+    """Why an image with this many channels cannot go to an RGB model, or None if it can."""
+    if channels in (3, 4):  # RGBA: the alpha channel is dropped
+        return None
+    if channels in (1, 2) and grayscale_to_rgb:
+        return None
+    if channels in (1, 2):
+        kind = "grey-scale" if channels == 1 else "grey-scale with alpha"
+        return f"{kind} ({channels} channel{'s' if channels > 1 else ''}); {_GREY_FIX}"
+    return f"{channels} channels; the model takes 3-channel RGB"
+
+
+def diagnose(path: str) -> str:
+    """Why a file dropped from the stream could not be used, in one line."""
+    try:
+        encoded = tf.io.read_file(path)
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as e:
+        return f"cannot read the file: {_tf_message(e)}"
+    if int(tf.strings.length(encoded)) == 0:
+        return "empty file"
+    try:
+        _decode(encoded)
+    except tf.errors.InvalidArgumentError as e:
+        message = _tf_message(e)
+        if message.startswith("Unknown image file format"):
+            return "not an image (PNG, JPEG, BMP or GIF)"
+        return f"corrupt or truncated image: {message}"
+    return "failed in the input pipeline, though it decodes on its own; run again with --verbose"
+
+
+def decode_rgb(encoded: bytes) -> "tf.Tensor":
+    """The image at its own resolution as uint8 [h, w, 3] (grey repeated, alpha dropped)."""
+    return _to_rgb(_decode(encoded))
+
+
+def _tf_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without its '{{function_node ...}}' prefix and '[Op:...]' suffix."""
+    text = one_line(error)
+    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:\w+\].*$", "", text)
+    return text.strip() or type(error).__name__

@@ -1,0 +1,256 @@
+"""ReLU-family sites of a Keras model, and for each the layer the Keras path would rebuild.
+
+The sites are found exactly as the graph path finds them: the model's serving call is traced once
+(as `model.export` traces it) and every ReLU-family op of the trace is a site, named by its Keras
+name scope (`sink_1/block_1/inner_relu6_1/Relu6` -> layer path `sink/block/inner_relu6`). So both
+paths list the same sites and a layer selection means the same on both.
+
+Each Relu/Relu6 site is then traced back to the layer object that computes it. The Keras path can
+rebuild it with a rule when that layer applies a recognised ReLU activation: a layer's
+`activation` (`'relu'`, `'relu6'`, `'hard_sigmoid'`, `'hard_silu'`, `tf.nn.relu`, ...),
+`Activation('relu'/'relu6')`, or `ReLU(max_value=None or k)`. A ReLU computed in code the clone
+cannot see into (a Lambda, a custom or wrapper layer, PReLU, a recurrent cell) is a site the Keras
+path keeps, and says so; the SavedModel path rewrites every op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from gbp_rewrite import sites
+from gbp_rewrite.errors import GbpError, SourceModelError, one_line
+from gbp_rewrite.keras_signature import KerasSignature
+
+_SCOPE_SUFFIX = re.compile(r"^(?P<base>.+)_\d+$")
+
+Activation = Callable[[tf.Tensor], tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """How a layer computes its ReLU: the op type and the activation rebuilt around a rule's ReLU.
+
+    `build(relu)` returns the layer's activation with `relu` (a rule's Relu or Relu6 function) in
+    place of TensorFlow's, computing the same values with the same ops as Keras does.
+    """
+
+    op_type: str
+    description: str
+    build: Callable[[Activation], Activation]
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasSite:
+    """A site of the traced model, the layer that computes it, and whether the clone can rewrite it."""
+
+    site: sites.Site
+    layer: Any | None  # the (original) layer object, None when the op is not inside a known layer
+    lowering: Lowering | None  # None: the Keras path cannot rebuild this ReLU
+    reason: str = ""  # why not, for the report
+
+    @property
+    def rewritable(self) -> bool:
+        return self.site.rewritable and self.lowering is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognised activations
+
+
+def _same(relu: Activation) -> Activation:
+    return relu
+
+
+def _hard_sigmoid(relu6: Activation) -> Activation:
+    # Keras' TensorFlow backend: relu6(x + 3) / 6
+    def activation(x):
+        return relu6(x + tf.constant(3.0, x.dtype)) / tf.constant(6.0, x.dtype)
+
+    return activation
+
+
+def _hard_silu(relu6: Activation) -> Activation:
+    hard_sigmoid = _hard_sigmoid(relu6)
+
+    def activation(x):
+        return x * hard_sigmoid(x)
+
+    return activation
+
+
+def _capped(max_value: float) -> Callable[[Activation], Activation]:
+    """ReLU(max_value=k), k != 6: Keras computes relu(x) then clips to [0, k]."""
+
+    def build(relu: Activation) -> Activation:
+        import keras
+
+        def activation(x):
+            y = relu(x)
+            return keras.ops.clip(y, keras.ops.cast(0.0, y.dtype), keras.ops.cast(max_value, y.dtype))
+
+        return activation
+
+    return build
+
+
+RELU = Lowering("Relu", "relu", _same)
+RELU6 = Lowering("Relu6", "relu6", _same)
+HARD_SIGMOID = Lowering("Relu6", "hard_sigmoid (relu6(x + 3) / 6)", _hard_sigmoid)
+HARD_SILU = Lowering("Relu6", "hard_silu (x * relu6(x + 3) / 6)", _hard_silu)
+
+
+@functools.lru_cache(maxsize=None)
+def _function_lowerings() -> dict[Any, Lowering]:
+    import keras
+
+    return {
+        tf.nn.relu: RELU, keras.activations.relu: RELU, keras.ops.relu: RELU,
+        tf.nn.relu6: RELU6, keras.activations.relu6: RELU6, keras.ops.relu6: RELU6,
+        keras.activations.hard_sigmoid: HARD_SIGMOID, keras.ops.hard_sigmoid: HARD_SIGMOID,
+        keras.activations.hard_silu: HARD_SILU, keras.ops.hard_silu: HARD_SILU,
+    }
+
+
+def layer_lowering(layer) -> tuple[Lowering | None, str]:
+    """How `layer` computes a ReLU the clone can rebuild, or (None, why not)."""
+    import keras
+
+    kind = type(layer).__name__
+    if isinstance(layer, keras.layers.ReLU):
+        if layer.negative_slope or layer.threshold:
+            return None, f"ReLU(negative_slope={layer.negative_slope}, threshold={layer.threshold}) has no guided rule"
+        if layer.max_value is None:
+            return RELU, ""
+        if float(layer.max_value) == 6.0:
+            return RELU6, ""
+        return Lowering("Relu", f"relu capped at {layer.max_value}", _capped(float(layer.max_value))), ""
+    # Only an `activation` set on the instance is one the layer applies itself; recurrent layers
+    # expose their cell's activation as a read-only property.
+    activation = vars(layer).get("activation")
+    if activation is not None:
+        lowering = _lookup(activation)
+        if lowering is not None:
+            return lowering, ""
+        name = getattr(activation, "__name__", type(activation).__name__)
+        return None, f"{kind} computes its ReLU in its activation {name!r}, which the Keras path does not know"
+    return None, f"{kind} layer computes a ReLU in its own code"
+
+
+def _lookup(function) -> Lowering | None:
+    try:
+        return _function_lowerings().get(function)
+    except TypeError:  # an unhashable callable object
+        return None
+
+
+def is_softmax_function(function) -> bool:
+    import keras
+
+    try:
+        return function in (keras.activations.softmax, keras.ops.softmax, tf.nn.softmax)
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing and naming
+
+
+def trace(model, signature: KerasSignature) -> tf.Graph:
+    """The graph of `model`'s serving call, traced as `model.export` traces it."""
+    function = tf.function(lambda inputs: signature.call(model, inputs), autograph=False)
+    try:
+        return function.get_concrete_function(signature.input_specs()).graph
+    except GbpError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged config can build a model that cannot run
+        raise SourceModelError(
+            f"the Keras model '{model.name}' fails when called on its inputs: {type(e).__name__}: "
+            f"{one_line(e)} (is its config damaged?)"
+        ) from None
+
+
+def layer_tree(model) -> dict[tuple[str, ...], Any]:
+    """Every layer by path from the root model: {('sink',): model, ('sink', 'block', 'x'): layer}."""
+    tree = {(model.name,): model}
+    stack = [(model.name,)]
+    while stack:
+        path = stack.pop()
+        container = tree[path]
+        for layer in _sublayers(container):
+            child = path + (layer.name,)
+            if child not in tree:
+                tree[child] = layer
+                stack.append(child)
+    return tree
+
+
+def _sublayers(layer) -> list:
+    import keras
+    from keras.src.models.functional import Functional
+
+    if isinstance(layer, (Functional, keras.Sequential)):
+        return list(layer.layers)
+    return []
+
+
+def find_sites(model, signature: KerasSignature) -> list[KerasSite]:
+    """Every ReLU-family op the serving call computes, with the layer that computes it."""
+    graph = trace(model, signature)
+    tree = layer_tree(model)
+    known = {name for path in tree for name in path}
+    found = []
+    for op in graph.get_operations():
+        if op.type in sites.ACTIVATION_OP_TYPES:
+            path = _scope_path(op.name, known)
+            found.append(_attribute(sites.Site("", op.name, op.type, path), tree))
+    for function in graph.as_graph_def().library.function:  # control flow: recurrent layers
+        for node in function.node_def:
+            if node.op in sites.ACTIVATION_OP_TYPES:
+                site = sites.Site(function.signature.name, node.name, node.op, _scope_path(node.name, known))
+                found.append(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)"))
+    return found
+
+
+def _scope_path(op_name: str, known: set[str]) -> tuple[str, ...]:
+    """Keras name scopes -> layer path; the rule of sites.py for Keras 3 exports."""
+    path = tuple(_segment(s, known) for s in op_name.split("/")[:-1])
+    return path or (op_name,)
+
+
+def _segment(segment: str, known: set[str]) -> str:
+    match = _SCOPE_SUFFIX.match(segment)
+    if not match:
+        return segment
+    base = match.group("base")
+    if base in known or segment not in known:
+        return base
+    return segment
+
+
+def _attribute(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:
+    layer = tree.get(site.path)
+    if not site.rewritable:
+        return KerasSite(site, layer, None, f"no guided rule for {site.op_type}")
+    if layer is None or len(site.path) < 2:
+        owner = _innermost_layer(site.path, tree)
+        where = f"inside layer '{owner.name}' ({type(owner).__name__})" if owner is not None else "outside any layer"
+        return KerasSite(site, None, None, f"computed by custom code {where}")
+    if _sublayers(layer):
+        return KerasSite(site, layer, None, f"computed by model '{layer.name}' itself, not by one of its layers")
+    lowering, reason = layer_lowering(layer)
+    if lowering is not None and lowering.op_type != site.op_type:
+        return KerasSite(site, layer, None, f"a {site.op_type} op in a layer whose activation is {lowering.description}")
+    return KerasSite(site, layer, lowering, reason)
+
+
+def _innermost_layer(path: tuple[str, ...], tree: dict[tuple[str, ...], Any]):
+    for end in range(len(path) - 1, 1, -1):  # a proper prefix below the root model
+        if path[:end] in tree:
+            return tree[path[:end]]
+    return None

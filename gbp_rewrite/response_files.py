@@ -1,0 +1,102 @@
+"""A decoded TF Serving response on disk: one .npy per output and saliency pictures per example.
+
+    <out>/<output key>.npy                 the batched array, as decoded
+    <out>/<stem>_<saliency key>_heatmap.png   for every saliency output ('saliency',
+    <out>/<stem>_<saliency key>_guided.png    'saliency_<input>'), per example; with the request's
+    <out>/<stem>_<saliency key>_overlay.png   images also the overlay, at the image's own size
+
+`stem` is the image's file name stem when the images are given, else example_<i>.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from gbp_rewrite import images, render
+from gbp_rewrite.errors import ImageError, OutputError, RenderError
+
+
+def saliency_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Outputs that are saliency maps: 'saliency' or 'saliency_*', [batch, H, W] or [batch, H, W, C]."""
+    return [key for key, value in arrays.items()
+            if (key == "saliency" or key.startswith("saliency_")) and value.ndim in (3, 4)
+            and np.issubdtype(value.dtype, np.floating)]
+
+
+def write_response_files(
+    arrays: Mapping[str, np.ndarray],
+    out_dir: str | os.PathLike,
+    *,
+    image_paths: Sequence[str | os.PathLike] | None = None,
+) -> list[Path]:
+    """Write every output as .npy and every example's saliency as PNGs; return the files written.
+
+    Args:
+      arrays: decoded outputs (gbp_rewrite.rest.decode_response), batch first.
+      out_dir: the folder to write into (created if missing; files of the same names are replaced).
+      image_paths: the request's images, in request order, for the overlays (optional).
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder '{out_dir}': {e.strerror}") from None
+    keys = saliency_keys(arrays)
+    paths = [str(p) for p in image_paths or []]
+    batch = len(arrays[keys[0]]) if keys else None
+    if paths and keys and len(paths) != batch:
+        raise ImageError(f"{len(paths)} image(s) given for a response of {batch} example(s); pass the "
+                         "request's images in the request's order, or none")
+    written = [_save_npy(out_dir, key, value) for key, value in arrays.items()]
+    stems = _stems(paths, batch or 0)
+    for index in range(batch or 0):
+        image = _read_rgb(paths[index]) if paths else None
+        for key in keys:
+            written.extend(_render(out_dir, f"{stems[index]}_{key}", arrays[key][index], image))
+    return written
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key).lstrip(".") or "output"
+
+
+def _save_npy(out_dir: Path, key: str, value: np.ndarray) -> Path:
+    path = out_dir / f"{_safe_name(key)}.npy"
+    np.save(path, value)
+    return path
+
+
+def _stems(paths: list[str], batch: int) -> list[str]:
+    if not paths:
+        return [f"example_{i}" for i in range(batch)]
+    stems, used = [], set()
+    for index, path in enumerate(paths):
+        stem = _safe_name(Path(path).stem)
+        stems.append(stem if stem not in used else f"{stem}_{index}")
+        used.add(stem)
+    return stems
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    try:
+        return images.decode_rgb(tf.io.read_file(path).numpy()).numpy()
+    except (tf.errors.OpError, ValueError):
+        raise ImageError(f"'{path}': {images.diagnose(path)}") from None
+
+
+def _render(out_dir: Path, stem: str, saliency: np.ndarray, image: np.ndarray | None) -> list[Path]:
+    try:
+        if image is not None:
+            return list(render.render_all(image, saliency, out_dir=out_dir, stem=stem).values())
+        pictures = {"heatmap": render.colormap(render.saliency_heat(saliency))}
+        if saliency.ndim == 2 or saliency.shape[-1] in (1, 3):
+            pictures["guided"] = render.guided_image(saliency)
+        return [render.write_png(out_dir / f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]
+    except RenderError as e:
+        raise RenderError(f"cannot render {stem}: {e}") from None

@@ -1,0 +1,315 @@
+"""Find the ops of a SavedModel that reach outside the process: files, checkpoints, the network.
+
+A SavedModel is a program. Loading one runs its initializers, and converting one runs its
+signature on a probe batch, so a model from an untrusted source could read, write or delete
+files through TensorFlow ops (ReadFile, WriteFile, SaveV2, a TFRecord reader, PrintV2 to a file,
+...). This module lists such ops, read from the parsed `saved_model.pb` before TensorFlow executes
+anything; `convert` refuses to load a model that has them unless the caller allows it, and
+`inspect` lists them.
+
+Not reported, because every SavedModel has them and they only touch the model's own files:
+  * checkpoint ops (SaveV2, RestoreV2, MergeV2Checkpoints, ...) of the standard savers: the TF1
+    `saver_def` subgraph, and `__inference__traced_save_*` / `__inference__traced_restore_*`
+    functions that only that saver calls;
+  * a text-file lookup-table initializer whose file name is one of the model's own assets.
+Everything else in the top-level graph and in *every* library function is scanned, called or not,
+so an op cannot hide in a function reached through a dataset or a control-flow attr.
+
+The op list was drawn from the op registry of TensorFlow 2.21 (every op whose kernel opens a file,
+a database or a socket); tests check each name is still registered. Ops that only look file-like
+are left out on purpose: DecodeCSV parses strings in memory (the CSV *readers* are CSVDataset*),
+ShardedFilename only builds names, and GetSessionTensor/DeleteSessionTensor touch session state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Iterator
+
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from gbp_rewrite.errors import UnsafeModelError
+
+_READS = "reads files"
+_WRITES = "writes files"
+_CHECKPOINT = "reads or writes a checkpoint"
+_DATASET_READS = "reads files (tf.data)"
+_DATASET_WRITES = "writes files (tf.data)"
+_SUMMARY = "writes summary files"
+_NETWORK = "opens network connections"
+
+# op type -> what it does outside the process.
+FILE_OPS: dict[str, str] = {
+    # Plain file access.
+    "ReadFile": _READS,
+    "WriteFile": _WRITES,
+    "MatchingFiles": "lists files",
+    "ImmutableConst": "memory-maps a file",
+    "FileSystemSetConfiguration": "configures a file system",
+    "InitializeTableFromTextFile": _READS,
+    "InitializeTableFromTextFileV2": _READS,
+    "GenerateVocabRemapping": _READS,
+    "RecordInput": _READS,
+    # TF1 queue readers.
+    "TFRecordReader": _READS,
+    "TFRecordReaderV2": _READS,
+    "TextLineReader": _READS,
+    "TextLineReaderV2": _READS,
+    "WholeFileReader": _READS,
+    "WholeFileReaderV2": _READS,
+    "FixedLengthRecordReader": _READS,
+    "FixedLengthRecordReaderV2": _READS,
+    "LMDBReader": _READS,
+    # Checkpoints.
+    "Save": _CHECKPOINT,
+    "SaveSlices": _CHECKPOINT,
+    "SaveV2": _CHECKPOINT,
+    "Restore": _CHECKPOINT,
+    "RestoreSlice": _CHECKPOINT,
+    "RestoreV2": _CHECKPOINT,
+    "MergeV2Checkpoints": _CHECKPOINT,
+    "DTensorRestoreV2": _CHECKPOINT,
+    "LoadAndRemapMatrix": _CHECKPOINT,
+    # tf.data sources and sinks.
+    "TFRecordDataset": _DATASET_READS,
+    "TFRecordDatasetV2": _DATASET_READS,
+    "TextLineDataset": _DATASET_READS,
+    "FixedLengthRecordDataset": _DATASET_READS,
+    "FixedLengthRecordDatasetV2": _DATASET_READS,
+    "CSVDataset": _DATASET_READS,
+    "CSVDatasetV2": _DATASET_READS,
+    "ExperimentalCSVDataset": _DATASET_READS,
+    "MatchingFilesDataset": _DATASET_READS,
+    "ExperimentalMatchingFilesDataset": _DATASET_READS,
+    "LMDBDataset": _DATASET_READS,
+    "ExperimentalLMDBDataset": _DATASET_READS,
+    "SqlDataset": "opens a database (tf.data)",
+    "ExperimentalSqlDataset": "opens a database (tf.data)",
+    "LoadDataset": _DATASET_READS,
+    "SnapshotDatasetReader": _DATASET_READS,
+    "SnapshotNestedDatasetReader": _DATASET_READS,
+    "SnapshotChunkDataset": _DATASET_READS,
+    "ListSnapshotChunksDataset": _DATASET_READS,
+    "SnapshotDataset": _DATASET_WRITES,
+    "SnapshotDatasetV2": _DATASET_WRITES,
+    "CacheDataset": _DATASET_WRITES,
+    "CacheDatasetV2": _DATASET_WRITES,
+    "SaveDataset": _DATASET_WRITES,
+    "SaveDatasetV2": _DATASET_WRITES,
+    "DatasetToTFRecord": _DATASET_WRITES,
+    "ExperimentalDatasetToTFRecord": _DATASET_WRITES,
+    "DistributedSave": _DATASET_WRITES,
+    # Summaries and debugging dumps.
+    "CreateSummaryFileWriter": _SUMMARY,
+    "CreateSummaryDbWriter": _SUMMARY,
+    "WriteSummary": _SUMMARY,
+    "WriteScalarSummary": _SUMMARY,
+    "WriteHistogramSummary": _SUMMARY,
+    "WriteImageSummary": _SUMMARY,
+    "WriteAudioSummary": _SUMMARY,
+    "WriteGraphSummary": _SUMMARY,
+    "WriteRawProtoSummary": _SUMMARY,
+    "ImportEvent": _SUMMARY,
+    "FlushSummaryWriter": _SUMMARY,
+    "DumpTensor": _WRITES,
+    "CalibrationStatisticsSaver": _WRITES,
+    "DebugIdentityV3": "writes debugger dumps",
+    # The network.
+    "RpcServer": _NETWORK,
+    "RpcServerStart": _NETWORK,
+    "RpcClient": _NETWORK,
+    "RpcCall": _NETWORK,
+    "DataServiceDataset": _NETWORK,
+    "DataServiceDatasetV2": _NETWORK,
+    "DataServiceDatasetV3": _NETWORK,
+    "DataServiceDatasetV4": _NETWORK,
+}
+
+# Ops that touch files only with some attr values: op type -> (attr, test of its value, what it does).
+_CONDITIONAL_OPS = {
+    "PrintV2": ("output_stream", lambda v: v.s.startswith(b"file://"), _WRITES),
+    "DecodeProtoV2": ("descriptor_source", lambda v: v.s not in (b"", b"local://"), _READS),
+    "EncodeProto": ("descriptor_source", lambda v: v.s not in (b"", b"local://"), _READS),
+    "DebugIdentity": ("debug_urls", lambda v: len(v.list.s) > 0, "writes debugger dumps"),
+    "DebugIdentityV2": ("debug_urls", lambda v: len(v.list.s) > 0, "writes debugger dumps"),
+    "DebugNanCount": ("debug_urls", lambda v: len(v.list.s) > 0, "writes debugger dumps"),
+    "DebugNumericSummary": ("debug_urls", lambda v: len(v.list.s) > 0, "writes debugger dumps"),
+}
+
+# The op types the standard savers use; only these are exempt, and only inside the savers.
+CHECKPOINT_OPS = frozenset({"Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
+                            "MergeV2Checkpoints"})
+_TEXT_FILE_INITIALIZERS = frozenset({"InitializeTableFromTextFile", "InitializeTableFromTextFileV2"})
+_STANDARD_SAVER_FUNCTION = re.compile(r"^__inference__traced_(?:save|restore)_\d+$")
+_PASS_THROUGH = frozenset({"Identity", "Snapshot"})
+_SHOWN_IN_MESSAGE = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOp:
+    """One op that reaches outside the process: where it is, its type and what it does."""
+
+    function: str  # '' = the top-level graph
+    node: str
+    op_type: str
+    effect: str
+
+    def describe(self) -> str:
+        where = f"function {self.function}" if self.function else "the top-level graph"
+        return f"{self.op_type} '{self.node}' in {where} ({self.effect})"
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def find_file_ops(meta_graph: meta_graph_pb2.MetaGraphDef) -> list[FileOp]:
+    """Every file, checkpoint or network op of the meta graph outside the standard savers."""
+    saver_nodes = _saver_subgraph(meta_graph)
+    saver_functions = _saver_only_functions(meta_graph, saver_nodes)
+    asset_tensors = {_node_of(a.tensor_info.name) for a in meta_graph.asset_file_def}
+    found = []
+    for node in meta_graph.graph_def.node:
+        effect = _effect(node)
+        if effect is None:
+            continue
+        if node.op in CHECKPOINT_OPS and node.name in saver_nodes:
+            continue
+        if node.op in _TEXT_FILE_INITIALIZERS and _reads_asset(node, meta_graph.graph_def.node, asset_tensors):
+            continue
+        found.append(FileOp("", node.name, node.op, effect))
+    for function in meta_graph.graph_def.library.function:
+        name = function.signature.name
+        asset_args = _asset_arguments(meta_graph, function)
+        for node in function.node_def:
+            effect = _effect(node)
+            if effect is None:
+                continue
+            if node.op in CHECKPOINT_OPS and name in saver_functions:
+                continue
+            if node.op in _TEXT_FILE_INITIALIZERS and _reads_asset(node, function.node_def, asset_args):
+                continue
+            found.append(FileOp(name, node.name, node.op, effect))
+    return found
+
+
+def check(file_ops: list[FileOp], *, allow: bool, source: object) -> list[str]:
+    """Raise UnsafeModelError when there are file ops and they are not allowed.
+
+    Returns the warnings to put in the conversion report when they are allowed.
+    """
+    if not file_ops:
+        return []
+    if allow:
+        return [f"converted with allow_file_ops: the model's graph holds {summary(file_ops)}"]
+    raise UnsafeModelError(
+        f"the model '{source}' holds {summary(file_ops)}; a SavedModel is a program and converting "
+        "it runs it, so gbp_rewrite refused to load it (check it with 'gbp-rewrite inspect', then "
+        "pass --allow_file_ops / allow_file_ops=True if you trust it)"
+    )
+
+
+def summary(file_ops: list[FileOp]) -> str:
+    """'2 ops that reach files or the network outside the standard savers: WriteFile 'w' in ...'."""
+    shown = "; ".join(op.describe() for op in file_ops[:_SHOWN_IN_MESSAGE])
+    more = f"; and {len(file_ops) - _SHOWN_IN_MESSAGE} more" if len(file_ops) > _SHOWN_IN_MESSAGE else ""
+    noun = "op that reaches" if len(file_ops) == 1 else "ops that reach"
+    return f"{len(file_ops)} {noun} files or the network outside the standard savers: {shown}{more}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _effect(node) -> str | None:
+    if node.op in FILE_OPS:
+        return FILE_OPS[node.op]
+    conditional = _CONDITIONAL_OPS.get(node.op)
+    if conditional is not None:
+        attr, test, effect = conditional
+        if attr in node.attr and test(node.attr[attr]):
+            return effect
+    return None
+
+
+def _saver_subgraph(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
+    """Top-level nodes the saver_def's save tensor and restore op depend on."""
+    saver = meta_graph.saver_def
+    roots = [name for name in (saver.save_tensor_name, saver.restore_op_name) if name]
+    return _ancestors(roots, {node.name: node for node in meta_graph.graph_def.node})
+
+
+def _saver_only_functions(meta_graph: meta_graph_pb2.MetaGraphDef, saver_nodes: set[str]) -> set[str]:
+    """Standard `__inference__traced_save/restore_*` functions called by the saver and nothing else.
+
+    A function of that name that a signature, an initializer or another function also calls is
+    not exempt: a model could name its own function like the standard one.
+    """
+    called_by_saver: set[str] = set()
+    called_elsewhere: set[str] = set()
+    for node in meta_graph.graph_def.node:
+        target = called_by_saver if node.name in saver_nodes else called_elsewhere
+        target.update(_called_functions(node))
+    for function in meta_graph.graph_def.library.function:
+        for node in function.node_def:
+            called_elsewhere.update(_called_functions(node))
+    for node in meta_graph.object_graph_def.nodes:  # functions Python's loader may call directly
+        if node.WhichOneof("kind") == "function":
+            called_elsewhere.update(node.function.concrete_functions)
+        elif node.WhichOneof("kind") == "bare_concrete_function":
+            called_elsewhere.add(node.bare_concrete_function.concrete_function_name)
+    return {name for name in called_by_saver - called_elsewhere if _STANDARD_SAVER_FUNCTION.match(name)}
+
+
+def _asset_arguments(meta_graph: meta_graph_pb2.MetaGraphDef, function) -> set[str]:
+    """Names of the function's input args that TF2's loader binds to one of the model's assets."""
+    saved = meta_graph.object_graph_def.concrete_functions.get(function.signature.name)
+    if saved is None or not saved.bound_inputs:
+        return set()
+    args = function.signature.input_arg
+    nodes = meta_graph.object_graph_def.nodes
+    captured = args[len(args) - len(saved.bound_inputs):] if len(saved.bound_inputs) <= len(args) else []
+    return {
+        arg.name for arg, node_id in zip(captured, saved.bound_inputs)
+        if 0 <= node_id < len(nodes) and nodes[node_id].WhichOneof("kind") == "asset"
+    }
+
+
+def _reads_asset(node, nodes: Iterable, asset_tensors: set[str]) -> bool:
+    """True when the initializer's file name (input 1) comes straight from an asset tensor."""
+    if len(node.input) < 2 or not asset_tensors:
+        return False
+    by_name = {n.name: n for n in nodes}
+    name = _node_of(node.input[1])
+    for _ in range(len(by_name) + 1):  # bounded: a cyclic chain of identities is not an asset
+        if name in asset_tensors:
+            return True
+        producer = by_name.get(name)
+        if producer is None or producer.op not in _PASS_THROUGH or not producer.input:
+            return False
+        name = _node_of(producer.input[0])
+    return False
+
+
+def _ancestors(roots: Iterable[str], nodes: dict) -> set[str]:
+    seen: set[str] = set()
+    stack = [_node_of(name) for name in roots]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        stack.extend(_node_of(i) for i in nodes[name].input)
+    return seen
+
+
+def _called_functions(node) -> Iterator[str]:
+    for value in node.attr.values():
+        if value.HasField("func"):
+            yield value.func.name
+        elif value.HasField("list"):
+            yield from (f.name for f in value.list.func)
+
+
+def _node_of(tensor_name: str) -> str:
+    """'^node', 'node:0' (graph) or 'node:out:0' (function body) -> 'node'."""
+    return tensor_name.lstrip("^").split(":")[0]

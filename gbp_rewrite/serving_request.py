@@ -1,0 +1,99 @@
+"""Image files -> the body of a TF Serving REST predict request for an exported signature.
+
+The images go through exactly the pipeline `explain` uses (gbp_rewrite.images: decode, RGB,
+bilinear resize to the signature's height and width, the same preprocessing modes), so what the
+model server answers is what `explain` would have computed for the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gbp_rewrite import images, rest, savedmodel
+from gbp_rewrite.errors import ImageError, OutputError, SignatureError
+
+_BATCH = 32
+
+
+def make_request(
+    model: str | os.PathLike,
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    signature: str = "serving_default",
+    preprocess: str = "unit",
+    grayscale_to_rgb: bool = False,
+) -> dict[str, Any]:
+    """The row-format request body {"signature_name", "instances": [{input: pixels}, ...]}.
+
+    Args:
+      model: the SavedModel the request is for (its signature gives the input name and size).
+      image_paths: image files (PNG, JPEG, BMP, GIF), one instance each, in this order.
+      signature: the signature to call; it must take one float [batch, height, width, 3] input.
+      preprocess: 'unit' (x/255, default), 'symmetric' (x/127.5 - 1), 'caffe' (BGR minus the
+        ImageNet means) or 'none' (0..255), as for `explain`.
+      grayscale_to_rgb: send grey-scale images as RGB (otherwise they are refused).
+    """
+    images.check_preprocess(preprocess)
+    paths = [str(p) for p in image_paths]
+    if not paths:
+        raise ImageError("no image files given; pass at least one --image")
+    key, spec = image_input(savedmodel.read(model), signature)
+    pixels = load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
+    return rest.request_body({key: pixels}, signature_name=signature)
+
+
+def image_input(model: savedmodel.SavedModelFile, signature: str) -> tuple[str, images.InputSpec]:
+    """The signature's one input, which must be float [batch, height, width, 3] with a fixed size."""
+    desc = model.signature(signature)
+    if len(desc.inputs) != 1:
+        raise SignatureError(
+            f"signature {signature!r} takes {len(desc.inputs)} inputs ({', '.join(desc.inputs)}); `request` "
+            "fills one image input (build other bodies with gbp_rewrite.rest.request_body)"
+        )
+    (key, tensor), = desc.inputs.items()
+    shape = tensor.shape
+    if shape is None or len(shape) != 4 or shape[3] != 3 or tensor.dtype is None or not tensor.dtype.is_floating:
+        raise SignatureError(
+            f"signature {signature!r} takes {tensor.describe()}; `request` sends RGB images to a float "
+            "[batch, height, width, 3] input"
+        )
+    if shape[1] is None or shape[2] is None:
+        raise SignatureError(
+            f"signature {signature!r} takes {tensor.describe()}, with no fixed height and width; "
+            "`request` resizes images to the signature's size, so it needs a fixed one"
+        )
+    return key, images.InputSpec(int(shape[1]), int(shape[2]), tensor.dtype)
+
+
+def load_pixels(paths: Sequence[str], *, spec: images.InputSpec, preprocess: str,
+                grayscale_to_rgb: bool) -> np.ndarray:
+    """[len(paths), H, W, 3] model input; any file that cannot be used is an ImageError."""
+    rows: dict[int, np.ndarray] = {}
+    for batch in images.dataset(paths, spec=spec, mode=preprocess, batch_size=_BATCH):
+        for index, channels, pixels in zip(batch["index"].numpy(), batch["channels"].numpy(),
+                                           batch["pixels"].numpy()):
+            problem = images.channel_problem(int(channels), grayscale_to_rgb=grayscale_to_rgb)
+            if problem:
+                raise ImageError(f"'{paths[index]}' is {problem}")
+            rows[int(index)] = pixels
+    for index, path in enumerate(paths):
+        if index not in rows:  # dropped by the input pipeline: say why
+            raise ImageError(f"'{path}': {images.diagnose(path)}")
+    return np.stack([rows[i] for i in range(len(paths))])
+
+
+def write_request(body: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write the body as JSON to `out` (a temporary sibling renamed into place)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(rest.dumps(body) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the request to '{out}': {e.strerror}") from None
+    return out
