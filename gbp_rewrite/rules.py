@@ -164,10 +164,33 @@ def _note_name(name: str | None) -> None:
 def _register(name: str, fn: GradientFn) -> None:
     def _gradient(op, dy):
         _note(op)
-        return fn(dy, op.outputs[0])
+        pooled = _gate_before_max_pool(fn, op, dy)
+        return pooled if pooled is not None else fn(dy, op.outputs[0])
 
     if not _is_registered(name):
         tf_ops.RegisterGradient(name)(_gradient)
+
+
+def _gate_before_max_pool(fn: GradientFn, op, dy):
+    """The rule applied at the pooled resolution, when the ReLU feeds a non-overlapping max-pool.
+
+    Then dy = MaxPoolGrad(y, p, g) is g routed to each window's arg-max and 0 elsewhere, and at the
+    arg-max y equals the pooled value p. Every rule maps 0 to 0, so gating g against p and routing
+    afterwards, MaxPoolGrad(y, p, rule(g, p)), is exactly rule(dy, y), with the gate on a quarter of
+    the elements (2x2 pools) and no full-resolution pass at all. Returns None when the pattern does
+    not hold (overlapping windows, other consumers of y, another op).
+    """
+    pool_grad = dy.op
+    if pool_grad.type != "MaxPoolGrad" or pool_grad.inputs[0] is not op.outputs[0]:
+        return None
+    ksize, strides = pool_grad.get_attr("ksize"), pool_grad.get_attr("strides")
+    if list(ksize) != list(strides):  # overlapping windows sum their gradients: no shortcut
+        return None
+    pooled, upstream = pool_grad.inputs[1], pool_grad.inputs[2]
+    return gen_nn_ops.max_pool_grad(
+        op.outputs[0], pooled, fn(upstream, pooled), ksize=ksize, strides=strides,
+        padding=pool_grad.get_attr("padding"), data_format=pool_grad.get_attr("data_format"),
+    )
 
 
 def _register_pass_through(name: str) -> None:

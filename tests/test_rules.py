@@ -56,3 +56,33 @@ def test_graph_registration_is_idempotent_and_honoured():
 def test_unknown_rule_lists_the_rules():
     with pytest.raises(OptionError, match="'smooth'.*guided, deconvnet, vanilla"):
         rules.get_rule("smooth")
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet", "vanilla"])
+@pytest.mark.parametrize("op_type,ksize", [("Relu", 2), ("Relu6", 2), ("Relu", 3)])
+def test_gate_before_a_max_pool_equals_the_full_resolution_gate(rule, op_type, ksize):
+    """A ReLU feeding a non-overlapping max-pool gets its gate at the pooled resolution; the
+    result must equal the rule applied to TensorFlow's full-resolution MaxPoolGrad output, with
+    saturated ReLU6 units, all-zero windows (ties) and negative upstream gradients."""
+    rng = np.random.default_rng(7)
+    x_value = (rng.normal(0, 4, (2, 6, 6, 3))).astype(np.float32)
+    x_value[0, :2, :2, :] = -1.0  # a window that is all zeros after the ReLU: a tie
+    upstream_value = rng.normal(0, 1, (2, 6 // ksize, 6 // ksize, 3)).astype(np.float32)
+    forward = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6}[op_type]
+    rules.register_graph_gradients()
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.constant(x_value)
+        with graph.gradient_override_map({op_type: rules.gradient_op_type(rule, op_type)}):
+            y = forward(x)
+        pooled = tf.nn.max_pool2d(y, ksize, ksize, "VALID")
+        (dx,) = tf.gradients(pooled, x, grad_ys=tf.constant(upstream_value))
+        routed = tf.raw_ops.MaxPoolGrad(orig_input=y, orig_output=pooled, grad=tf.constant(upstream_value),
+                                        ksize=[1, ksize, ksize, 1], strides=[1, ksize, ksize, 1], padding="VALID")
+        shortcut_used = any(op.type == "MaxPoolGrad" and op.inputs[2].op.type != "Const" for op in graph.get_operations())
+    with tf.compat.v1.Session(graph=graph) as session:
+        got, dy, y_value = session.run([dx, routed, y])
+    mask_forward = (y_value > 0) & ((y_value < 6) if op_type == "Relu6" else True)
+    expected = {"guided": dy * mask_forward * (dy > 0), "deconvnet": dy * (dy > 0), "vanilla": dy * mask_forward}[rule]
+    np.testing.assert_array_equal(got, expected)
+    assert shortcut_used
