@@ -106,6 +106,12 @@ def timed_functions(source: Path, export: Path):
 
 
 def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median time per function, and median of the per-round ratios b/a and b/c.
+
+    Each round calls every function once, back to back; a ratio taken within a round compares
+    calls made under the same machine load, so its median is robust to the slow drifts of a shared
+    machine that make a ratio of two medians wander.
+    """
     import numpy as np
     import tensorflow as tf
 
@@ -121,7 +127,11 @@ def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[
             started = time.perf_counter()
             call(fn)
             times[name].append(time.perf_counter() - started)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    result = {name: float(np.median(t)) for name, t in times.items()}
+    b = np.array(times["b"])
+    result["b/a"] = float(np.median(b / np.array(times["a"])))
+    result["b/c"] = float(np.median(b / np.array(times["c"])))
+    return result
 
 
 def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[dict]:
@@ -138,8 +148,8 @@ def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[
         x = tf.constant(np.random.default_rng(0).uniform(0, 1, shape).astype(spec.dtype.as_numpy_dtype))
         medians = interleaved_medians(functions, x, repeats=repeats)
         rows.append({
-            "model": name, "batch": batch, **{f"{k}_ms": v * 1000 for k, v in medians.items()},
-            "b/a": medians["b"] / medians["a"], "b/c": medians["b"] / medians["c"],
+            "model": name, "batch": batch, **{f"{k}_ms": medians[k] * 1000 for k in "abc"},
+            "b/a": medians["b/a"], "b/c": medians["b/c"],
             "size_ratio": disk_size(export) / disk_size(source), **conversion,
         })
         print(_row_text(rows[-1]), flush=True)
@@ -160,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per function (median; >= 5)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed calls per function (median; >= 5)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gbp_rewrite_benchmark"),
                         help="where source models and exports are kept between runs")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -173,6 +183,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# a = source signature, b = explainable signature, c = plain input gradient through the source;")
+    print(f"# times: medians of {args.repeats} interleaved rounds; b/a, b/c: medians of the per-round ratios")
     print(f"# convert s = whole command in a fresh process (in-call: gbp_rewrite.convert alone); size = export/source bytes")
     print(HEADER, flush=True)
     rows = [row for name in models for row in measure(name, workdir, [int(b) for b in args.batches.split(",")], args.repeats)]
