@@ -19,9 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
-from gbp_rewrite._version import __version__
 from gbp_rewrite.errors import OptionError, SignatureError, SourceModelError, VerificationError, one_line
-from gbp_rewrite.report import REPORT_JSON, REPORT_TEXT, ConversionReport, SiteEntry
+from gbp_rewrite.report import ConversionReport, SiteEntry
 
 log = logging.getLogger(__name__)
 
@@ -158,30 +157,17 @@ def convert(
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
             with phase("self-check"):
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
-            report = ConversionReport(
-                tool_version=__version__,
-                source=str(source),
-                source_format=model.format,
-                destination=str(destination),
-                signature=signature,
-                rule=rule,
-                rule_description=rule_obj.description,
-                score=score,
-                explained_output=plan.output_key,
-                score_note=score_note,
-                inputs=[d.describe() for d in plan.inputs.values()],
-                saliency_outputs=dict(plan.saliency_outputs),
-                saliency_maps=dict(plan.saliency_maps),
+            report = ConversionReport.build(
+                source=str(source), source_format=model.format, destination=destination, plan=plan,
+                rule=rule_obj, score=score, score_note=score_note,
                 signatures={
                     signature: plan.output_keys(),
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
                     **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
                 },
-                sites=[_site_entry(s, selection) for s in found],
-                checks=checks,
+                sites=[_site_entry(s, selection) for s in found], checks=checks,
+                warnings=file_op_warnings, started=started,
             )
-            report.warnings.extend(file_op_warnings)
-            report.seconds = time.perf_counter() - started
             write_report(tmp, report)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
@@ -275,7 +261,5 @@ def _site_entry(site: sites.Site, selection: sites.Selection) -> SiteEntry:
 
 
 def write_report(export_dir: Path, report: ConversionReport) -> None:
-    assets = export_dir / "assets"
-    assets.mkdir(exist_ok=True)
-    (assets / REPORT_JSON).write_text(report.to_json() + "\n", encoding="utf-8")
-    (assets / REPORT_TEXT).write_text(report.to_text() + "\n", encoding="utf-8")
+    """Save `report` under the export's assets/ (the last step before the export moves into place)."""
+    report.write(export_dir)

@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
-from gbp_rewrite._version import __version__
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, VerificationError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
@@ -130,27 +129,14 @@ def convert(
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=_variable_owner(signatures.values()), signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
-        report = ConversionReport(
-            tool_version=__version__,
-            source=loaded.description,
-            source_format=loaded.format,
-            destination=str(destination),
-            signature=plan.signature_key,
-            rule=rule,
-            rule_description=rules.get_rule(rule).description,
-            score=score,
-            explained_output=plan.output_key,
-            score_note=rewrite.score_note,
-            inputs=[d.describe() for d in plan.inputs.values()],
-            saliency_outputs=dict(plan.saliency_outputs),
-            saliency_maps=dict(plan.saliency_maps),
+        report = ConversionReport.build(
+            source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
+            rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
             signatures={key: plan.output_keys() for key in signatures},
-            sites=[_site_entry(s, rewrite.selection) for s in rewrite.found],
-            checks=checks,
-            warnings=list(rewrite.warnings),
+            sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
+            warnings=rewrite.warnings, started=started,
         )
-        report.seconds = time.perf_counter() - started
-        _write_report(tmp, report)
+        report.write(tmp)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
@@ -514,7 +500,3 @@ def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -
                      status=status, function=site.function)
 
 
-def _write_report(export_dir: Path, report: ConversionReport) -> None:
-    from gbp_rewrite.converter import write_report  # the graph path's writer; imported late (cycle)
-
-    write_report(export_dir, report)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, Iterable
 
 REPORT_JSON = "gbp_rewrite_report.json"
 REPORT_TEXT = "gbp_rewrite_report.txt"
@@ -46,6 +48,33 @@ class ConversionReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
+
+    @classmethod
+    def build(
+        cls, *, source: str, source_format: str, destination: Path, plan, rule, score: str,
+        score_note: str, signatures: dict[str, list[str]], sites: list[SiteEntry],
+        checks: dict[str, str], warnings: Iterable[str] = (), started: float,
+    ) -> "ConversionReport":
+        """The report of a finished conversion (both paths); `plan` is the ExplainPlan written,
+        `rule` the gradient rule applied, `started` the time.perf_counter() the conversion began."""
+        from gbp_rewrite._version import __version__
+
+        return cls(
+            tool_version=__version__, source=source, source_format=source_format,
+            destination=str(destination), signature=plan.signature_key, rule=rule.name,
+            rule_description=rule.description, score=score, explained_output=plan.output_key,
+            score_note=score_note, inputs=[d.describe() for d in plan.inputs.values()],
+            saliency_outputs=dict(plan.saliency_outputs), saliency_maps=dict(plan.saliency_maps),
+            signatures=signatures, sites=sites, checks=checks, warnings=list(warnings),
+            seconds=time.perf_counter() - started,
+        )
+
+    def write(self, export_dir: Path) -> None:
+        """Save the report inside an export, under assets/ (JSON and text)."""
+        assets = Path(export_dir) / "assets"
+        assets.mkdir(exist_ok=True)
+        (assets / REPORT_JSON).write_text(self.to_json() + "\n", encoding="utf-8")
+        (assets / REPORT_TEXT).write_text(self.to_text() + "\n", encoding="utf-8")
 
     @property
     def rewritten(self) -> list[SiteEntry]:

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from gbp_rewrite.errors import VerificationError, one_line
-from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, ExplainPlan
+from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
 from gbp_rewrite.savedmodel import TensorDesc
 
 log = logging.getLogger(__name__)

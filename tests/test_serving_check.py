@@ -9,7 +9,6 @@ tf.saved_model.load(...).signatures[key](...) returns on the same inputs.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import subprocess
 import sys
 

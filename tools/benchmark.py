@@ -182,9 +182,9 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"# a = source signature, b = explainable signature, c = plain input gradient through the source;")
+    print("# a = source signature, b = explainable signature, c = plain input gradient through the source;")
     print(f"# times: medians of {args.repeats} interleaved rounds; b/a, b/c: medians of the per-round ratios")
-    print(f"# convert s = whole command in a fresh process (in-call: gbp_rewrite.convert alone); size = export/source bytes")
+    print("# convert s = whole command in a fresh process (in-call: gbp_rewrite.convert alone); size = export/source bytes")
     print(HEADER, flush=True)
     rows = [row for name in models for row in measure(name, workdir, [int(b) for b in args.batches.split(",")], args.repeats)]
     if args.json:
