@@ -128,20 +128,17 @@ def convert(
         patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
     phase = _PhaseTimer()
-    with savedmodel.patched_copy(model, patches, fold_batchnorms=fold_batchnorms) as patched:
+    fold_signature = signature if fold_batchnorms else None
+    with savedmodel.patched_copy(model, patches, fold_signature=fold_signature) as patched:
         with phase("load"):
             loaded = savedmodel.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
-        source_fn = loaded.signatures[signature]
-        plan = validation.reconcile_plan(plan, source_fn, source=source)  # damaged models: no abort
+        plan = validation.reconcile_plan(plan, loaded.signatures[signature], source=source)  # no abort
         probe = verify.probe_inputs(plan.inputs)
-        if patched.folded_batchnorms:  # the predictions to match are the unfolded source's
-            with phase("reference"):
-                reference = savedmodel.load(source, tags=model.tags)
-                expected = _run_source(reference.signatures[signature], plan, probe)
-                del reference
-        else:
-            expected = _run_source(source_fn, plan, probe)
+        # The predictions to match are the source's own (unfolded) signature's; the explainable
+        # signature is traced over the folded twin when there is one.
+        expected = _run_source(loaded.signatures[signature], plan, probe)
+        source_fn = loaded.signatures[patched.folded_signature or signature]
         with rules.record_applications() as applied, phase("trace"), \
                 validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
             signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)

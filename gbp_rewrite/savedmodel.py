@@ -20,7 +20,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import export, fold_batchnorm, tf1_variables
+from gbp_rewrite import export, folded_twin, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -257,18 +257,20 @@ def strip_gradient_attrs(saved_model_pb: Path) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PatchedCopy:
-    """A patched SavedModel directory and the BatchNorms folded in it (function/node names)."""
+    """A patched SavedModel directory; with BatchNorms folded, the key of the folded twin signature."""
 
     path: Path
     folded_batchnorms: tuple[str, ...] = ()
+    folded_signature: str | None = None
 
 
 @contextlib.contextmanager
 def patched_copy(
-    model: SavedModelFile, patches: dict[tuple[str, str], str], *, fold_batchnorms: bool = False
+    model: SavedModelFile, patches: dict[tuple[str, str], str], *, fold_signature: str | None = None
 ) -> Iterator[PatchedCopy]:
     """A temporary SavedModel directory: the source with `patches` applied to its serving graph,
-    TF1 reference variables made resource variables, and (optionally) BatchNorms folded."""
+    TF1 reference variables made resource variables, and, with `fold_signature`, a folded twin of
+    that signature (gbp_rewrite.folded_twin) beside the unchanged original."""
     proto = saved_model_pb2.SavedModel()
     proto.CopyFrom(model.proto)
     meta_graph = proto.meta_graphs[model.meta_graph_index]
@@ -276,14 +278,15 @@ def patched_copy(
     converted = tf1_variables.convert_ref_variables(meta_graph)
     if converted:
         log.info("converted %d TF1 reference variables to resource variables", converted)
-    folded = fold_batchnorm.fold_batchnorm(meta_graph.graph_def.library.function) if fold_batchnorms else []
+    folded = folded_twin.add_folded_twin(meta_graph, fold_signature) if fold_signature else ()
+    twin = folded_twin.twin_key(fold_signature) if folded else None
     tmp = export.temporary_directory("gbp_rewrite_patched")  # removed by the next run if we are killed
     try:
         (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())
         for entry in model.path.iterdir():
             if entry.name not in _PATCHED_FILES:
                 os.symlink(entry.resolve(), tmp / entry.name)
-        yield PatchedCopy(tmp, tuple(folded))
+        yield PatchedCopy(tmp, tuple(folded), twin)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

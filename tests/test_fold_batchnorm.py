@@ -89,10 +89,16 @@ def test_unfolded_export_keeps_the_source_arithmetic(bn_source, exports):
 
 
 def test_folded_graph_has_no_batchnorm_multiply_left(exports):
+    """The explainable signature runs folded copies of the source's functions (`..._gbp_folded`);
+    the kept `serve` signature keeps the source's own, unfolded ones."""
     folded_dir, _ = exports[True]
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((folded_dir / "saved_model.pb").read_bytes())
-    names = [n.name for f in proto.meta_graphs[0].graph_def.library.function for n in f.node_def if n.op == "Mul"]
+    functions = proto.meta_graphs[0].graph_def.library.function
+    folded = [n.name for f in functions if "_gbp_folded" in f.signature.name for n in f.node_def if n.op == "Mul"]
+    unfolded = [n.name for f in functions if "_gbp_folded" not in f.signature.name for n in f.node_def if n.op == "Mul"]
+    assert folded, "the explainable signature does not run the folded copies"
     for layer in ("bn1", "bn2", "bn3"):
-        assert not [n for n in names if n.endswith(f"/{layer}_1/batchnorm/mul_1")], layer
-    assert [n for n in names if n.endswith("/bn4_1/batchnorm/mul_1")], "bn4 (conv output used twice) must stay"
+        assert not [n for n in folded if n.endswith(f"/{layer}_1/batchnorm/mul_1")], layer
+        assert [n for n in unfolded if n.endswith(f"/{layer}_1/batchnorm/mul_1")], layer
+    assert [n for n in folded if n.endswith("/bn4_1/batchnorm/mul_1")], "bn4 (conv output used twice) must stay"
