@@ -9,41 +9,17 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
-from gbp_rewrite.errors import OptionError, SignatureError, SourceModelError, VerificationError, one_line
+from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
 log = logging.getLogger(__name__)
-
-SCORES = ("logit", "probability")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Conversion options shared by the graph path and the Keras path."""
-
-    layers: tuple[str, ...] = ()
-    exclude_layers: tuple[str, ...] = ()
-    rule: str = "guided"
-    signature: str = "serving_default"
-    output: str | None = None
-    score: str = "logit"
-    saliency_map: bool = False
-
-    def validate(self) -> rules.Rule:
-        if self.score not in SCORES:
-            raise OptionError(f"unknown score {self.score!r}; valid scores: {', '.join(SCORES)}")
-        return rules.get_rule(self.rule)
-
 
 def convert(
     source: str | os.PathLike,
@@ -107,9 +83,8 @@ def convert(
             saliency_map=saliency_map, version=version, safe_mode=safe_mode,
         )
     started = time.perf_counter()
-    options = Options(_patterns(layers), _patterns(exclude_layers), rule, signature, output, score,
-                      saliency_map=saliency_map)
-    rule_obj = options.validate()
+    explainable.check_score(score)
+    rule_obj = rules.get_rule(rule)
     source, destination = Path(source), Path(destination)
     destination = export.version_directory(destination, version)
     model = savedmodel.read(source)
@@ -120,7 +95,7 @@ def convert(
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
                                  saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = sites.select(found, layers=options.layers, exclude_layers=options.exclude_layers)
+    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
@@ -137,7 +112,9 @@ def convert(
         probe = verify.probe_inputs(plan.inputs)
         # The predictions to match are the source's own (unfolded) signature's; the explainable
         # signature is traced over the folded twin when there is one.
-        expected = _run_source(loaded.signatures[signature], plan, probe)
+        source_signature = loaded.signatures[signature]
+        with phase("probe"):
+            expected = verify.run_probe(lambda inputs: source_signature(**inputs), plan, probe)
         source_fn = loaded.signatures[patched.folded_signature or signature]
         with rules.record_applications() as applied, phase("trace"), \
                 validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
@@ -162,10 +139,10 @@ def convert(
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
                     **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
                 },
-                sites=[_site_entry(s, selection) for s in found], checks=checks,
+                sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], checks=checks,
                 warnings=file_op_warnings, started=started,
             )
-            write_report(tmp, report)
+            report.write(tmp)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
@@ -174,25 +151,13 @@ def convert(
 class _PhaseTimer:
     """Logs how long each phase of a conversion takes (visible with --verbose)."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
     @contextlib.contextmanager
     def __call__(self, name: str):
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = time.perf_counter() - started
-            log.info("%s: %.1f s", name, self.seconds[name])
-
-
-def _patterns(value: Sequence[str] | str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(p.strip() for p in value if p and p.strip())
+            log.info("%s: %.1f s", name, time.perf_counter() - started)
 
 
 def _softmax_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPlan, score: str):
@@ -212,32 +177,17 @@ def _softmax_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPla
     return None, "softmax probability with the true softmax gradient"
 
 
-def _run_source(source_fn, plan: explainable.ExplainPlan, probe: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    try:
-        outputs = source_fn(**verify.to_tensors(probe, plan.inputs))
-        return {k: outputs[k].numpy() for k in plan.outputs}
-    except Exception as e:  # noqa: BLE001 - whatever breaks, the user needs the one line
-        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in probe.items())
-        raise SourceModelError(
-            f"the source model fails on a probe batch ({shapes}): {one_line(e)}"
-        ) from None
+def _site_key(site: sites.Site) -> str:
+    """The key the site's gradient is recorded under (savedmodel sets it as rules.SITE_ATTR)."""
+    return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: sites.Selection, softmax, applied: set[str], rule: str) -> str:
+def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
-    selected = selection.selected_sites
-    reached = [s for s in selected if s.node in applied]
-    if not reached:
-        raise VerificationError(
-            f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
-            "explained output, so the saliency would be the plain gradient; select other layers"
-        )
-    if softmax is not None and softmax.node not in applied:
-        raise VerificationError(f"the output Softmax '{softmax.node}' is not on the gradient path")
-    text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
-    if len(reached) < len(selected):
-        text += " (the others do not lie between the inputs and the explained output)"
-    return text
+    return verify.check_applied(
+        selection.selected_sites, _site_key, applied, rule,
+        softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
+    )
 
 
 def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:
@@ -248,15 +198,3 @@ def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -
             "which the explainable export adds; is it already an explainable export?"
         )
     return extra
-
-
-def _site_entry(site: sites.Site, selection: sites.Selection) -> SiteEntry:
-    return SiteEntry(
-        layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
-        status=selection.status(site), function=site.function,
-    )
-
-
-def write_report(export_dir: Path, report: ConversionReport) -> None:
-    """Save `report` under the export's assets/ (the last step before the export moves into place)."""
-    report.write(export_dir)

@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import tensorflow as tf
 
-from gbp_rewrite.errors import SignatureError
+from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.savedmodel import TensorDesc, strip_gradient_attrs
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ SALIENCY_MAP = "saliency_map"
 EXPLAINED_CLASS = "explained_class"
 CLASS_INDEX = "class_index"
 EXPLAIN_CLASS_SIGNATURE = "explain_class"
+SCORES = ("logit", "probability")
 
 Forward = Callable[[dict[str, tf.Tensor]], Mapping[str, tf.Tensor]]
 
@@ -64,6 +65,12 @@ class ExplainPlan:
 
     def output_keys(self) -> list[str]:
         return list(self.outputs) + list(self.saliency_outputs) + list(self.saliency_maps) + [EXPLAINED_CLASS]
+
+
+def check_score(score: str) -> None:
+    """Raise an OptionError unless `score` is one of SCORES."""
+    if score not in SCORES:
+        raise OptionError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
 
 
 def make_plan(

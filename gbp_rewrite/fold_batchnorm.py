@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 import tensorflow as tf
-from tensorflow.core.framework import function_pb2, node_def_pb2, types_pb2
+from tensorflow.core.framework import attr_value_pb2, function_pb2, node_def_pb2, types_pb2
+
+from gbp_rewrite.graph_walk import node_of
 
 _CONVS = ("Conv2D", "DepthwiseConv2dNative")
 _ADDS = ("AddV2", "Add")
@@ -54,10 +56,6 @@ def _fold_function(function: function_pb2.FunctionDef) -> list[str]:
     return [m.mul.name for m in matches]
 
 
-def _node(ref: str) -> str:
-    return ref.lstrip("^").split(":")[0]
-
-
 class _FunctionGraph:
     def __init__(self, function: function_pb2.FunctionDef):
         self.function = function
@@ -66,16 +64,16 @@ class _FunctionGraph:
         self.consumers: dict[str, list[str]] = {}
         for node in function.node_def:
             for ref in node.input:
-                self.consumers.setdefault(_node(ref), []).append(node.name)
+                self.consumers.setdefault(node_of(ref), []).append(node.name)
         for ref in function.ret.values():
-            self.consumers.setdefault(_node(ref), []).append("<return>")
+            self.consumers.setdefault(node_of(ref), []).append("<return>")
         self._data_dependent: dict[str, bool] = {}
 
     # -- matching ------------------------------------------------------------------------------
 
     def depends_on_data(self, ref: str) -> bool:
         """True when the tensor `ref` depends on a data (non-resource) argument of the function."""
-        start = _node(ref)
+        start = node_of(ref)
         if start in self._data_dependent:
             return self._data_dependent[start]
         stack, order = [start], []
@@ -88,14 +86,14 @@ class _FunctionGraph:
             order.append(name)
             node = self.nodes.get(name)
             if node is not None:
-                stack.extend(_node(r) for r in node.input if not r.startswith("^"))
+                stack.extend(node_of(r) for r in node.input if not r.startswith("^"))
         for name in reversed(order):  # inputs before consumers (a DAG)
             node = self.nodes.get(name)
             if node is None:
                 self._data_dependent[name] = name in self.data_args
             else:
                 self._data_dependent[name] = any(
-                    self._data_dependent.get(_node(r), True) for r in node.input if not r.startswith("^")
+                    self._data_dependent.get(node_of(r), True) for r in node.input if not r.startswith("^")
                 )
         return self._data_dependent[start]
 
@@ -109,10 +107,10 @@ class _FunctionGraph:
         if data.count(True) != 1:
             return None
         activation_ref, inv_ref = (mul.input[0], mul.input[1]) if data[0] else (mul.input[1], mul.input[0])
-        producer = self.nodes.get(_node(activation_ref))
+        producer = self.nodes.get(node_of(activation_ref))
         bias = None
         if producer is not None and producer.op == "BiasAdd" and _nhwc(producer):
-            bias, producer = producer, self.nodes.get(_node(producer.input[0]))
+            bias, producer = producer, self.nodes.get(node_of(producer.input[0]))
             if self.depends_on_data(bias.input[1]) or not self._single_consumer(bias.name, mul.name):
                 return None
         if producer is None or producer.op not in _CONVS or not _nhwc(producer):
@@ -127,7 +125,7 @@ class _FunctionGraph:
         add = self.nodes[adds[0]]
         if add.op not in _ADDS or len(add.input) != 2 or any(r.startswith("^") for r in add.input):
             return None
-        shift_refs = [r for r in add.input if _node(r) != mul.name]
+        shift_refs = [r for r in add.input if node_of(r) != mul.name]
         if len(shift_refs) != 1 or self.depends_on_data(shift_refs[0]):
             return None
         dtypes = {n.attr["T"].type for n in (producer, mul, add) + ((bias,) if bias else ())}
@@ -208,15 +206,12 @@ def _nhwc(node) -> bool:
 
 
 def _type_attr(dtype):
-    from tensorflow.core.framework import attr_value_pb2
     return attr_value_pb2.AttrValue(type=dtype)
 
 
 def _int_attr(value: int):
-    from tensorflow.core.framework import attr_value_pb2
     return attr_value_pb2.AttrValue(i=value)
 
 
 def _tensor_attr(tensor):
-    from tensorflow.core.framework import attr_value_pb2
     return attr_value_pb2.AttrValue(tensor=tensor)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from gbp_rewrite import graph_walk
 from gbp_rewrite.fold_batchnorm import fold_batchnorm
 
 _SUFFIX = "_gbp_folded"
@@ -33,8 +34,9 @@ def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str)
     wrapper = objects.nodes[sig_node_id].bare_concrete_function.concrete_function_name
     library = meta_graph.graph_def.library
     by_name = {f.signature.name: f for f in library.function}
-    chain = _reachable(by_name, wrapper)
-    copies = [_renamed_copy(by_name[name], chain) for name in chain]
+    chain = graph_walk.reachable_functions(by_name, [wrapper])
+    members = set(chain)
+    copies = [_renamed_copy(by_name[name], members) for name in chain]
     folded = fold_batchnorm(copies)
     if not folded:
         return ()
@@ -71,40 +73,13 @@ def _child(node, local_name: str) -> int | None:
     return next((c.node_id for c in node.children if c.local_name == local_name), None)
 
 
-def _reachable(by_name: dict, root: str) -> list[str]:
-    """`root` and every library function it calls, transitively, in discovery order."""
-    found, pending = [], [root]
-    while pending:
-        name = pending.pop(0)
-        if name in found or name not in by_name:
-            continue
-        found.append(name)
-        for node in by_name[name].node_def:
-            pending.extend(_called(node))
-    return found
-
-
-def _called(node) -> list[str]:
-    names = []
-    for value in node.attr.values():
-        if value.HasField("func"):
-            names.append(value.func.name)
-        elif value.HasField("list"):
-            names.extend(f.name for f in value.list.func)
-    return names
-
-
-def _renamed_copy(function, chain: list[str]):
+def _renamed_copy(function, members: set[str]):
+    """A copy of `function` under the twin's name, its calls of `members` redirected to their copies."""
     copy = type(function)()
     copy.CopyFrom(function)
     copy.signature.name = function.signature.name + _SUFFIX
-    members = set(chain)
     for node in copy.node_def:
-        for value in node.attr.values():
-            if value.HasField("func") and value.func.name in members:
-                value.func.name += _SUFFIX
-            elif value.HasField("list"):
-                for func in value.list.func:
-                    if func.name in members:
-                        func.name += _SUFFIX
+        for ref in graph_walk.func_refs(node):
+            if ref.name in members:
+                ref.name += _SUFFIX
     return copy

@@ -90,7 +90,7 @@ def inspect(path: str | os.PathLike, *, signature: str | None = None, safe_mode:
         signature = "serving_default" if "serving_default" in keys else (keys[0] if keys else None)
     found: list[sites.Site] = []
     if signature is not None:
-        desc = model.signature(signature)
+        desc = signatures.get(signature) or model.signature(signature)  # an unknown key raises
         found = sites.find_sites(model.meta_graph, [d.tensor_name for d in desc.outputs.values()])
     return ModelInfo(str(path), model.format, model.tags, signatures, signature, found,
                      file_ops=security.find_file_ops(model.meta_graph))

@@ -22,17 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
-from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, VerificationError, one_line
+from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
 from gbp_rewrite.savedmodel import SignatureDesc
 
 log = logging.getLogger(__name__)
-
-SCORES = ("logit", "probability")
 
 Replacement = Callable[[Any], Any]  # the fresh clone of a layer -> the layer the clone uses
 
@@ -122,12 +118,12 @@ def convert(
     clone = clone_model(loaded.model, rewrite.replacements)
     plan = rewrite.plan
     probe = verify.probe_inputs(plan.inputs)
-    expected = _run(loaded.model, rewrite.signature, plan, probe)
+    expected = verify.run_probe(lambda inputs: rewrite.signature.call(loaded.model, inputs), plan, probe)
     with rules.record_applications() as applied:
         signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
-        explainable.save(tmp, owner=_variable_owner(signatures.values()), signatures=signatures)
+        explainable.save(tmp, owner=clone, signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
         report = ConversionReport.build(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
@@ -199,30 +195,22 @@ def plan_rewrite(
 ) -> Rewrite:
     """Find and select the sites, and decide how the clone replaces each chosen layer."""
     rules.get_rule(rule)
-    if score not in SCORES:
-        raise OptionError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
+    explainable.check_score(score)
     signature = keras_signature.describe(model)
     plan = explainable.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
     found = keras_sites.find_sites(model, signature)
     selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
-    chosen, warnings = _rewritable_choice(found, selection, explicit=_given(layers))
+    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
     selection = sites.Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
     softmax, score_note = _softmax_replacement(signature, plan, score)
     softmax_token = None
     if softmax is not None:
+        # Never a chosen ReLU layer too: a layer that ends in a softmax has no ReLU lowering.
         layer, softmax_token, replacement = softmax
-        if id(layer) in replacements:  # cannot happen: a softmax layer computes no ReLU
-            raise AssertionError(f"layer {layer.name} is both a ReLU and the output softmax")
         replacements[id(layer)] = replacement
     return Rewrite(signature, plan, found, selection, replacements, tokens, softmax_token, score_note, warnings)
-
-
-def _given(patterns: Sequence[str] | str | None) -> bool:
-    if isinstance(patterns, str):
-        patterns = patterns.split(",")
-    return any(p and p.strip() for p in patterns or ())
 
 
 def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
@@ -237,10 +225,10 @@ def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
             f"rewrite; select other layers, or {keras_loading.SAVEDMODEL_ROUTE}"
         )
     chosen = [s for s in selected if s.rewritable]
-    if not chosen:
+    if not chosen:  # then every selected site is custom: sites.select never selects nothing
         raise SelectionError(
             f"none of the {len(selected)} selected ReLU ops can be rewritten by the Keras path "
-            f"({custom[0].reason if custom else 'none selected'}); {keras_loading.SAVEDMODEL_ROUTE}"
+            f"({custom[0].reason}); {keras_loading.SAVEDMODEL_ROUTE}"
         )
     if custom:
         layers = ", ".join(dict.fromkeys(s.site.layer_path for s in custom))
@@ -452,51 +440,17 @@ def _check_signature_key(signature: str) -> None:
         )
 
 
-def _run(model, signature, plan: explainable.ExplainPlan, probe: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    try:
-        outputs = signature.call(model, verify.to_tensors(probe, plan.inputs))
-        return {k: np.asarray(outputs[k]) for k in plan.outputs}
-    except Exception as e:  # noqa: BLE001 - whatever breaks, the user needs the one line
-        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in probe.items())
-        raise SourceModelError(f"the source model fails on a probe batch ({shapes}): {one_line(e)}") from None
-
-
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
-    selected = rewrite.selection.selected_sites
-    reached = [s for s in selected if rewrite.tokens[s.key] in applied]
-    if not reached:
-        raise VerificationError(
-            f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
-            "explained output, so the saliency would be the plain gradient; select other layers"
-        )
-    if rewrite.softmax_token is not None and rewrite.softmax_token not in applied:
-        raise VerificationError("the output softmax is not on the gradient path")
-    text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
-    if len(reached) < len(selected):
-        text += " (the others do not lie between the inputs and the explained output)"
-    return text
-
-
-def _variable_owner(functions):
-    """A module holding the variables the signatures capture, so they are saved as variables."""
-    import tensorflow as tf
-
-    owner = tf.Module(name="keras_model")
-    seen: dict[int, Any] = {}
-    for function in functions:
-        for variable in function.variables:
-            seen.setdefault(id(variable), variable)
-    owner.weights = list(seen.values())
-    return owner
+    softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token, "softmax")
+    return verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
+                                applied, rule, softmax=softmax)
 
 
 def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -> SiteEntry:
+    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
     site = keras_site.site
     status = selection.status(site)
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
-    return SiteEntry(layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
-                     status=status, function=site.function)
-
-
+    return SiteEntry.from_site(site, status)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -25,8 +24,6 @@ import tensorflow as tf
 from gbp_rewrite import sites
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.keras_signature import KerasSignature
-
-_SCOPE_SUFFIX = re.compile(r"^(?P<base>.+)_\d+$")
 
 Activation = Callable[[tf.Tensor], tf.Tensor]
 
@@ -207,30 +204,15 @@ def find_sites(model, signature: KerasSignature) -> list[KerasSite]:
     found = []
     for op in graph.get_operations():
         if op.type in sites.ACTIVATION_OP_TYPES:
-            path = _scope_path(op.name, known)
+            path = sites.layer_path(op.name, known, keras3=True)
             found.append(_attribute(sites.Site("", op.name, op.type, path), tree))
     for function in graph.as_graph_def().library.function:  # control flow: recurrent layers
         for node in function.node_def:
             if node.op in sites.ACTIVATION_OP_TYPES:
-                site = sites.Site(function.signature.name, node.name, node.op, _scope_path(node.name, known))
+                path = sites.layer_path(node.name, known, keras3=True)
+                site = sites.Site(function.signature.name, node.name, node.op, path)
                 found.append(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)"))
     return found
-
-
-def _scope_path(op_name: str, known: set[str]) -> tuple[str, ...]:
-    """Keras name scopes -> layer path; the rule of sites.py for Keras 3 exports."""
-    path = tuple(_segment(s, known) for s in op_name.split("/")[:-1])
-    return path or (op_name,)
-
-
-def _segment(segment: str, known: set[str]) -> str:
-    match = _SCOPE_SUFFIX.match(segment)
-    if not match:
-        return segment
-    base = match.group("base")
-    if base in known or segment not in known:
-        return base
-    return segment
 
 
 def _attribute(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:

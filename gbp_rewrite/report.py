@@ -21,6 +21,12 @@ class SiteEntry:
     status: str
     function: str = ""
 
+    @classmethod
+    def from_site(cls, site, status: str) -> "SiteEntry":
+        """The entry of a sites.Site whose fate is `status` ('rewritten', 'kept: why')."""
+        return cls(layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
+                   status=status, function=site.function)
+
     @property
     def rewritten(self) -> bool:
         return self.status == "rewritten"

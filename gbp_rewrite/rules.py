@@ -132,32 +132,53 @@ def register_graph_gradients() -> None:
         _registered = True
 
 
-# Sets that collect the names of the ops whose gradient a registered rule built, so the converter
-# can prove every selected op really received its rule (an ignored attr would fail silently).
-_recorders: list[set[str]] = []
+# NodeDef attr the graph path sets beside `_gradient_op_type`: "<function>/<node>" of the site, so a
+# recorded gradient names its site exactly (node names repeat across library functions).
+SITE_ATTR = "_gbp_site"
+
+
+def site_key(function: str, node: str) -> str:
+    """The key a graph-path site is recorded under: its SITE_ATTR value."""
+    return f"{function}/{node}"
+
+
+# Per thread: the sets that collect the keys of the ops whose gradient a registered rule built, so
+# the converter can prove every selected op really received its rule (an ignored attr would fail
+# silently). Gradients are built on the thread that traces, so concurrent conversions stay apart.
+_recorders = threading.local()
 
 
 @contextlib.contextmanager
 def record_applications():
-    """Collect the names of ops whose gradient one of our registered functions built."""
+    """Collect the keys of ops whose gradient one of our functions built on this thread: an op's
+    SITE_ATTR (else its name) on the graph path, the `name` given to `activation`/`pass_through`."""
     seen: set[str] = set()
-    with _registration_lock:
-        _recorders.append(seen)
+    active = _active_recorders()
+    active.append(seen)
     try:
         yield seen
     finally:
-        with _registration_lock:
-            _recorders.remove(seen)
+        active.remove(seen)
+
+
+def _active_recorders() -> list[set[str]]:
+    if not hasattr(_recorders, "sets"):
+        _recorders.sets = []
+    return _recorders.sets
 
 
 def _note(op) -> None:
-    _note_name(op.name)
+    try:
+        key = op.get_attr(SITE_ATTR).decode()
+    except ValueError:  # an op not patched by gbp_rewrite (e.g. gradient_override_map)
+        key = op.name
+    _note_name(key)
 
 
 def _note_name(name: str | None) -> None:
     if name is None:
         return
-    for seen in list(_recorders):
+    for seen in _active_recorders():
         seen.add(name)
 
 
@@ -249,8 +270,3 @@ def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None 
         return forward(x), _gradient
 
     return _pass_through
-
-
-def pass_through_softmax(axis: int = -1) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Softmax whose gradient passes straight through, so d(score)/dx is d(logit)/dx."""
-    return pass_through(lambda logits: tf.nn.softmax(logits, axis=axis))

@@ -20,7 +20,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import export, folded_twin, tf1_variables
+from gbp_rewrite import export, folded_twin, rules, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 SERVE_TAG = "serve"
 INIT_OP_KEY = "__saved_model_init_op"
 GRADIENT_ATTR = "_gradient_op_type"
+# Attrs the patching adds; both are stripped from the export (strip_gradient_attrs).
+_PATCH_ATTRS = (GRADIENT_ATTR, rules.SITE_ATTR)
 
 # Files of the source directory that the patched copy must not share: it has its own graph, and a
 # fingerprint of the original graph would describe the wrong file.
-_PATCHED_FILES = ("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb")
+_FINGERPRINT = "fingerprint.pb"
+_PATCHED_FILES = ("saved_model.pb", "saved_model.pbtxt", _FINGERPRINT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +50,8 @@ class TensorDesc:
         return tf.TensorSpec(self.shape, self.dtype, name=self.key)
 
     def describe(self) -> str:
-        shape = "unknown rank" if self.shape is None else _shape_text(self.shape)
         dtype = self.dtype.name if self.dtype is not None else "composite (ragged or sparse)"
-        return f"{self.key}: {dtype} {shape}"
+        return f"{self.key}: {dtype} {shape_text(self.shape)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,34 +208,41 @@ def _check_tensor_names(path: Path, key: str, sig: meta_graph_pb2.SignatureDef, 
                 )
 
 
-def _shape_text(shape: tuple[int | None, ...]) -> str:
+def shape_text(shape: tuple[int | None, ...] | None) -> str:
+    """'[?, 8, 8, 3]' (None: an unknown dimension), or 'unknown rank' for shape None."""
+    if shape is None:
+        return "unknown rank"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def apply_gradient_attrs(meta_graph: meta_graph_pb2.MetaGraphDef, patches: dict[tuple[str, str], str]) -> None:
-    """Set `_gradient_op_type` on nodes given as {(function name or '', node name): value}."""
+    """Set `_gradient_op_type` on nodes given as {(function name or '', node name): value}, and
+    `_gbp_site` (rules.SITE_ATTR) to the site's key, by which the recorded gradients name it."""
     by_function: dict[str, dict[str, str]] = {}
     for (function, node), value in patches.items():
         by_function.setdefault(function, {})[node] = value
-    _patch_nodes(meta_graph.graph_def.node, by_function.pop("", {}))
+    _patch_nodes(meta_graph.graph_def.node, "", by_function.pop("", {}))
     for function in meta_graph.graph_def.library.function:
-        _patch_nodes(function.node_def, by_function.pop(function.signature.name, {}))
+        name = function.signature.name
+        _patch_nodes(function.node_def, name, by_function.pop(name, {}))
     if by_function:  # a site list from another graph: a bug, never silently ignored
         raise AssertionError(f"patches name functions that do not exist: {sorted(by_function)}")
 
 
-def _patch_nodes(nodes, values: dict[str, str]) -> None:
+def _patch_nodes(nodes, function: str, values: dict[str, str]) -> None:
     remaining = dict(values)
     for node in nodes:
         value = remaining.pop(node.name, None)
         if value is not None:
             node.attr[GRADIENT_ATTR].s = value.encode()
+            node.attr[rules.SITE_ATTR].s = rules.site_key(function, node.name).encode()
     if remaining:
         raise AssertionError(f"patches name nodes that do not exist: {sorted(remaining)}")
 
 
 def strip_gradient_attrs(saved_model_pb: Path) -> int:
-    """Remove every `_gradient_op_type` attr from a written saved_model.pb; return how many.
+    """Remove every `_gradient_op_type` and `_gbp_site` attr from a written saved_model.pb;
+    return how many; the fingerprint is rewritten to match.
 
     They name gradient functions registered in the converting process only: left in place, every
     loader would warn about "unsaved custom gradients". The gradients themselves are already
@@ -247,12 +256,30 @@ def strip_gradient_attrs(saved_model_pb: Path) -> int:
         for function in meta_graph.graph_def.library.function:
             nodes.extend(function.node_def)
         for node in nodes:
-            if GRADIENT_ATTR in node.attr:
-                del node.attr[GRADIENT_ATTR]
-                removed += 1
+            for attr in _PATCH_ATTRS:
+                if attr in node.attr:
+                    del node.attr[attr]
+                    removed += 1
     if removed:
         saved_model_pb.write_bytes(proto.SerializeToString(deterministic=True))
+        _rewrite_fingerprint(saved_model_pb.parent)
     return removed
+
+
+def _rewrite_fingerprint(export_dir: Path) -> None:
+    """Recompute fingerprint.pb after saved_model.pb changed: its checksum describes the old file.
+
+    Uses TensorFlow's own writer; should that fail (a private API that may move), the stale
+    fingerprint is deleted instead: a SavedModel need not have one (TensorFlow before 2.12 wrote none).
+    """
+    try:
+        # Imported here: a private module; should it move, the fallback below still applies.
+        from tensorflow.python.saved_model import fingerprinting_utils
+
+        fingerprinting_utils.write_fingerprint(str(export_dir))
+    except Exception as e:  # noqa: BLE001 - any failure: a missing fingerprint beats a wrong one
+        log.info("cannot rewrite the fingerprint of %s (%s); deleting it", export_dir, e)
+        (export_dir / _FINGERPRINT).unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)

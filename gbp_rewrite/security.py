@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Iterator
+from typing import Collection, Mapping
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite.errors import UnsafeModelError
+from gbp_rewrite.graph_walk import ancestors, func_refs, node_of
 
 _READS = "reads files"
 _WRITES = "writes files"
@@ -167,29 +168,13 @@ def find_file_ops(meta_graph: meta_graph_pb2.MetaGraphDef) -> list[FileOp]:
     """Every file, checkpoint or network op of the meta graph outside the standard savers."""
     saver_nodes = _saver_subgraph(meta_graph)
     saver_functions = _saver_only_functions(meta_graph, saver_nodes)
-    asset_tensors = {_node_of(a.tensor_info.name) for a in meta_graph.asset_file_def}
-    found = []
-    for node in meta_graph.graph_def.node:
-        effect = _effect(node)
-        if effect is None:
-            continue
-        if node.op in CHECKPOINT_OPS and node.name in saver_nodes:
-            continue
-        if node.op in _TEXT_FILE_INITIALIZERS and _reads_asset(node, meta_graph.graph_def.node, asset_tensors):
-            continue
-        found.append(FileOp("", node.name, node.op, effect))
+    asset_tensors = {node_of(a.tensor_info.name) for a in meta_graph.asset_file_def}
+    found = _scan("", meta_graph.graph_def.node, asset_tensors, saver_nodes)
     for function in meta_graph.graph_def.library.function:
         name = function.signature.name
-        asset_args = _asset_arguments(meta_graph, function)
-        for node in function.node_def:
-            effect = _effect(node)
-            if effect is None:
-                continue
-            if node.op in CHECKPOINT_OPS and name in saver_functions:
-                continue
-            if node.op in _TEXT_FILE_INITIALIZERS and _reads_asset(node, function.node_def, asset_args):
-                continue
-            found.append(FileOp(name, node.name, node.op, effect))
+        # Every node of a function only the saver calls is the saver's.
+        in_saver = {node.name for node in function.node_def} if name in saver_functions else set()
+        found.extend(_scan(name, function.node_def, _asset_arguments(meta_graph, function), in_saver))
     return found
 
 
@@ -220,6 +205,25 @@ def summary(file_ops: list[FileOp]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _scan(function: str, nodes, asset_tensors: set[str], saver_nodes: Collection[str]) -> list[FileOp]:
+    """The file ops of one graph (`function` '' = the top-level graph), less the checkpoint ops of
+    the standard savers (`saver_nodes`) and text-file initializers that read one of `asset_tensors`."""
+    found = []
+    by_name = None  # built at the first text-file initializer: most graphs have none
+    for node in nodes:
+        effect = _effect(node)
+        if effect is None:
+            continue
+        if node.op in CHECKPOINT_OPS and node.name in saver_nodes:
+            continue
+        if node.op in _TEXT_FILE_INITIALIZERS:
+            by_name = by_name if by_name is not None else {n.name: n for n in nodes}
+            if _reads_asset(node, by_name, asset_tensors):
+                continue
+        found.append(FileOp(function, node.name, node.op, effect))
+    return found
+
+
 def _effect(node) -> str | None:
     if node.op in FILE_OPS:
         return FILE_OPS[node.op]
@@ -235,7 +239,7 @@ def _saver_subgraph(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
     """Top-level nodes the saver_def's save tensor and restore op depend on."""
     saver = meta_graph.saver_def
     roots = [name for name in (saver.save_tensor_name, saver.restore_op_name) if name]
-    return _ancestors(roots, {node.name: node for node in meta_graph.graph_def.node})
+    return ancestors(roots, {node.name: node for node in meta_graph.graph_def.node})
 
 
 def _saver_only_functions(meta_graph: meta_graph_pb2.MetaGraphDef, saver_nodes: set[str]) -> set[str]:
@@ -248,10 +252,10 @@ def _saver_only_functions(meta_graph: meta_graph_pb2.MetaGraphDef, saver_nodes: 
     called_elsewhere: set[str] = set()
     for node in meta_graph.graph_def.node:
         target = called_by_saver if node.name in saver_nodes else called_elsewhere
-        target.update(_called_functions(node))
+        target.update(ref.name for ref in func_refs(node))
     for function in meta_graph.graph_def.library.function:
         for node in function.node_def:
-            called_elsewhere.update(_called_functions(node))
+            called_elsewhere.update(ref.name for ref in func_refs(node))
     for node in meta_graph.object_graph_def.nodes:  # functions Python's loader may call directly
         if node.WhichOneof("kind") == "function":
             called_elsewhere.update(node.function.concrete_functions)
@@ -274,42 +278,17 @@ def _asset_arguments(meta_graph: meta_graph_pb2.MetaGraphDef, function) -> set[s
     }
 
 
-def _reads_asset(node, nodes: Iterable, asset_tensors: set[str]) -> bool:
-    """True when the initializer's file name (input 1) comes straight from an asset tensor."""
+def _reads_asset(node, by_name: Mapping[str, object], asset_tensors: set[str]) -> bool:
+    """True when the initializer's file name (input 1) comes straight from an asset tensor;
+    `by_name`: the nodes of its graph."""
     if len(node.input) < 2 or not asset_tensors:
         return False
-    by_name = {n.name: n for n in nodes}
-    name = _node_of(node.input[1])
+    name = node_of(node.input[1])
     for _ in range(len(by_name) + 1):  # bounded: a cyclic chain of identities is not an asset
         if name in asset_tensors:
             return True
         producer = by_name.get(name)
         if producer is None or producer.op not in _PASS_THROUGH or not producer.input:
             return False
-        name = _node_of(producer.input[0])
+        name = node_of(producer.input[0])
     return False
-
-
-def _ancestors(roots: Iterable[str], nodes: dict) -> set[str]:
-    seen: set[str] = set()
-    stack = [_node_of(name) for name in roots]
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in nodes:
-            continue
-        seen.add(name)
-        stack.extend(_node_of(i) for i in nodes[name].input)
-    return seen
-
-
-def _called_functions(node) -> Iterator[str]:
-    for value in node.attr.values():
-        if value.HasField("func"):
-            yield value.func.name
-        elif value.HasField("list"):
-            yield from (f.name for f in value.list.func)
-
-
-def _node_of(tensor_name: str) -> str:
-    """'^node', 'node:0' (graph) or 'node:out:0' (function body) -> 'node'."""
-    return tensor_name.lstrip("^").split(":")[0]

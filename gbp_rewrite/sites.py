@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from gbp_rewrite import rules
+from gbp_rewrite import graph_walk, rules
 from gbp_rewrite.errors import SelectionError
 from gbp_rewrite.savedmodel import is_keras3_export
 
@@ -103,40 +103,9 @@ class _Graph:
 
     def reachable(self, tensor_names: Iterable[str]) -> tuple[set[str], list[str]]:
         """Top-level nodes the tensors depend on, and every function those nodes call (transitively)."""
-        top_nodes: set[str] = set()
-        stack = [_node_of(name) for name in tensor_names]
-        while stack:
-            name = stack.pop()
-            if name in top_nodes or name not in self.top:
-                continue
-            top_nodes.add(name)
-            stack.extend(_node_of(i) for i in self.top[name].input)
-        functions: list[str] = []
-        seen: set[str] = set()
-        pending = [f for n in sorted(top_nodes) for f in _called_functions(self.top[n])]
-        while pending:
-            name = pending.pop(0)
-            if name in seen or name not in self.functions:
-                continue
-            seen.add(name)
-            functions.append(name)
-            for node in self.functions[name].node_def:
-                pending.extend(_called_functions(node))
-        return top_nodes, functions
-
-
-def _node_of(tensor_name: str) -> str:
-    return tensor_name.lstrip("^").split(":")[0]
-
-
-def _called_functions(node) -> list[str]:
-    names = []
-    for value in node.attr.values():
-        if value.HasField("func"):
-            names.append(value.func.name)
-        elif value.HasField("list"):
-            names.extend(f.name for f in value.list.func)
-    return names
+        top_nodes = graph_walk.ancestors(tensor_names, self.top)
+        called = [ref.name for n in sorted(top_nodes) for ref in graph_walk.func_refs(self.top[n])]
+        return top_nodes, graph_walk.reachable_functions(self.functions, called)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,30 +145,38 @@ class _LayerNamer:
         self.keras3 = is_keras3_export(meta_graph)
 
     def path(self, function: str, node_name: str) -> tuple[str, ...]:
-        prefix = []
-        match = _TF_KERAS_LAYER_FUNCTION.match(function)
-        if match:
-            prefix.append(match.group("layer"))
-        scopes = [self._segment(s) for s in node_name.split("/")[:-1]]
-        path = tuple(prefix + scopes)
-        return path or (node_name,)
+        return layer_path(node_name, self.known, keras3=self.keras3, function=function)
 
-    def _segment(self, segment: str) -> str:
-        """Strip Keras' `_N` scope suffix when that yields a real layer name.
 
-        Keras 3 traces every layer call in a uniquified name scope (`conv1_1`, a second call of a
-        shared layer `conv1_3`), so for its exports the suffix is stripped unless the suffixed name
-        is itself a known layer. Elsewhere it is stripped only when the base is a known layer.
-        """
-        match = _SCOPE_SUFFIX.match(segment)
-        if not match:
-            return segment
-        base = match.group("base")
-        if base in self.known:
-            return base
-        if self.keras3 and segment not in self.known:
-            return base
+def layer_path(node_name: str, known: set[str], *, keras3: bool, function: str = "") -> tuple[str, ...]:
+    """The layer path of op `node_name` of `function` ('' = the top-level graph): the tf-keras layer
+    a per-layer function is named after, then the op's name scopes; the op's name when it has none.
+
+    `known` holds the layer names the model states itself; `keras3`: the names come from a Keras 3
+    trace (an export, or the Keras path's own trace of a model).
+    """
+    match = _TF_KERAS_LAYER_FUNCTION.match(function)
+    prefix = (match.group("layer"),) if match else ()
+    scopes = tuple(_segment(s, known, keras3=keras3) for s in node_name.split("/")[:-1])
+    return (prefix + scopes) or (node_name,)
+
+
+def _segment(segment: str, known: set[str], *, keras3: bool) -> str:
+    """Strip Keras' `_N` scope suffix when that yields a real layer name.
+
+    Keras 3 traces every layer call in a uniquified name scope (`conv1_1`, a second call of a
+    shared layer `conv1_3`), so for its traces the suffix is stripped unless the suffixed name
+    is itself a known layer. Elsewhere it is stripped only when the base is a known layer.
+    """
+    match = _SCOPE_SUFFIX.match(segment)
+    if not match:
         return segment
+    base = match.group("base")
+    if base in known:
+        return base
+    if keras3 and segment not in known:
+        return base
+    return segment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,10 +203,10 @@ def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence
 def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> Site | None:
     """The op that computes a signature output, looking through identities, casts and calls.
 
-    Returns it as a Site (its op type may be anything) or None when the trail is lost.
+    Returns it as a Site (its op type may be anything; its path is just the op's name) or None
+    when the trail is lost.
     """
     graph = _Graph(meta_graph)
-    namer = _LayerNamer(meta_graph)
     function, ref = "", tensor_name
     for _ in range(10_000):  # a bound against malformed, cyclic graphs
         node_name, index = _split_ref(ref, in_function=bool(function))
@@ -258,7 +235,7 @@ def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: s
             if function and ":" not in ref:  # a function argument: the caller's business
                 return None
             continue
-        return Site(function, node.name, node.op, namer.path(function, node.name))
+        return Site(function, node.name, node.op, (node.name,))
     return None
 
 
@@ -308,10 +285,10 @@ def select(
             f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
             "backpropagation only changes ReLU-family gradients"
         )
-    layers = _clean(layers)
-    exclude_layers = _clean(exclude_layers)
-    for option, patterns in (("--layers", layers), ("--exclude_layers", exclude_layers)):
-        for pattern in patterns:
+    layers = patterns(layers)
+    exclude_layers = patterns(exclude_layers)
+    for option, given in (("--layers", layers), ("--exclude_layers", exclude_layers)):
+        for pattern in given:
             if not any(_matches(s, pattern) for s in rewritable):
                 raise SelectionError(
                     f"{option} {pattern!r} matches no layer holding a ReLU; layers with ReLUs: "
@@ -328,9 +305,10 @@ def select(
     return Selection(tuple(sites), frozenset(selected), frozenset(excluded))
 
 
-def _clean(patterns: Sequence[str] | None) -> list[str]:
-    if patterns is None:
+def patterns(value: Sequence[str] | str | None) -> list[str]:
+    """A --layers/--exclude_layers value as a list of patterns: 'a, b*' or ['a', 'b*'] -> ['a', 'b*']."""
+    if value is None:
         return []
-    if isinstance(patterns, str):
-        patterns = patterns.split(",")
-    return [p.strip() for p in patterns if p and p.strip()]
+    if isinstance(value, str):
+        value = value.split(",")
+    return [p.strip() for p in value if p and p.strip()]

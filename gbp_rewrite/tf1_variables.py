@@ -21,6 +21,7 @@ from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite.errors import SourceModelError
+from gbp_rewrite.graph_walk import node_of
 
 REF_VARIABLE_OPS = ("VariableV2", "Variable")
 _ASSIGN_OPS = {"Assign": "AssignVariableOp", "AssignAdd": "AssignAddVariableOp", "AssignSub": "AssignSubVariableOp"}
@@ -28,10 +29,6 @@ _ASSIGN_OPS = {"Assign": "AssignVariableOp", "AssignAdd": "AssignAddVariableOp",
 _REF_MUTATORS_PREFIXES = ("Apply", "ResourceApply", "SparseApply", "Scatter", "CountUpTo")
 _VARIABLE_COLLECTIONS = ("variables", "trainable_variables", "local_variables", "model_variables",
                          "moving_average_variables")
-
-
-def has_ref_variables(meta_graph: meta_graph_pb2.MetaGraphDef) -> bool:
-    return any(node.op in REF_VARIABLE_OPS for node in meta_graph.graph_def.node)
 
 
 def convert_ref_variables(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
@@ -44,7 +41,7 @@ def convert_ref_variables(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
     for node in list(nodes):
         if node.name in variables:
             continue
-        ref_inputs = [i for i, name in enumerate(node.input) if _tensor_node(name) in variables and not name.startswith("^")]
+        ref_inputs = [i for i, name in enumerate(node.input) if node_of(name) in variables and not name.startswith("^")]
         if not ref_inputs:
             continue
         _rewrite_consumer(node, ref_inputs, variables, readers_needed)
@@ -54,10 +51,6 @@ def convert_ref_variables(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
         _to_var_handle(node)
     _mark_collections_resource(meta_graph)
     return len(variables)
-
-
-def _tensor_node(name: str) -> str:
-    return name.lstrip("^").split(":")[0]
 
 
 def _rewrite_consumer(node, ref_inputs, variables, readers_needed) -> None:
@@ -76,13 +69,13 @@ def _rewrite_consumer(node, ref_inputs, variables, readers_needed) -> None:
         _reset(node, "VarIsInitializedOp", {})
     elif node.op.startswith(_REF_MUTATORS_PREFIXES):
         raise SourceModelError(
-            f"the TF1 graph updates the reference variable '{_tensor_node(first)}' with a "
+            f"the TF1 graph updates the reference variable '{node_of(first)}' with a "
             f"{node.op} op ('{node.name}'), which gbp_rewrite cannot carry over; re-export the "
             "serving graph without training ops, or after tf.compat.v1.enable_resource_variables()"
         )
     else:
         for index in ref_inputs:
-            variable = _tensor_node(node.input[index])
+            variable = node_of(node.input[index])
             node.input[index] = f"{variable}/gbp_read"
             readers_needed.add(variable)
 

@@ -30,9 +30,10 @@ from typing import Iterator, Mapping
 
 import tensorflow as tf
 
+from gbp_rewrite import standalone_check
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.explainable import ExplainPlan
-from gbp_rewrite.savedmodel import TensorDesc
+from gbp_rewrite.savedmodel import TensorDesc, shape_text
 from gbp_rewrite.verify import PROBE_BATCH
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 # A probe batch (or one output) larger than this many elements is refused: 2**27 float32 values
 # are 512 MiB, far beyond any image or feature input, and well within what a damaged dim produces.
 MAX_ELEMENTS = 2**27
-# Stand-in for an unknown non-batch dimension when bounding sizes (at least what the probe uses).
-_UNKNOWN_DIM_BOUND = 32
 
 
 def reconcile_plan(plan: ExplainPlan, function, *, source: object) -> ExplainPlan:
@@ -149,27 +148,33 @@ def _merged(desc: TensorDesc, spec, what: str, kind: str) -> TensorDesc:
         shape = declared.merge_with(spec.shape)
     except ValueError:
         raise SourceModelError(
-            f"{what} declares {kind} {desc.key!r} with shape {_text(declared)} but its function uses "
-            f"{_text(spec.shape)}: the saved_model.pb is damaged or inconsistent; re-export the model"
+            f"{what} declares {kind} {desc.key!r} with shape {shape_text(desc.shape)} but its function "
+            f"uses {shape_text(_dims(spec.shape))}: the saved_model.pb is damaged or inconsistent; "
+            "re-export the model"
         ) from None
-    merged = None if shape.rank is None else tuple(shape.as_list())
-    return dataclasses.replace(desc, dtype=spec.dtype, shape=merged)
+    return dataclasses.replace(desc, dtype=spec.dtype, shape=_dims(shape))
+
+
+def _dims(shape: tf.TensorShape) -> tuple[int | None, ...] | None:
+    """A TensorShape as TensorDesc.shape has it: None for unknown rank."""
+    return None if shape.rank is None else tuple(shape.as_list())
 
 
 def _check_size(desc: TensorDesc, what: str, kind: str) -> None:
     """Refuse shapes whose probe batch (or output for it) would not fit in memory."""
-    dims = [(PROBE_BATCH if i == 0 else _UNKNOWN_DIM_BOUND) if d is None else d
-            for i, d in enumerate(desc.shape or ())]
-    elements = math.prod(dims)
+    elements = math.prod(_probe_dims(desc.shape))
     if elements > MAX_ELEMENTS:
         raise SourceModelError(
-            f"{kind} {desc.key!r} of {what} has shape {_text(tf.TensorShape(list(desc.shape)))}: "
+            f"{kind} {desc.key!r} of {what} has shape {shape_text(desc.shape)}: "
             f"about {elements:.3g} values for a probe batch of {PROBE_BATCH}, more than the "
             f"{MAX_ELEMENTS:.3g} gbp_rewrite accepts (is a dimension damaged?)"
         )
 
 
-def _text(shape: tf.TensorShape) -> str:
-    if shape.rank is None:
-        return "unknown rank"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
+def _probe_dims(shape: tuple[int | None, ...] | None) -> list[int]:
+    """The shape of the probe batch for `shape`, as standalone_check.probe_value builds it (which
+    verify.probe_inputs uses), computed without allocating it."""
+    if shape is None:
+        return [PROBE_BATCH]
+    return [(PROBE_BATCH if i == 0 else standalone_check.UNKNOWN_DIM) if d is None else d
+            for i, d in enumerate(shape)]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite.errors import VerificationError, one_line
+from gbp_rewrite import standalone_check
+from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
 from gbp_rewrite.savedmodel import TensorDesc
 
 log = logging.getLogger(__name__)
 
 PROBE_BATCH = 2
-_UNKNOWN_DIM = 32
 
 # Forward passes of the same graph can differ in the last bits when TensorFlow fuses the
 # explainable graph differently (e.g. oneDNN picks another convolution kernel).
@@ -25,29 +25,55 @@ PREDICTION_ATOL = 1e-6
 
 
 def probe_inputs(inputs: Mapping[str, TensorDesc], *, batch: int = PROBE_BATCH, seed: int = 0) -> dict[str, np.ndarray]:
-    """A deterministic batch for the inputs: floats uniform in [0, 1), integers 0, strings empty."""
+    """A deterministic batch for the inputs: floats uniform in [0, 1), integers 0, strings empty.
+
+    The same batch as the clean-process check's (standalone_check.probe_value), which `verify`
+    compares with the source: unknown non-batch dimensions are standalone_check.UNKNOWN_DIM.
+    """
     rng = np.random.default_rng(seed)
-    probe = {}
-    for key, desc in inputs.items():
-        shape = _probe_shape(desc.shape, batch)
-        dtype = desc.dtype
-        if dtype.is_floating:
-            probe[key] = rng.random(shape).astype(dtype.as_numpy_dtype)
-        elif dtype == tf.string:
-            probe[key] = np.full(shape, b"", dtype=object)
-        else:
-            probe[key] = np.zeros(shape, dtype=dtype.as_numpy_dtype)
-    return probe
-
-
-def _probe_shape(shape, batch: int) -> list[int]:
-    if shape is None:
-        return [batch]
-    return [batch if i == 0 and d is None else (_UNKNOWN_DIM if d is None else d) for i, d in enumerate(shape)]
+    return {key: standalone_check.probe_value(desc.spec(), batch, rng) for key, desc in inputs.items()}
 
 
 def to_tensors(arrays: Mapping[str, np.ndarray], inputs: Mapping[str, TensorDesc]) -> dict[str, tf.Tensor]:
     return {k: tf.constant(v, dtype=inputs[k].dtype) for k, v in arrays.items()}
+
+
+def run_probe(
+    call: Callable[[dict[str, tf.Tensor]], Mapping], plan: ExplainPlan, probe: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The source model's outputs on the probe batch (`call`: input tensors by key -> outputs by key),
+    the predictions the export must reproduce; any failure is a one-line SourceModelError."""
+    try:
+        outputs = call(to_tensors(probe, plan.inputs))
+        return {k: np.asarray(outputs[k]) for k in plan.outputs}
+    except Exception as e:  # noqa: BLE001 - whatever breaks, the user needs the one line
+        shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in probe.items())
+        raise SourceModelError(f"the source model fails on a probe batch ({shapes}): {one_line(e)}") from None
+
+
+def check_applied(
+    selected: Sequence, key_of: Callable[[object], str], applied: set[str], rule: str,
+    *, softmax: tuple[str, str] | None = None,
+) -> str:
+    """Prove the rule reached the gradient: a selected site whose rule was never built keeps the
+    plain gradient, silently.
+
+    `applied` holds the keys rules.record_applications collected while the signatures were traced,
+    `key_of(site)` is the key of one of the `selected` sites, and `softmax` (key, how to name it)
+    the output softmax that must pass the gradient through. Returns the check's text.
+    """
+    reached = [s for s in selected if key_of(s) in applied]
+    if not reached:
+        raise VerificationError(
+            f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
+            "explained output, so the saliency would be the plain gradient; select other layers"
+        )
+    if softmax is not None and softmax[0] not in applied:
+        raise VerificationError(f"the output {softmax[1]} is not on the gradient path")
+    text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
+    if len(reached) < len(selected):
+        text += " (the others do not lie between the inputs and the explained output)"
+    return text
 
 
 def self_check(

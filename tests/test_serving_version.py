@@ -10,8 +10,8 @@ import pytest
 
 import gbp_rewrite
 from conftest import cli_command
-from gbp_rewrite import converter
 from gbp_rewrite.errors import OptionError, OutputError, SourceModelError
+from gbp_rewrite.report import ConversionReport
 
 MODEL = "keras3@mlp"
 
@@ -49,25 +49,25 @@ def test_a_polling_server_never_sees_a_partial_version(zoo, tmp_path, monkeypatc
     base = tmp_path / "shapes"
     gbp_rewrite.convert(zoo.model(MODEL), base, version=1)
     seen = {}
-    write_report = converter.write_report
+    write_report = ConversionReport.write
 
-    def look_while_writing(export_dir, report):
+    def look_while_writing(self, export_dir):
         # The model is saved and checked, the report is being written: the version is not done.
         seen["versions"] = served_versions(base)
         seen["writing_into"] = export_dir
-        write_report(export_dir, report)
+        write_report(self, export_dir)
 
-    monkeypatch.setattr(converter, "write_report", look_while_writing)
+    monkeypatch.setattr(ConversionReport, "write", look_while_writing)
     gbp_rewrite.convert(zoo.model(MODEL), base, version="next")
     assert seen["versions"] == {1: "1"}
     assert seen["writing_into"].parent == base and seen["writing_into"].name.startswith(".")
     assert served_versions(base) == {1: "1", 2: "2"}
     assert (base / "2" / "assets" / "gbp_rewrite_report.json").is_file()
 
-    def fail(export_dir, report):
+    def fail(self, export_dir):
         raise OSError("disk full")
 
-    monkeypatch.setattr(converter, "write_report", fail)
+    monkeypatch.setattr(ConversionReport, "write", fail)
     with pytest.raises(OSError, match="disk full"):
         gbp_rewrite.convert(zoo.model(MODEL), base, version="next")
     assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # nothing half-written left behind
