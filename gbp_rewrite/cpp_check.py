@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -33,9 +33,15 @@ class CppCheckError(Exception):
     """The binary failed: the one-line reason it printed."""
 
 
+def binary_candidate(binary: str | os.PathLike | None = None) -> Path:
+    """Where the serving_check binary should be: `binary`, else $GBP_REWRITE_SERVING_CHECK, else
+    the repo's build (whether or not it is there)."""
+    return Path(binary or os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+
+
 def find_binary(binary: str | os.PathLike | None = None) -> Path | None:
-    """The serving_check binary: `binary`, else $GBP_REWRITE_SERVING_CHECK, else the repo's build."""
-    candidate = Path(binary or os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+    """The serving_check binary at binary_candidate(binary), or None when it is not built."""
+    candidate = binary_candidate(binary)
     return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
 
 
@@ -49,8 +55,13 @@ def build_hint() -> str:
 
 def run_signature(
     binary: Path, export_dir: Path, signature: str, inputs: Mapping[str, Path], out_dir: Path,
+    keys: Iterable[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run `signature` of `export_dir` on the .npy `inputs`; return its outputs by key."""
+    """Run `signature` of `export_dir` on the .npy `inputs`; return its outputs by key.
+
+    `keys`: the outputs to read (those the binary did not write are left out); None reads every
+    output the binary lists.
+    """
     command = [str(binary), "--model", str(export_dir), "--signature", signature,
                "--output_dir", str(out_dir)]
     for key, path in inputs.items():
@@ -64,8 +75,17 @@ def run_signature(
                   if line.startswith(_ERROR_PREFIX)]
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CppCheckError(errors[0] if errors else f"exit status {proc.returncode}: {tail}")
-    keys = [line.split(" ")[0] for line in proc.stdout.splitlines() if line.strip()]
-    return {key: np.load(out_dir / f"{key}.npy") for key in keys}
+    if keys is None:
+        keys = _listed_keys(proc.stdout)
+    return {key: np.load(path) for key in keys if (path := out_dir / f"{key}.npy").is_file()}
+
+
+def _listed_keys(stdout: str) -> list[str]:
+    """The output keys of the binary's summary, one line each: `<key> <dtype> <shape>`.
+
+    A key may contain spaces; the dtype and the shape ("[2,4]") never do.
+    """
+    return [line.rsplit(" ", 2)[0] for line in stdout.splitlines() if line.strip()]
 
 
 def compare(cpp: Mapping[str, np.ndarray], python: Mapping[str, np.ndarray]) -> tuple[bool, str]:
@@ -96,10 +116,12 @@ def check_signature(
     """Run one signature in C++ on `inputs` and compare with `python_outputs`: (ok, one line).
 
     `python_outputs` None means Python could not run the signature: then only C++ running counts.
+    The C++ outputs read are the keys Python produced (file names, unlike the binary's summary
+    lines, need no parsing).
     """
     with tempfile.TemporaryDirectory(prefix="gbp_rewrite_cpp_") as out_dir:
         try:
-            cpp = run_signature(binary, export_dir, signature, inputs, Path(out_dir))
+            cpp = run_signature(binary, export_dir, signature, inputs, Path(out_dir), keys=python_outputs or ())
         except CppCheckError as e:
             return False, f"failed: {e}"
         if python_outputs is None:

@@ -213,7 +213,7 @@ def _cpp_checks(binary_option, export_dir: Path, signatures: list[dict]) -> list
     """One check per signature: C++ on the probe inputs; outputs equal Python's when Python ran."""
     binary = cpp_check.find_binary(binary_option)
     if binary is None:
-        where = binary_option or os.environ.get(cpp_check.BINARY_ENV) or cpp_check.DEFAULT_BINARY
+        where = cpp_check.binary_candidate(binary_option)
         return [Check(CPP_CHECK, "skip", f"{where} is not built; {cpp_check.build_hint()}")]
     checks = []
     for signature in signatures:

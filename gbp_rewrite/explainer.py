@@ -171,19 +171,19 @@ def _not_explainable(path: Path, why: str) -> SourceModelError:
 
 
 def _input_spec(path: Path, key: str, spec: tf.TensorSpec) -> images.InputSpec:
-    shape = spec.shape
-    described = f"{key}: {spec.dtype.name} {shape}"
-    if shape.rank != 4 or shape[3] != 3 or not spec.dtype.is_floating:
+    input_spec = images.rgb_input_spec(spec.shape, spec.dtype)
+    described = f"{key}: {spec.dtype.name} {spec.shape}"
+    if input_spec == images.NOT_RGB_INPUT:
         raise SourceModelError(
             f"the model '{path}' takes {described}; explain feeds RGB images to models whose input is "
             "float [batch, height, width, 3]"
         )
-    if shape[1] is None or shape[2] is None:
+    if input_spec == images.NO_FIXED_SIZE:
         raise SourceModelError(
             f"the model '{path}' takes {described}, with no fixed height and width; explain resizes "
             "images to the model's input size, so it needs a model with a fixed input size"
         )
-    return images.InputSpec(int(shape[1]), int(shape[2]), spec.dtype)
+    return input_spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +285,10 @@ def explain(
     started = time.perf_counter()
     images.check_preprocess(preprocess)
     paths, skipped, folder = _resolve_inputs(inputs)
-    out_dir = _prepare_out_dir(Path(out_dir), folder)
+    # The model and class first: a run refused for them leaves no empty output folder behind.
     loaded = load_model(model)
     _check_class(loaded, class_index)
+    out_dir = _prepare_out_dir(Path(out_dir), folder)
     stems = _unique_stems(paths)
     header = {
         "model": str(model), "signature": loaded.signature_key, "explained_output": loaded.output_key,
@@ -346,18 +347,7 @@ def _prepare_out_dir(out_dir: Path, folder: Path | None) -> Path:
 
 def _unique_stems(paths: Sequence[str]) -> list[str]:
     """One output name stem per input: its file name stem, made unique with _2, _3, ..."""
-    taken = {Path(p).stem for p in paths}
-    used: set[str] = set()
-    stems = []
-    for path in paths:
-        stem = Path(path).stem or "image"
-        candidate, n = stem, 1
-        while candidate in used or (candidate != stem and candidate in taken):
-            n += 1
-            candidate = f"{stem}_{n}"
-        used.add(candidate)
-        stems.append(candidate)
-    return stems
+    return images.unique_names([Path(p).stem or "image" for p in paths])
 
 
 def _render(item: Explained, out_dir: Path, stem: str) -> dict[str, str] | Failed:
@@ -366,6 +356,6 @@ def _render(item: Explained, out_dir: Path, stem: str) -> dict[str, str] | Faile
         written = render.render_all(item.image(), item.saliency, out_dir=out_dir, stem=stem)
     except RenderError as e:  # e.g. a NaN saliency: this image fails, the run goes on
         return Failed(item.index, item.file, f"cannot render the saliency: {e}")
-    except tf.errors.OpError as e:
+    except OSError as e:
         raise OutputError(f"cannot write the pictures of '{item.file}' to '{out_dir}': {one_line(e)}") from None
     return {kind: path.name for kind, path in written.items()}

@@ -47,6 +47,27 @@ class InputSpec:
     dtype: tf.DType
 
 
+#: Why an input cannot take images (what rgb_input_spec returns instead of an InputSpec).
+NOT_RGB_INPUT = "not a float [batch, height, width, 3] input"
+NO_FIXED_SIZE = "no fixed height and width"
+
+
+def rgb_input_spec(shape: tf.TensorShape | Sequence[int | None] | None,
+                   dtype: tf.DType | None) -> InputSpec | str:
+    """The InputSpec of an input that takes RGB images, or why it cannot take them.
+
+    The input must be float [batch, height, width, 3] (else NOT_RGB_INPUT) with a fixed height and
+    width, the size images are resized to (else NO_FIXED_SIZE). `shape` is anything
+    tf.TensorShape takes (None: unknown rank); `dtype` None is a composite (ragged, sparse) tensor.
+    """
+    shape = tf.TensorShape(shape)
+    if shape.rank != 4 or shape[3] != 3 or dtype is None or not dtype.is_floating:
+        return NOT_RGB_INPUT
+    if shape[1] is None or shape[2] is None:
+        return NO_FIXED_SIZE
+    return InputSpec(int(shape[1]), int(shape[2]), dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
     """A file of a folder that is not an image by its extension, so it is not explained."""
@@ -164,6 +185,25 @@ def diagnose(path: str) -> str:
             return "not an image (PNG, JPEG, BMP or GIF)"
         return f"corrupt or truncated image: {message}"
     return "failed in the input pipeline, though it decodes on its own; run again with --verbose"
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` made distinct for use as file name stems, in order.
+
+    The first of equal names keeps it; a later one becomes name_2, name_3, ..., skipping any
+    name already given and any other name in the list (so 'x', 'x', 'x_2' -> 'x', 'x_3', 'x_2').
+    """
+    taken = set(names)
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in used or (candidate != name and candidate in taken):
+            n += 1
+            candidate = f"{name}_{n}"
+        used.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 def decode_rgb(encoded: bytes) -> "tf.Tensor":

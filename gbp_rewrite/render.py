@@ -2,8 +2,8 @@
 
 Everything here takes numpy arrays and returns numpy arrays or bytes; the
 only TensorFlow used is ``tf.image.resize`` (to fit a heat map onto a
-differently sized image) and ``tf.io`` (PNG encoding and file writing), so no
-plotting or imaging library is needed.
+differently sized image) and ``tf.io.encode_png``, so no plotting or imaging
+library is needed.
 
 Typical use::
 
@@ -71,6 +71,24 @@ _COLORMAPS: Mapping[str, np.ndarray] = {
 
 #: Names accepted by :func:`colormap` (and ``colormap_name`` of :func:`render_all`).
 COLORMAP_NAMES: tuple[str, ...] = tuple(sorted(_COLORMAPS))
+
+# Entries of a colour lookup table: heat steps of 1/4095 move a colour by
+# well under one uint8 level, so indexing matches interpolating per pixel.
+_TABLE_SIZE = 4096
+
+
+def _lookup_table(stops: np.ndarray) -> np.ndarray:
+    """The ``[_TABLE_SIZE, 3]`` uint8 colours of evenly spaced heats in [0, 1]."""
+    heats = np.linspace(0.0, 1.0, _TABLE_SIZE)
+    positions = np.linspace(0.0, 1.0, len(stops))
+    rgb = np.stack(
+        [np.interp(heats, positions, stops[:, c]) for c in range(3)], axis=-1)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# Built once at import: colouring a picture is then one indexing operation.
+_LOOKUP_TABLES: Mapping[str, np.ndarray] = {
+    name: _lookup_table(stops) for name, stops in _COLORMAPS.items()}
 
 # Formats the PNG encoder accepts: grey, grey+alpha, RGB, RGBA.
 _PNG_CHANNELS = (1, 2, 3, 4)
@@ -215,11 +233,8 @@ def colormap(heat: np.ndarray, *, name: str = "inferno") -> np.ndarray:
         _fail(f"unknown colormap {name!r}; valid names are "
               f"{', '.join(COLORMAP_NAMES)}")
     heat = _check_heat(heat)
-    stops = _COLORMAPS[name]
-    positions = np.linspace(0.0, 1.0, len(stops))
-    rgb = np.stack(
-        [np.interp(heat, positions, stops[:, c]) for c in range(3)], axis=-1)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    index = np.rint(heat * (_TABLE_SIZE - 1)).astype(np.intp)
+    return _LOOKUP_TABLES[name][index]
 
 
 def _resize_heat(heat: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -253,8 +268,9 @@ def overlay(image_uint8: np.ndarray, heat: np.ndarray, *,
     alpha = _check_alpha(alpha)
     heat = _check_heat(heat)
     heat = _resize_heat(heat, image.shape[0], image.shape[1])
-    colour = colormap(heat, name=colormap_name).astype(np.float64)
-    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * colour
+    colour = colormap(heat, name=colormap_name).astype(np.float32)
+    weight = np.float32(alpha)
+    blended = (np.float32(1.0) - weight) * image.astype(np.float32) + weight * colour
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
@@ -330,7 +346,8 @@ def write_png(path: str | os.PathLike, array_uint8: np.ndarray) -> pathlib.Path:
     # umask-derived permissions instead of mkstemp's 0600.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        tf.io.write_file(str(tmp), data)
+        with open(tmp, "xb") as file:
+            file.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -340,7 +357,7 @@ def write_png(path: str | os.PathLike, array_uint8: np.ndarray) -> pathlib.Path:
     return path
 
 
-def render_all(image_uint8: np.ndarray, saliency: np.ndarray, *,
+def render_all(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
                out_dir: str | os.PathLike, stem: str,
                colormap_name: str = "inferno", alpha: float = 0.5,
                clip_percentile: float = 99.5) -> dict[str, pathlib.Path]:
@@ -350,41 +367,41 @@ def render_all(image_uint8: np.ndarray, saliency: np.ndarray, *,
 
     * ``<stem>_heatmap.png``: colour-mapped heat, at saliency resolution;
     * ``<stem>_overlay.png``: heat blended over the image, at image
-      resolution (the image may be larger than the model input);
+      resolution (the image may be larger than the model input); only
+      when an image is given;
     * ``<stem>_guided.png``: the guided-backprop picture, at saliency
       resolution.
 
     Args:
-      image_uint8: ``[H, W, 3]`` uint8 RGB image the saliency explains.
-      saliency: ``[h, w, C]`` (C = 1 or 3) or ``[h, w]`` gradient.
+      image_uint8: ``[H, W, 3]`` uint8 RGB image the saliency explains, or
+        None for no overlay.
+      saliency: ``[h, w, C]`` (C = 1 or 3, as :func:`guided_image` needs) or
+        ``[h, w]`` gradient.
       out_dir: output directory.
       stem: file-name prefix (no directory separators).
       colormap_name: one of :data:`COLORMAP_NAMES`.
       alpha: heat weight in the overlay, in [0, 1].
       clip_percentile: white point of the heat map, see :func:`saliency_heat`.
     Returns:
-      ``{"heatmap": path, "overlay": path, "guided": path}``.
+      ``{"heatmap": path, "overlay": path, "guided": path}`` (no
+      ``"overlay"`` without an image).
     """
     if not isinstance(stem, str) or not stem or stem in (".", "..") or any(
             sep in stem for sep in ("/", "\\", os.sep)):
         _fail(f"stem must be a non-empty file-name prefix without directory "
               f"separators; got {stem!r}")
-    if colormap_name not in _COLORMAPS:
-        _fail(f"unknown colormap {colormap_name!r}; valid names are "
-              f"{', '.join(COLORMAP_NAMES)}")
-    image = _check_image(image_uint8)
+    image = None if image_uint8 is None else _check_image(image_uint8)
     alpha = _check_alpha(alpha)
     saliency = _check_saliency(saliency)
 
     # Compute everything before writing anything, so a bad argument never
     # leaves a partial set of files behind.
     heat = saliency_heat(saliency, clip_percentile=clip_percentile)
-    pictures = {
-        "heatmap": colormap(heat, name=colormap_name),
-        "overlay": overlay(image, heat, alpha=alpha,
-                           colormap_name=colormap_name),
-        "guided": guided_image(saliency),
-    }
+    pictures = {"heatmap": colormap(heat, name=colormap_name)}
+    if image is not None:
+        pictures["overlay"] = overlay(image, heat, alpha=alpha,
+                                      colormap_name=colormap_name)
+    pictures["guided"] = guided_image(saliency)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {kind: write_png(out / f"{stem}_{kind}.png", picture)

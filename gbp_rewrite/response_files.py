@@ -5,7 +5,9 @@
     <out>/<stem>_<saliency key>_guided.png    'saliency_<input>'), per example; with the request's
     <out>/<stem>_<saliency key>_overlay.png   images also the overlay, at the image's own size
 
-`stem` is the image's file name stem when the images are given, else example_<i>.
+`stem` is the image's file name stem when the images are given, else example_<i>. The pictures
+are render.render_all's, so a saliency whose channels are not 1 or 3 (no guided picture) is a
+RenderError, with or without the images.
 """
 
 from __future__ import annotations
@@ -73,14 +75,10 @@ def _save_npy(out_dir: Path, key: str, value: np.ndarray) -> Path:
 
 
 def _stems(paths: list[str], batch: int) -> list[str]:
+    """One file name stem per example: the image's (made safe and unique), else example_<i>."""
     if not paths:
         return [f"example_{i}" for i in range(batch)]
-    stems, used = [], set()
-    for index, path in enumerate(paths):
-        stem = _safe_name(Path(path).stem)
-        stems.append(stem if stem not in used else f"{stem}_{index}")
-        used.add(stem)
-    return stems
+    return images.unique_names([_safe_name(Path(path).stem) for path in paths])
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -92,11 +90,6 @@ def _read_rgb(path: str) -> np.ndarray:
 
 def _render(out_dir: Path, stem: str, saliency: np.ndarray, image: np.ndarray | None) -> list[Path]:
     try:
-        if image is not None:
-            return list(render.render_all(image, saliency, out_dir=out_dir, stem=stem).values())
-        pictures = {"heatmap": render.colormap(render.saliency_heat(saliency))}
-        if saliency.ndim == 2 or saliency.shape[-1] in (1, 3):
-            pictures["guided"] = render.guided_image(saliency)
-        return [render.write_png(out_dir / f"{stem}_{kind}.png", picture) for kind, picture in pictures.items()]
+        return list(render.render_all(image, saliency, out_dir=out_dir, stem=stem).values())
     except RenderError as e:
         raise RenderError(f"cannot render {stem}: {e}") from None

@@ -55,18 +55,18 @@ def image_input(model: savedmodel.SavedModelFile, signature: str) -> tuple[str, 
             "fills one image input (build other bodies with gbp_rewrite.rest.request_body)"
         )
     (key, tensor), = desc.inputs.items()
-    shape = tensor.shape
-    if shape is None or len(shape) != 4 or shape[3] != 3 or tensor.dtype is None or not tensor.dtype.is_floating:
+    spec = images.rgb_input_spec(tensor.shape, tensor.dtype)
+    if spec == images.NOT_RGB_INPUT:
         raise SignatureError(
             f"signature {signature!r} takes {tensor.describe()}; `request` sends RGB images to a float "
             "[batch, height, width, 3] input"
         )
-    if shape[1] is None or shape[2] is None:
+    if spec == images.NO_FIXED_SIZE:
         raise SignatureError(
             f"signature {signature!r} takes {tensor.describe()}, with no fixed height and width; "
             "`request` resizes images to the signature's size, so it needs a fixed one"
         )
-    return key, images.InputSpec(int(shape[1]), int(shape[2]), tensor.dtype)
+    return key, spec
 
 
 def load_pixels(paths: Sequence[str], *, spec: images.InputSpec, preprocess: str,

@@ -221,9 +221,11 @@ def signature_order(keys: list[str], explained: str | None) -> list[str]:
     return sorted(keys, key=lambda k: (k != explained, k == EXPLAIN_CLASS, k))
 
 
-def run_signatures(loaded, report: dict | None, config: dict, checks: Checks) -> list[dict]:
-    """Run every signature on a probe batch; save inputs and outputs; check batch dims and saliency."""
-    explained = (report or {}).get("signature")
+def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) -> list[dict]:
+    """Run every signature on a probe batch; save inputs and outputs; check batch dims and saliency.
+
+    `explained`: the signature the conversion report names, run first (None: no report).
+    """
     work = Path(config["work_dir"])
     keys = signature_order([k for k in loaded.signatures if k != INIT_OP_KEY], explained)
     results = []
@@ -399,7 +401,7 @@ def main(config: dict) -> dict:
     checks.add("loads in plain TensorFlow", True,
                f"tf.saved_model.load(tags=['serve']) with TensorFlow {tf.__version__}")
     explained = (report or {}).get("signature")
-    results = run_signatures(loaded, report, config, checks)
+    results = run_signatures(loaded, explained, config, checks)
     check_explain_class(results, explained, checks)
     if config.get("source_dir"):
         compare_with_source(results, config["source_dir"], explained, checks)

@@ -179,6 +179,7 @@ def test_same_file_names_get_distinct_pictures():
 def test_bad_options_and_inputs(shapes, tmp_path):
     with pytest.raises(OptionError, match="--class 4 is out of range.*4 classes"):
         gbp_rewrite.explain(shapes[0], SAMPLES[:1], out_dir=tmp_path / "a", class_index=4)
+    assert not (tmp_path / "a").exists()  # refused before the output folder is made
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageError, match="no image files"):
         gbp_rewrite.explain(shapes[0], tmp_path / "empty", out_dir=tmp_path / "b")
@@ -192,6 +193,7 @@ def test_non_explainable_model_says_how_to_convert(zoo, tmp_path):
     with pytest.raises(SourceModelError) as error:
         gbp_rewrite.explain(plain, SAMPLES[:1], out_dir=tmp_path / "out")
     message = str(error.value)
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
     assert "not an explainable export" in message
     assert f"gbp-rewrite convert {plain} {plain}_explainable" in message
     with pytest.raises(SourceModelError, match="does not exist"):

@@ -219,6 +219,10 @@ def test_render_all_writes_three_pngs(tmp_path, rng):
     assert _decode(paths["guided"]).shape == (32, 32, 3)
     assert sorted(os.listdir(tmp_path / "out")) == [
         "cat_guided.png", "cat_heatmap.png", "cat_overlay.png"]
+    heat = render.saliency_heat(sal)
+    np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat))
+    np.testing.assert_array_equal(_decode(paths["overlay"]), render.overlay(image, heat))
+    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
 
 
 def test_render_all_greyscale_saliency(tmp_path, rng):
@@ -228,6 +232,29 @@ def test_render_all_greyscale_saliency(tmp_path, rng):
                               colormap_name="gray", alpha=0.3)
     assert _decode(paths["guided"]).shape == (28, 28, 1)
     assert _decode(paths["heatmap"]).shape == (28, 28, 3)
+    heat = render.saliency_heat(sal)
+    np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat, name="gray"))
+    np.testing.assert_array_equal(_decode(paths["overlay"]),
+                                  render.overlay(image, heat, alpha=0.3, colormap_name="gray"))
+    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
+
+
+def test_render_all_without_image_writes_no_overlay(tmp_path, rng):
+    sal = rng.normal(size=(16, 12, 3))
+    paths = render.render_all(None, sal, out_dir=tmp_path, stem="x", clip_percentile=90)
+    assert list(paths) == ["heatmap", "guided"]
+    assert sorted(os.listdir(tmp_path)) == ["x_guided.png", "x_heatmap.png"]
+    heat = render.saliency_heat(sal, clip_percentile=90)
+    np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat))
+    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
+
+
+@pytest.mark.parametrize("image", [None, np.zeros((8, 8, 3), np.uint8)])
+def test_render_all_needs_a_guided_picture_with_or_without_image(tmp_path, image):
+    """One rule: the guided picture takes 1 or 3 channels, whether or not an overlay is made."""
+    with pytest.raises(RenderError, match=r"\[H, W, 1\] or \[H, W, 3\]"):
+        render.render_all(image, np.ones((8, 8, 2)), out_dir=tmp_path / "out", stem="x")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- errors

@@ -13,7 +13,7 @@ import tensorflow as tf
 import gbp_rewrite
 import tf_serving_json as server
 from conftest import REPO, cli_command
-from gbp_rewrite import rest
+from gbp_rewrite import render, rest
 from gbp_rewrite.errors import ImageError, OptionError, RestFormatError, SignatureError
 
 IMAGES = sorted((REPO / "testdata" / "images").glob("*.png"))[:3]
@@ -218,6 +218,14 @@ def test_decoded_response_files(export, tmp_path):
     without_images = write_response_files(arrays, tmp_path / "plain")
     assert sorted(p.name for p in without_images if p.suffix == ".png") == [
         f"example_{i}_saliency_{kind}.png" for i in range(2) for kind in ("guided", "heatmap")]
+    # Each example's pictures are its own saliency's (not another example's).
+    for i, (stem, image) in enumerate(zip(stems, IMAGES[:2])):
+        heat = render.saliency_heat(outputs["saliency"][i])
+        for folder, name in ((tmp_path / "out", stem), (tmp_path / "plain", f"example_{i}")):
+            np.testing.assert_array_equal(_decoded_png(folder / f"{name}_saliency_heatmap.png"),
+                                          render.colormap(heat), err_msg=f"{folder.name}/{name}")
+        np.testing.assert_array_equal(_decoded_png(tmp_path / "out" / f"{stem}_saliency_overlay.png"),
+                                      render.overlay(_decoded_png(image), heat), err_msg=stem)
     with pytest.raises(ImageError, match="1 image"):
         write_response_files(arrays, tmp_path / "bad", image_paths=IMAGES[:1])
 

@@ -141,6 +141,7 @@ def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[
     source = build_source(name, workdir)
     export = workdir / f"{name}_explainable"
     conversion = convert_in_child(source, export)
+    size_ratio = disk_size(export) / disk_size(source)
     functions, spec, _keep = timed_functions(source, export)
     rows = []
     for batch in batches:
@@ -150,7 +151,7 @@ def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[
         rows.append({
             "model": name, "batch": batch, **{f"{k}_ms": medians[k] * 1000 for k in "abc"},
             "b/a": medians["b/a"], "b/c": medians["b/c"],
-            "size_ratio": disk_size(export) / disk_size(source), **conversion,
+            "size_ratio": size_ratio, **conversion,
         })
         print(_row_text(rows[-1]), flush=True)
     return rows

@@ -242,18 +242,19 @@ def build(out_dir: Path) -> dict:
             atol=1e-5,
         )
 
+        described = describe_signature(signature)
+        (input_name, input_spec), = described["inputs"].items()
         metadata = {
             "model": MODEL_NAME,
             "class_names": list(shapes.CLASS_NAMES),
             "input": {
-                "name": "image",
-                "shape": [None, 32, 32, 3],
-                "dtype": "float32",
+                "name": input_name,
+                **input_spec,  # shape and dtype, as exported
                 "scaling": "unit",
                 "scaling_formula": "x / 255",
             },
             "layers": [layer.name for layer in model.layers],
-            "serving_default": describe_signature(signature),
+            "serving_default": described,
             "heldout_accuracy": round(heldout_accuracy, 4),
             "verification_accuracy": round(verification_accuracy, 4),
             "num_train": NUM_TRAIN,

@@ -18,6 +18,23 @@ flags.DEFINE_bool("unsafe_deserialization", False,
                   "as one with a Lambda layer. A risk: a Lambda layer is arbitrary Python code stored in "
                   "the file, and it runs when the file is loaded; use only on files you trust.")
 
+# Flags of the image commands (explain, request, decode).
+
+# gbp_rewrite.images.PREPROCESSING's keys, copied: importing images would load TensorFlow before
+# the command line is parsed (tests/test_deploy_mends.py keeps the two equal).
+PREPROCESS_MODES = ("unit", "symmetric", "caffe", "none")
+
+flags.DEFINE_multi_string("image", None, "explain, request, decode: an image file (PNG, JPEG, BMP, GIF); "
+                          "repeat the flag or give a comma-separated list.")
+flags.DEFINE_string("out", None, "explain: the folder for the PNGs, results.csv and summary.json "
+                    "(created if missing; files of the same names are replaced). request: the file for "
+                    "the JSON body (default: stdout). decode: the folder for the .npy files and PNGs.")
+flags.DEFINE_enum("preprocess", "unit", PREPROCESS_MODES,
+                  "explain, request: how the model expects its pixels, as in Keras applications: unit = x/255, "
+                  "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw 0..255.")
+flags.DEFINE_bool("grayscale_to_rgb", False, "explain, request: take grey-scale images as RGB (repeat the "
+                  "grey channel); without it they are refused.")
+
 
 def emit(result) -> None:
     """Print a result object (with to_text/to_dict) as text, or as JSON with --json."""

@@ -6,10 +6,11 @@ Usage (with the project's venv python):
 
 Compiles serving_check.cc with g++ using the flags from ``tf.sysconfig`` and
 links it against ``libtensorflow_cc.so.2`` / ``libtensorflow_framework.so.2``
-shipped in the wheel.  The binary goes to ``tools/serving_check/build/`` and
-a stamp file next to it records the tensorflow version and the command; the
-build is skipped when the binary is newer than the source and the stamp still
-matches.
+shipped in the wheel.  The binary goes to ``tools/serving_check/build/``
+(linked under a temporary name and renamed into place, so an interrupted
+build never leaves a partial executable there) and a stamp file next to it
+records the tensorflow version and the command; the build is skipped when the
+binary is newer than the source and the stamp still matches.
 
 Importable API::
 
@@ -118,6 +119,14 @@ def _command(cxx: str, output: pathlib.Path) -> list[str]:
     ]
 
 
+def _run_compiler(cmd: list[str], cxx: str) -> subprocess.CompletedProcess:
+    """Run the compile-and-link command; a compiler that cannot start is a BuildError."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise BuildError(f"cannot run {cxx}: {e}") from e
+
+
 def _read_stamp() -> dict:
     try:
         return json.loads(STAMP.read_text())
@@ -143,17 +152,22 @@ def build(*, force: bool = False) -> pathlib.Path:
 
     cxx = _compiler()
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = _command(cxx, BINARY)
+    # Same directory as BINARY, so os.replace is an atomic rename.
+    partial = BUILD_DIR / f".{BINARY.name}.{os.getpid()}.tmp"
+    cmd = _command(cxx, partial)
     # Invalidate first so an interrupted build is never taken as up to date.
     STAMP.unlink(missing_ok=True)
     print(shlex.join(cmd), flush=True)
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        raise BuildError(f"cannot run {cxx}: {e}") from e
+        proc = _run_compiler(cmd, cxx)
+        if proc.returncode == 0:
+            os.replace(partial, BINARY)
+    finally:
+        partial.unlink(missing_ok=True)
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
+        # A failed build must not leave an older binary to be taken for this source's.
         BINARY.unlink(missing_ok=True)
         errors = [
             l

@@ -84,13 +84,17 @@ std::string Join(const std::vector<std::string>& parts, const char* sep) {
   return out;
 }
 
+// The dimensions as decimal numbers, joined by `sep`.
+std::string JoinDims(const std::vector<int64_t>& dims, const char* sep) {
+  std::vector<std::string> parts;
+  parts.reserve(dims.size());
+  for (int64_t d : dims) parts.push_back(std::to_string(d));
+  return Join(parts, sep);
+}
+
+// "[2,32,32,3]": shapes in messages and in the output summary lines.
 std::string ShapeString(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ",";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
+  return "[" + JoinDims(dims, ",") + "]";
 }
 
 // ---------------------------------------------------------------------------
@@ -362,14 +366,9 @@ NpyArray ReadNpy(const std::string& path) {
   return arr;
 }
 
+// "(2, 32, 32, 3)": the Python tuple of an .npy header ("(5,)" for one dimension).
 std::string NpyShapeTuple(const std::vector<int64_t>& dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  if (dims.size() == 1) s += ",";
-  return s + ")";
+  return "(" + JoinDims(dims, ", ") + (dims.size() == 1 ? "," : "") + ")";
 }
 
 void WriteNpy(const fs::path& path, const std::string& descr,
