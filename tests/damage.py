@@ -15,7 +15,6 @@ config, a truncated or bit-flipped zip, a missing member.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
@@ -36,11 +35,11 @@ SAVEDMODEL_DAMAGE = ("truncate_pb", "flip_pb", "mutate_pb", "mutate_pb", "mutate
                      "variables_short", "variables_flip", "asset")
 
 
-def damage_savedmodel(good: Path, copy: Path, rng: random.Random, kind: str | None = None) -> str:
+def damage_savedmodel(good: Path, copy: Path, rng: random.Random) -> str:
     """Copy the SavedModel `good` to `copy` and break it one way; return '<kind>: what was done'."""
     shutil.copytree(good, copy)
     has_assets = any((copy / "assets").glob("*")) if (copy / "assets").is_dir() else False
-    kind = kind or rng.choice([k for k in SAVEDMODEL_DAMAGE if has_assets or k != "asset"])
+    kind = rng.choice([k for k in SAVEDMODEL_DAMAGE if has_assets or k != "asset"])
     return f"{kind}: {_damage_savedmodel(copy, rng, kind)}"
 
 
@@ -222,23 +221,22 @@ KERAS_DAMAGE = ("config", "config", "config", "config_text", "truncate", "flip",
 _CONFIG_VALUES = [None, -1, 0, 2**40, 1e308, "", "relu", "nonsense", [], {}, [None], True, "Lambda", 7.5]
 
 
-def damage_keras_file(good: Path, copy: Path, rng: random.Random, kind: str | None = None) -> str:
+def damage_keras_file(good: Path, copy: Path, rng: random.Random) -> str:
     """Write a broken copy of the .keras file `good` to `copy`; return 'keras_<kind>: what was done'."""
-    kind = kind or rng.choice(KERAS_DAMAGE)
+    kind = rng.choice(KERAS_DAMAGE)
     return f"keras_{kind}: {_damage_keras_file(good, copy, rng, kind)}"
 
 
 def _damage_keras_file(good: Path, copy: Path, rng: random.Random, kind: str) -> str:
-    data = good.read_bytes()
     if kind == "truncate":
+        data = good.read_bytes()
         cut = rng.randrange(len(data))
         copy.write_bytes(data[:cut])
         return f"zip truncated to {cut} of {len(data)} bytes"
     if kind == "flip":
         shutil.copyfile(good, copy)
         return "zip: " + _flip_bits(copy, rng, rng.randint(1, 6))
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
+    members = _zip_members(good)
     if kind == "config":
         config = json.loads(members["config.json"])
         note = "config.json: " + "; ".join(_mutate_config(config, rng) for _ in range(rng.randint(1, 3)))
@@ -256,12 +254,21 @@ def _damage_keras_file(good: Path, copy: Path, rng: random.Random, kind: str) ->
         note = f"metadata.json = {members['metadata.json']!r}"
     else:
         raise ValueError(kind)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, member in members.items():
-            archive.writestr(name, member)
-    copy.write_bytes(buffer.getvalue())
+    _write_zip(copy, members)
     return note
+
+
+def _zip_members(path: Path) -> dict[str, bytes]:
+    """name -> bytes of every member of the zip file `path` (a .keras file), in archive order."""
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _write_zip(path: Path, members: dict[str, bytes]) -> None:
+    """Write `members` (name -> bytes) as the zip file `path`."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
 
 
 def _json_paths(value, prefix=()):
@@ -404,18 +411,15 @@ def damage_targeted(name: str, good: Path, copy: Path) -> str:
     """Copy `good` to `copy` and apply TARGETED[name]; return 'targeted: name'."""
     family, mutate, _ = TARGETED[name]
     if family == "keras":
-        with zipfile.ZipFile(good) as archive:
-            members = {member: archive.read(member) for member in archive.namelist()}
+        members = _zip_members(good)
         config = json.loads(members["config.json"])
         mutate(config)
         members["config.json"] = json.dumps(config).encode()
-        with zipfile.ZipFile(copy, "w") as archive:
-            for member, data in members.items():
-                archive.writestr(member, data)
+        _write_zip(copy, members)
         return f"targeted: {name}"
     shutil.copytree(good, copy)
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((copy / "saved_model.pb").read_bytes())
-    TARGETED[name][1](proto.meta_graphs[0])
+    mutate(proto.meta_graphs[0])
     (copy / "saved_model.pb").write_bytes(proto.SerializeToString())
     return f"targeted: {name}"

@@ -16,7 +16,6 @@ case takes longer than the timeout, so a hang becomes a failure that names the c
 from __future__ import annotations
 
 import faulthandler
-import hashlib
 import json
 import os
 import random
@@ -30,15 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import damage  # noqa: E402
 import gbp_rewrite  # noqa: E402
+from fingerprints import source_fingerprint  # noqa: E402
 from gbp_rewrite.errors import GbpError  # noqa: E402
 from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
-
-
-def digest(path: Path) -> dict[str, str]:
-    """sha256 of the file, or of every file under the directory."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path) if p != path else p.name): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
 
 
 def outcome(call) -> dict:
@@ -58,15 +51,23 @@ def outcome(call) -> dict:
                 "traceback": traceback.format_exc()[-3000:]}
 
 
-def export_is_complete(export_dir: Path) -> bool:
-    """The parts every explainable export has: a parseable graph with explain_class, and the report."""
+def export_is_complete(export_dir: Path, source: Path) -> bool:
+    """The parts every explainable export has: a parseable graph with explain_class, the report,
+    and every file of the source's assets/ (a vocabulary the export would otherwise lack)."""
     proto = saved_model_pb2.SavedModel()
     try:
         proto.ParseFromString((export_dir / "saved_model.pb").read_bytes())
     except Exception:  # noqa: BLE001
         return False
     signatures = {key for meta_graph in proto.meta_graphs for key in meta_graph.signature_def}
-    return "explain_class" in signatures and (export_dir / "assets" / "gbp_rewrite_report.json").is_file()
+    return ("explain_class" in signatures and (export_dir / "assets" / "gbp_rewrite_report.json").is_file()
+            and _asset_files(source) <= _asset_files(export_dir))
+
+
+def _asset_files(model: Path) -> set[str]:
+    """Paths of the files under `model`/assets, relative to it (none for a .keras file)."""
+    assets = model / "assets"
+    return {str(p.relative_to(assets)) for p in assets.rglob("*") if p.is_file()} if assets.is_dir() else set()
 
 
 def run_case(case: dict, work: Path) -> dict:
@@ -84,7 +85,7 @@ def run_case(case: dict, work: Path) -> dict:
         source = folder / "model"
         note = damage.damage_savedmodel(base, source, rng)
     destination = folder / "out" / "explainable"
-    before = digest(source)
+    before = source_fingerprint(source)
     started = time.perf_counter()
     facts = {
         "id": case["id"], "family": case["family"], "note": note,
@@ -92,12 +93,12 @@ def run_case(case: dict, work: Path) -> dict:
         "convert": outcome(lambda: gbp_rewrite.convert(source, destination)),
     }
     facts["seconds"] = round(time.perf_counter() - started, 2)
-    facts["source_changed"] = digest(source) != before
+    facts["source_changed"] = source_fingerprint(source) != before
     facts["destination_exists"] = destination.exists()
     parent = destination.parent
     facts["leftovers"] = sorted(p.name for p in parent.iterdir() if p.name != destination.name) if parent.exists() else []
     if facts["convert"]["status"] == "ok":
-        facts["export_complete"] = export_is_complete(destination)
+        facts["export_complete"] = export_is_complete(destination, source)
     shutil.rmtree(folder, ignore_errors=True)
     return facts
 

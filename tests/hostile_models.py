@@ -15,6 +15,11 @@ import tensorflow as tf
 VOCABULARY = ("dog", "cat", "bird")
 
 
+def vocabulary_weights() -> np.ndarray:
+    """The weights w of vocabulary_module's model."""
+    return np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+
+
 class _Vocabulary(tf.Module):
     """scores = relu(x @ w) * (1 + index of 'cat' in the vocabulary file): the asset matters."""
 
@@ -24,7 +29,7 @@ class _Vocabulary(tf.Module):
             vocabulary_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
             tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
         self.table = tf.lookup.StaticHashTable(initializer, default_value=-1)
-        self.w = tf.Variable(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
+        self.w = tf.Variable(vocabulary_weights())
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
     def serve(self, x):
@@ -32,9 +37,14 @@ class _Vocabulary(tf.Module):
         return {"scores": tf.nn.relu(tf.matmul(x, self.w)) * scale}
 
 
+def vocabulary_source_file(path: Path) -> Path:
+    """The vocabulary file vocabulary_module(path) builds its model from (outside the model)."""
+    return path.parent / f"{path.name}-vocabulary" / "vocabulary.txt"
+
+
 def vocabulary_module(path: Path) -> Path:
     """A tf.Module with a StaticHashTable read from a vocabulary file: assets/vocabulary.txt."""
-    vocabulary = path.parent / f"{path.name}-vocabulary" / "vocabulary.txt"
+    vocabulary = vocabulary_source_file(path)
     vocabulary.parent.mkdir(parents=True, exist_ok=True)
     vocabulary.write_text("\n".join(VOCABULARY) + "\n")
     module = _Vocabulary(str(vocabulary))

@@ -1,6 +1,7 @@
 """Builders of the small models the tests convert, one per SavedModel family and structure.
 
-Every builder writes a model to a directory and returns that directory. Weights come from fixed
+A builder that takes a `path` writes a model there and returns the path; the other builders
+return a keras.Model (to export, convert or clone). Weights come from fixed
 seeds or from a numpy_reference layer spec, so the same function can be built as a Keras 3 export,
 a tf-keras SavedModel, a TF1 SavedModelBuilder graph and a TF2 tf.Module, and each checked against
 the numpy reference.
@@ -8,13 +9,15 @@ the numpy reference.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+import fingerprints
 import numpy_reference as ref
+
+tree_digest = fingerprints.tree_digest  # the tests prove a source untouched with model_zoo.tree_digest
 
 # ---------------------------------------------------------------------------------------------
 # Spec -> TensorFlow ops (TF1 graphs and TF2 modules share these)
@@ -310,15 +313,28 @@ def relu6_hand_module(path: Path) -> Path:
     return path
 
 
+def float16_spec():
+    """The numpy_reference spec of float16_module: conv (no bias) + ReLU, flatten, dense (no bias).
+    The weights are float16 values (held in float64), so the reference sees the model's own."""
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float16)
+    dense = rng.normal(size=(6 * 6 * 4, 3)).astype(np.float16)
+    return [
+        {"type": "conv2d", "name": "conv", "kernel": kernel.astype(np.float64), "bias": None, "activation": "relu"},
+        {"type": "flatten"},
+        {"type": "dense", "name": "dense", "kernel": dense.astype(np.float64), "bias": None},
+    ]
+
+
 def float16_module(path: Path) -> Path:
     """A half-precision model end to end: float16 input, conv, ReLU, dense, float16 scores."""
+    conv, _, dense = float16_spec()
 
     class Half(tf.Module):
         def __init__(self):
             super().__init__()
-            rng = np.random.default_rng(0)
-            self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, 4)).astype(np.float16))
-            self.dense = tf.Variable(rng.normal(size=(6 * 6 * 4, 3)).astype(np.float16))
+            self.kernel = tf.Variable(conv["kernel"].astype(np.float16))
+            self.dense = tf.Variable(dense["kernel"].astype(np.float16))
 
         @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float16, name="image")])
         def serve(self, image):
@@ -331,30 +347,48 @@ def float16_module(path: Path) -> Path:
     return path
 
 
-def mixed_float16_keras3(keras, path: Path) -> Path:
-    """Keras 3 with the mixed_float16 policy: float32 input, float16 compute, float32 softmax."""
+def mixed_float16_keras3(keras, *, seed=0, batchnorm=False, float16_output=False):
+    """Keras 3 with the mixed_float16 policy: float32 input, float16 compute and a softmax head
+    computed in float32 (in float16 with `float16_output`); `batchnorm` adds a BatchNormalization
+    between the conv's ReLU and the ReLU6."""
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(seed)
         inputs = keras.Input((8, 8, 3), name="image")
         x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+        if batchnorm:
+            x = keras.layers.BatchNormalization(name="bn")(x)
         x = keras.layers.ReLU(max_value=6, name="act6")(x)
-        x = keras.layers.Flatten()(x)
-        outputs = keras.layers.Dense(3, activation="softmax", dtype="float32", name="probs")(x)
-        keras.Model(inputs, outputs).export(str(path), verbose=False)
+        x = keras.layers.Flatten(name="flatten")(x)
+        head_dtype = None if float16_output else "float32"  # None: the mixed_float16 policy
+        outputs = keras.layers.Dense(3, activation="softmax", dtype=head_dtype, name="probs")(x)
+        return keras.Model(inputs, outputs, name="mixed")
     finally:
         keras.config.set_dtype_policy(policy)
-    return path
 
 
-def tree_digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under `path` (symlinks resolved), to prove a source was not touched."""
-    import hashlib
+def keras_spec(model):
+    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, Flatten and Dense
+    layers (such as mixed_float16_keras3's), from the model's float32 weights."""
+    return [_keras_layer_spec(layer) for layer in model.layers[1:]]  # layers[0]: the InputLayer
 
-    digest = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            file = Path(root) / name
-            digest[str(file.relative_to(path))] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return digest
+
+def _keras_layer_spec(layer):
+    kind = type(layer).__name__
+    weights = [np.asarray(w, np.float64) for w in layer.get_weights()]
+    if kind == "Conv2D":
+        return {"type": "conv2d", "name": layer.name, "kernel": weights[0], "bias": weights[1],
+                "strides": layer.strides, "padding": layer.padding, "activation": layer.activation.__name__}
+    if kind == "Dense":
+        return {"type": "dense", "name": layer.name, "kernel": weights[0], "bias": weights[1],
+                "activation": layer.activation.__name__}
+    if kind == "BatchNormalization":
+        gamma, beta, mean, var = weights
+        return {"type": "batchnorm", "name": layer.name, "gamma": gamma, "beta": beta, "mean": mean,
+                "var": var, "epsilon": layer.epsilon}
+    if kind == "ReLU" and layer.max_value in (None, 6) and not layer.negative_slope and not layer.threshold:
+        return {"type": "relu" if layer.max_value is None else "relu6", "name": layer.name}
+    if kind == "Flatten":
+        return {"type": "flatten", "name": layer.name}
+    raise ValueError(f"no spec for layer {layer.name} ({kind})")

@@ -549,45 +549,46 @@ def _keras_activation(name):
     return name or "linear"
 
 
+def _with_weights(keras_layer, x, weights):
+    """Apply ``keras_layer`` to ``x`` (which builds it), then give it ``weights`` (float32)."""
+    y = keras_layer(x)
+    keras_layer.set_weights([np.asarray(w, np.float32) for w in weights])
+    return y
+
+
+def _kernel_and_bias(layer):
+    """A conv2d/dense spec layer's weights in Keras order; no bias when it has none."""
+    bias = layer.get("bias")
+    return [layer["kernel"]] + ([] if bias is None else [bias])
+
+
 def _keras_conv2d(keras, layer, x):
-    """Build a Conv2D for ``layer``, apply it and set its weights."""
-    kernel = np.asarray(layer["kernel"], np.float32)
-    use_bias = layer.get("bias") is not None
+    """A Conv2D with the weights of ``layer``, applied to ``x``."""
+    kernel_shape = np.shape(layer["kernel"])
     keras_layer = keras.layers.Conv2D(
-        filters=kernel.shape[3], kernel_size=kernel.shape[:2],
+        filters=kernel_shape[3], kernel_size=kernel_shape[:2],
         strides=_pair(layer.get("strides", 1)),
         padding=layer.get("padding", "valid"),
         activation=_keras_activation(layer.get("activation")),
-        use_bias=use_bias, name=layer.get("name"))
-    y = keras_layer(x)
-    weights = [kernel] + ([np.asarray(layer["bias"], np.float32)]
-                          if use_bias else [])
-    keras_layer.set_weights(weights)
-    return y
+        use_bias=layer.get("bias") is not None, name=layer.get("name"))
+    return _with_weights(keras_layer, x, _kernel_and_bias(layer))
 
 
 def _keras_dense(keras, layer, x):
-    """Build a Dense for ``layer``, apply it and set its weights."""
-    kernel = np.asarray(layer["kernel"], np.float32)
-    use_bias = layer.get("bias") is not None
+    """A Dense with the weights of ``layer``, applied to ``x``."""
     keras_layer = keras.layers.Dense(
-        kernel.shape[1], activation=_keras_activation(layer.get("activation")),
-        use_bias=use_bias, name=layer.get("name"))
-    y = keras_layer(x)
-    weights = [kernel] + ([np.asarray(layer["bias"], np.float32)]
-                          if use_bias else [])
-    keras_layer.set_weights(weights)
-    return y
+        np.shape(layer["kernel"])[1],
+        activation=_keras_activation(layer.get("activation")),
+        use_bias=layer.get("bias") is not None, name=layer.get("name"))
+    return _with_weights(keras_layer, x, _kernel_and_bias(layer))
 
 
 def _keras_batchnorm(keras, layer, x):
-    """Build a BatchNormalization with the spec's statistics."""
+    """A BatchNormalization with the statistics of ``layer``, applied to ``x``."""
     keras_layer = keras.layers.BatchNormalization(
         epsilon=float(layer.get("epsilon", 1e-3)), name=layer.get("name"))
-    y = keras_layer(x)
-    keras_layer.set_weights([np.asarray(layer[key], np.float32)
-                             for key in ("gamma", "beta", "mean", "var")])
-    return y
+    return _with_weights(keras_layer, x, [layer[key] for key in
+                                          ("gamma", "beta", "mean", "var")])
 
 
 def _keras_layer(keras, layer, x):

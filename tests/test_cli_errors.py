@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import model_zoo
-from conftest import cli_command
+from conftest import cli_command, run_cli_concurrently
 
 
 def _damaged_models(zoo, root):
@@ -57,17 +57,15 @@ def results(zoo, tmp_path_factory):
     cases, existing = _damaged_models(zoo, root)
     sources = {name: argv[1] for name, (argv, _) in cases.items()}
     digests = {name: model_zoo.tree_digest(src) for name, src in sources.items() if src.exists()}
-    processes = {}
+    commands, destinations = {}, {}
     for index, (name, (argv, _)) in enumerate(cases.items()):
         destination = existing if "@existing" in argv else root / f"out_{index}"
         argv = [str(destination) if a == "@existing" else a for a in argv]
         if "@existing" not in cases[name][0]:
             argv.insert(2, str(destination))
-        processes[name] = (subprocess.Popen(cli_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), destination)
-    outcome = {}
-    for name, (process, destination) in processes.items():
-        out, err = process.communicate(timeout=600)
-        outcome[name] = (process.returncode, out, err, destination)
+        commands[name], destinations[name] = cli_command(*argv), destination
+    outcome = {name: (done.returncode, done.stdout, done.stderr, destinations[name])
+               for name, done in run_cli_concurrently(commands).items()}
     return cases, outcome, digests, sources, existing
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import gbp_rewrite
 import model_zoo
-from conftest import INPUT_SHAPE, REPO, cli_command
+from conftest import INPUT_SHAPE, REPO, cli_command, run_cli_concurrently
 from gbp_rewrite import cpp_check
 
 CONVERTED = ["shapes_cnn", "tf_keras@cnn", "tf1@cnn"]
@@ -175,19 +174,17 @@ def test_wrong_predictions_are_flagged_and_missing_cpp_is_skipped(zoo, tmp_path)
 
 def test_verify_command(zoo, unservable):
     export_dir, _ = zoo.converted("tf1@cnn")
-    procs = {
-        "pass": subprocess.Popen(cli_command("verify", export_dir, "--source", zoo.model("tf1@cnn"), "--json"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "fail": subprocess.Popen(cli_command("verify", unservable), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True),
-    }
-    results = {name: (proc.wait(timeout=600), *proc.communicate()) for name, proc in procs.items()}
-    code, out, err = results["pass"]
-    assert code == 0, err
-    report = json.loads(out)
+    results = run_cli_concurrently({
+        "pass": cli_command("verify", export_dir, "--source", zoo.model("tf1@cnn"), "--json"),
+        "fail": cli_command("verify", unservable),
+    })
+    passed = results["pass"]
+    assert passed.returncode == 0, passed.stderr
+    report = json.loads(passed.stdout)
     assert report["ok"] and all(c["status"] in ("pass", "skip") for c in report["checks"])
-    code, out, err = results["fail"]
-    assert code == 1
+    failed = results["fail"]
+    assert failed.returncode == 1
+    out, err = failed.stdout, failed.stderr
     assert "  FAIL  op audit: no Python ops: " in out and f"why: {PYTHON_WHY}" in out
     assert "  PASS  loads in plain TensorFlow" in out and "result: FAIL" in out
     assert err.count("\n") == 1 and err.startswith("gbp-rewrite: error: ") and "Traceback" not in err

@@ -8,8 +8,6 @@ independent numpy backprop too, and so must the in-memory `guided_model`'s own i
 
 from __future__ import annotations
 
-import functools
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import tensorflow as tf
 import gbp_rewrite
 import model_zoo
 import numpy_reference as ref
-from conftest import INPUT_SHAPE, assert_close_relative, cli_command, reference_inputs
+from conftest import INPUT_SHAPE, assert_close_relative, cli_command, conversion_key, reference_inputs, run_cli_concurrently
 from gbp_rewrite.errors import SelectionError, SourceModelError
 
 # ---------------------------------------------------------------------------------------------
@@ -30,23 +28,6 @@ def _sequential_from_spec(keras, spec):
     """The spec as a keras.Sequential: the functional reference model's layers, in order."""
     functional = ref.keras_model(spec, INPUT_SHAPE, name="ref_functional")
     return keras.Sequential([keras.Input(INPUT_SHAPE), *functional.layers[1:]], name="ref_sequential")
-
-
-def _mixed_float16(keras):
-    """mixed_float16 end to end: float16 compute and a float16 softmax output."""
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        keras.utils.set_random_seed(1)
-        inputs = keras.Input((8, 8, 3), name="image")
-        x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
-        x = keras.layers.BatchNormalization(name="bn")(x)
-        x = keras.layers.ReLU(max_value=6, name="act6")(x)
-        x = keras.layers.Flatten(name="flatten")(x)
-        outputs = keras.layers.Dense(3, activation="softmax", name="probs")(x)
-        return keras.Model(inputs, outputs, name="mixed")
-    finally:
-        keras.config.set_dtype_policy(policy)
 
 
 def _lambda_model(keras, function):
@@ -64,7 +45,9 @@ _BUILDERS = {
     "sequential@cnn": (lambda keras: _sequential_from_spec(keras, ref.random_spec("cnn", seed=1, input_shape=INPUT_SHAPE)), None),
     "sink": (lambda keras: model_zoo.kitchen_sink_keras3(keras), "sink"),
     "multi_io": (lambda keras: model_zoo.multi_io_keras3(keras), "multi_io"),
-    "mixed_float16": (_mixed_float16, None),
+    # mixed_float16 end to end: float16 compute and a float16 softmax output.
+    "mixed_float16": (lambda keras: model_zoo.mixed_float16_keras3(keras, seed=1, batchnorm=True, float16_output=True),
+                      None),
 }
 
 
@@ -103,7 +86,7 @@ class KerasModels:
         return path
 
     def _cached(self, key, convert):
-        key = (key[0], key[1], tuple(sorted((k, str(v)) for k, v in key[2].items())))
+        key = conversion_key(key[0], key[1], **key[2])  # the zoo's scheme: defaults left out
         if key not in self._converted:
             destination = self.root / f"{key[0]}-{key[1]}-{len(self._converted)}"
             self._converted[key] = (destination, convert(destination))
@@ -115,13 +98,8 @@ def keras_models(zoo) -> KerasModels:
     return KerasModels(zoo)
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path):
-    return tf.saved_model.load(str(path))
-
-
-def _run(export_dir, inputs, signature="serving_default", **extra):
-    function = _load(export_dir).signatures[signature]
+def _run(zoo, export_dir, inputs, signature="serving_default", **extra):
+    function = zoo.loaded(export_dir).signatures[signature]
     keys = sorted(function.structured_input_signature[1])
     feed = dict(inputs)
     if len(feed) == 1 and len([k for k in keys if k != "class_index"]) == 1:  # single-input models:
@@ -178,13 +156,13 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=[_case_id(c) for c in CASES])
-def test_keras_path_agrees_with_graph_path(keras_models, name, options):
+def test_keras_path_agrees_with_graph_path(keras_models, zoo, name, options):
     keras_dir, keras_report = keras_models.keras_converted(name, **options)
     graph_dir, graph_report = keras_models.graph_converted(name, **options)
     inputs = _inputs(name)
     if set(inputs) == {"x"}:
         source = keras_models.exported(name)
-        expected = _load(source).signatures["serving_default"]
+        expected = zoo.loaded(source).signatures["serving_default"]
         (key,) = expected.structured_input_signature[1]
         model_out = keras_models.model(name)(inputs["x"], training=False).numpy()
         (exported_out,) = expected(**{key: tf.constant(inputs["x"])}).values()
@@ -192,7 +170,7 @@ def test_keras_path_agrees_with_graph_path(keras_models, name, options):
 
     # Same layout, same report sites (layer paths, op types, op names, what was done).
     for signature in ("serving_default", "explain_class"):
-        keras_fn, graph_fn = _load(keras_dir).signatures[signature], _load(graph_dir).signatures[signature]
+        keras_fn, graph_fn = zoo.loaded(keras_dir).signatures[signature], zoo.loaded(graph_dir).signatures[signature]
         assert sorted(keras_fn.structured_outputs) == sorted(graph_fn.structured_outputs)
         if set(inputs) != {"x"} or _BUILDERS[name][1] is None:  # else: auto-named inputs of two builds
             assert sorted(keras_fn.structured_input_signature[1]) == sorted(graph_fn.structured_input_signature[1])
@@ -202,7 +180,7 @@ def test_keras_path_agrees_with_graph_path(keras_models, name, options):
         "passes the gradient through" in graph_report.score_note)
 
     # Same numbers: predictions, saliency, explained class; and for other classes.
-    from_keras, from_graph = _run(keras_dir, inputs), _run(graph_dir, inputs)
+    from_keras, from_graph = _run(zoo, keras_dir, inputs), _run(zoo, graph_dir, inputs)
     assert set(from_keras) == set(from_graph)
     for key in from_graph:
         if key == "explained_class":
@@ -210,8 +188,8 @@ def test_keras_path_agrees_with_graph_path(keras_models, name, options):
         else:
             assert_close_relative(from_keras[key], from_graph[key])
     classes = np.arange(len(from_graph["explained_class"])) % 2
-    by_class = _run(keras_dir, inputs, "explain_class", class_index=classes.astype(np.int64))
-    graph_by_class = _run(graph_dir, inputs, "explain_class", class_index=classes.astype(np.int64))
+    by_class = _run(zoo, keras_dir, inputs, "explain_class", class_index=classes.astype(np.int64))
+    graph_by_class = _run(zoo, graph_dir, inputs, "explain_class", class_index=classes.astype(np.int64))
     for key in keras_report.saliency_outputs:
         assert_close_relative(by_class[key], graph_by_class[key])
 
@@ -234,12 +212,12 @@ def _in_memory_saliency(model, x, rule):
     return tape.gradient(score, x).numpy()
 
 
-def test_mixed_float16_converts_on_both_paths(keras_models):
+def test_mixed_float16_converts_on_both_paths(keras_models, zoo):
     inputs = _inputs("mixed_float16")
     keras_dir, keras_report = keras_models.keras_converted("mixed_float16")
     graph_dir, graph_report = keras_models.graph_converted("mixed_float16")
     assert len(keras_report.rewritten) == len(graph_report.rewritten) == 2
-    from_keras, from_graph = _run(keras_dir, inputs), _run(graph_dir, inputs)
+    from_keras, from_graph = _run(zoo, keras_dir, inputs), _run(zoo, graph_dir, inputs)
     assert from_keras["output_0"].dtype == np.float16 and from_keras["saliency"].dtype == np.float32
     for outputs in (from_keras, from_graph):
         assert np.all(np.isfinite(outputs["saliency"])) and np.any(outputs["saliency"] != 0)
@@ -249,7 +227,10 @@ def test_mixed_float16_converts_on_both_paths(keras_models):
     with tf.GradientTape() as tape:
         tape.watch(x)
         score = tf.reduce_max(guided(x), axis=-1)
-    assert np.all(np.isfinite(tape.gradient(score, x).numpy()))
+    in_memory = tape.gradient(score, x).numpy()
+    assert np.all(np.isfinite(in_memory))
+    # The clone's softmax passes the gradient through, like the export's: the same saliency.
+    assert_close_relative(in_memory, from_keras["saliency"], rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +339,7 @@ def test_lambda_file_is_refused_by_default_and_converts_with_the_flag(keras_file
     assert report.source_format == "keras" and [s.layer for s in report.rewritten] == ["fc"]
 
 
-def test_tf_keras_h5_equals_numpy_reference(keras_files, keras_models):
+def test_tf_keras_h5_equals_numpy_reference(keras_files, keras_models, zoo):
     destination = keras_models.root / "tf_keras-h5"
     report = gbp_rewrite.convert(keras_files["tf_keras.h5"], destination)
     assert report.source_format == "keras-h5"
@@ -366,7 +347,7 @@ def test_tf_keras_h5_equals_numpy_reference(keras_files, keras_models):
     spec = ref.random_spec("cnn", seed=1, input_shape=INPUT_SHAPE)
     x = reference_inputs(spec)
     expected, classes = ref.saliency(spec, x.astype(np.float64), rule="guided")
-    outputs = _run(destination, {"image": x})
+    outputs = _run(zoo, destination, {"image": x})
     assert_close_relative(outputs["saliency"], expected)
     np.testing.assert_array_equal(outputs["explained_class"], classes)
 
@@ -381,21 +362,19 @@ def test_inspect_reads_keras_files_like_the_export(keras_files, zoo):
     assert "Keras model" in from_h5.to_text() and "sink/block/inner_relu6" in from_h5.to_text()
 
 
-def test_keras_files_through_the_command_line(keras_files, keras_models):
+def test_keras_files_through_the_command_line(keras_files, keras_models, zoo):
     h5_out, lambda_out = keras_models.root / "cli-h5", keras_models.root / "cli-lambda"
-    commands = {
+    results = run_cli_concurrently({
         "h5": cli_command("convert", keras_files["sink.h5"], h5_out, "--layers", "shared", "--json"),
         "lambda": cli_command("convert", keras_files["lambda.keras"], lambda_out, "--unsafe_deserialization"),
-    }
-    running = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, c in commands.items()}
-    results = {k: (p.communicate(timeout=300), p.returncode) for k, p in running.items()}
-    for key, ((_, stderr), code) in results.items():
-        assert code == 0, f"{key}: {stderr}"
-    assert '"source_format": "keras-h5"' in results["h5"][0][0]
+    })
+    for key, result in results.items():
+        assert result.returncode == 0, f"{key}: {result.stderr}"
+    assert '"source_format": "keras-h5"' in results["h5"].stdout
     inputs = _inputs("sink")
     graph_dir, _ = keras_models.graph_converted("sink", layers=["shared"])
-    assert_close_relative(_run(h5_out, inputs)["saliency"], _run(graph_dir, inputs)["saliency"])
-    assert "rewritten" in results["lambda"][0][0] and (lambda_out / "saved_model.pb").exists()
+    assert_close_relative(_run(zoo, h5_out, inputs)["saliency"], _run(zoo, graph_dir, inputs)["saliency"])
+    assert "rewritten" in results["lambda"].stdout and (lambda_out / "saved_model.pb").exists()
 
 
 # ---------------------------------------------------------------------------------------------

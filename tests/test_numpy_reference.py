@@ -9,10 +9,10 @@ hand below.
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import numpy_reference as ref
-
-tf = pytest.importorskip("tensorflow")
+from conftest import assert_close_relative, reference_inputs
 
 INPUT_SHAPE = ref.DEFAULT_INPUT_SHAPE
 SEED = 0
@@ -21,15 +21,6 @@ SEED = 0
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-def _inputs_away_from_kinks(spec, *, margin, count=4, seed=SEED,
-                            input_shape=INPUT_SHAPE):
-    """``count`` random inputs whose kink margin exceeds ``margin``."""
-    candidates = ref.random_inputs(input_shape, batch=64, seed=seed + 1000)
-    good = candidates[ref.kink_margin(spec, candidates) > margin]
-    assert len(good) >= count, "too few inputs away from kinks"
-    return good[:count]
-
 
 def _finite_difference_saliency(spec, x, *, score, classes, eps=1e-6):
     """Central finite differences of the score w.r.t. every input element."""
@@ -44,13 +35,6 @@ def _finite_difference_saliency(spec, x, *, score, classes, eps=1e-6):
                                    score=score, class_index=classes)
         grad[:, index] = (plus - minus) / (2 * eps)
     return grad.reshape(x.shape)
-
-
-def _assert_close_scaled(actual, expected, rtol):
-    """allclose with an absolute tolerance relative to the largest value."""
-    scale = np.max(np.abs(expected))
-    assert scale > 0
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
 def _tf_relu_family(rule, cap):
@@ -232,18 +216,20 @@ def test_maxpool_ties_route_to_first_position_like_tensorflow():
 ])
 def test_vanilla_matches_finite_differences(kind, score, class_index):
     spec = ref.random_spec(kind, seed=SEED)
-    x = _inputs_away_from_kinks(spec, margin=1e-3, count=3)
+    x = reference_inputs(spec, batch=3, seed=SEED, margin=1e-3,
+                         dtype=np.float64)
     saliency, classes = ref.saliency(spec, x, rule="vanilla", score=score,
                                      class_index=class_index)
     numeric = _finite_difference_saliency(spec, x, score=score,
                                           classes=classes)
-    _assert_close_scaled(saliency, numeric, rtol=1e-6)
+    assert_close_relative(saliency, numeric, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ref.SPEC_KINDS)
 def test_keras_model_matches_forward_and_vanilla_gradient(kind):
     spec = ref.random_spec(kind, seed=SEED)
-    x = _inputs_away_from_kinks(spec, margin=1e-3)
+    x = reference_inputs(spec, batch=4, seed=SEED, margin=1e-3,
+                         dtype=np.float64)
     model = ref.keras_model(spec, INPUT_SHAPE)
     expected_names = {layer["name"] for layer in spec}
     assert expected_names <= {layer.name for layer in model.layers}
@@ -254,9 +240,9 @@ def test_keras_model_matches_forward_and_vanilla_gradient(kind):
         tape.watch(x_tf)
         output = model(x_tf, training=False)
         picked = tf.gather(output, classes, axis=1, batch_dims=1)
-    _assert_close_scaled(output.numpy(), ref.forward(spec, x), rtol=1e-5)
+    assert_close_relative(output.numpy(), ref.forward(spec, x), rtol=1e-5)
     gradient = tape.gradient(picked, x_tf).numpy()
-    _assert_close_scaled(gradient, saliency, rtol=1e-5)
+    assert_close_relative(gradient, saliency, rtol=1e-5)
 
 
 def test_keras_model_logits_match_logit_saliency():
@@ -264,7 +250,8 @@ def test_keras_model_logits_match_logit_saliency():
     import keras  # pylint: disable=import-outside-toplevel
 
     spec = ref.random_spec("cnn", seed=SEED)
-    x = _inputs_away_from_kinks(spec, margin=1e-3)
+    x = reference_inputs(spec, batch=4, seed=SEED, margin=1e-3,
+                         dtype=np.float64)
     model = ref.keras_model(spec, INPUT_SHAPE)
     logits_model = keras.Model(model.inputs,
                                model.get_layer("softmax").input)
@@ -274,7 +261,7 @@ def test_keras_model_logits_match_logit_saliency():
         tape.watch(x_tf)
         logits = logits_model(x_tf, training=False)
         picked = tf.gather(logits, classes, axis=1, batch_dims=1)
-    _assert_close_scaled(tape.gradient(picked, x_tf).numpy(), saliency,
+    assert_close_relative(tape.gradient(picked, x_tf).numpy(), saliency,
                          rtol=1e-5)
 
 
@@ -287,12 +274,13 @@ def test_keras_model_logits_match_logit_saliency():
 def test_rules_match_tf_custom_gradient(kind, rule):
     """An independent TF implementation of the rules agrees (float64)."""
     spec = ref.random_spec(kind, seed=SEED)
-    x = _inputs_away_from_kinks(spec, margin=1e-6, count=6)
+    x = reference_inputs(spec, batch=6, seed=SEED, margin=1e-6,
+                         dtype=np.float64)
     for score in ("logit", "probability"):
         saliency, classes = ref.saliency(spec, x, rule=rule, score=score)
         expected = _tf_saliency(spec, x, rule=rule, score=score,
                                 classes=classes)
-        _assert_close_scaled(saliency, expected, rtol=1e-10)
+        assert_close_relative(saliency, expected, rtol=1e-10)
 
 
 def _hand_relu_network(activation_layer="relu"):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 import tensorflow as tf
 
 import gbp_rewrite
 import model_zoo
-from conftest import cli_command
+from conftest import cli_command, run_cli_concurrently
 from gbp_rewrite import savedmodel
 from gbp_rewrite.errors import OutputError
 
@@ -91,17 +90,16 @@ def test_command_line_paths(source, tmp_path):
     folder = tmp_path / "dössier avec espaces"
     shutil.copytree(source, folder / "mödel")
     before = model_zoo.tree_digest(folder / "mödel")
-    converted = subprocess.Popen(cli_command("convert", "dössier avec espaces/mödel", "sörtie/ëxport un", "--json"),
-                                 cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    refused = subprocess.Popen(cli_command("convert", "dössier avec espaces/mödel", "dössier avec espaces/mödel/x"),
-                               cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = converted.communicate(timeout=600)
-    assert converted.returncode == 0, err
-    assert json.loads(out)["destination"] == "sörtie/ëxport un"
+    done = run_cli_concurrently({
+        "converted": cli_command("convert", "dössier avec espaces/mödel", "sörtie/ëxport un", "--json"),
+        "refused": cli_command("convert", "dössier avec espaces/mödel", "dössier avec espaces/mödel/x"),
+    }, cwd=tmp_path)
+    converted, refused = done["converted"], done["refused"]
+    assert converted.returncode == 0, converted.stderr
+    assert json.loads(converted.stdout)["destination"] == "sörtie/ëxport un"
     assert savedmodel.read(tmp_path / "sörtie" / "ëxport un").signature("explain_class")
-    _, err = refused.communicate(timeout=600)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert refused.returncode == 1 and len(lines) == 1, err
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
     assert "inside the source" in lines[0] and "mödel/x" in lines[0]
     assert not (folder / "mödel" / "x").exists()
     assert model_zoo.tree_digest(folder / "mödel") == before

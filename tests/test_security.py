@@ -4,8 +4,9 @@ that has them unless allowed (issue #7, gbp_rewrite/security.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import op_def_pb2
@@ -15,7 +16,7 @@ from tensorflow.python.client import pywrap_tf_session
 import gbp_rewrite
 import hostile_models
 import model_zoo
-from conftest import REPO, cli_command
+from conftest import REPO, cli_command, run_cli_concurrently
 from gbp_rewrite import savedmodel, security
 from gbp_rewrite.errors import UnsafeModelError
 
@@ -63,6 +64,22 @@ def test_a_vocabulary_file_from_the_models_assets_is_not_reported(tmp_path):
     assert any(node.op == "InitializeTableFromTextFileV2" for node in _all_nodes(meta_graph))
     assert security.find_file_ops(meta_graph) == []
     assert gbp_rewrite.inspect(model).file_ops == []
+
+
+def test_the_export_carries_the_vocabulary_as_its_own_asset(tmp_path):
+    """The export must not read the vocabulary from the source or from the file the source was
+    built from: with both deleted it loads, gives the same scores and holds assets/vocabulary.txt."""
+    model = hostile_models.vocabulary_module(tmp_path / "vocabulary")
+    destination = tmp_path / "explainable"
+    gbp_rewrite.convert(model, destination)
+    shutil.rmtree(model)
+    shutil.rmtree(hostile_models.vocabulary_source_file(model).parent)
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    scores = tf.saved_model.load(str(destination)).signatures["serving_default"](x=tf.constant(x))["scores"]
+    expected = np.maximum(x @ hostile_models.vocabulary_weights(), 0) * (1 + hostile_models.VOCABULARY.index("cat"))
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-6, atol=1e-6)
+    vocabulary = (destination / "assets" / "vocabulary.txt").read_text()
+    assert vocabulary.splitlines() == list(hostile_models.VOCABULARY)
 
 
 def test_a_vocabulary_file_named_by_a_constant_is_reported(tmp_path):
@@ -115,6 +132,7 @@ def test_printing_to_stderr_is_not_a_file_op(programs, tmp_path):
     model, _ = programs["print_stderr"]
     assert gbp_rewrite.inspect(model).file_ops == []
     gbp_rewrite.convert(model, tmp_path / "out")
+    assert (tmp_path / "out" / "saved_model.pb").is_file()
 
 
 def test_a_write_hidden_in_the_tf1_restore_subgraph_is_reported(zoo):
@@ -148,18 +166,17 @@ def test_a_function_named_like_the_standard_saver_is_exempt_only_inside_the_save
 def test_command_line_refuses_and_allows(programs, tmp_path):
     model, _ = programs["checkpoint"]
     before = model_zoo.tree_digest(model)
-    refused = subprocess.Popen(cli_command("convert", model, tmp_path / "refused"), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    allowed = subprocess.Popen(cli_command("convert", model, tmp_path / "allowed", "--allow_file_ops"),
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, err = refused.communicate(timeout=600)
-    assert refused.returncode == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "SaveV2" in lines[0] and "--allow_file_ops" in lines[0], err
+    done = run_cli_concurrently({
+        "refused": cli_command("convert", model, tmp_path / "refused"),
+        "allowed": cli_command("convert", model, tmp_path / "allowed", "--allow_file_ops"),
+    })
+    refused, allowed = done["refused"], done["allowed"]
+    assert refused.returncode == 1, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "SaveV2" in lines[0] and "--allow_file_ops" in lines[0], refused.stderr
     assert not (tmp_path / "refused").exists()
-    out, err = allowed.communicate(timeout=600)
-    assert allowed.returncode == 0, err
-    assert "allow_file_ops" in out and (tmp_path / "allowed" / "saved_model.pb").is_file()
+    assert allowed.returncode == 0, allowed.stderr
+    assert "allow_file_ops" in allowed.stdout and (tmp_path / "allowed" / "saved_model.pb").is_file()
     assert model_zoo.tree_digest(model) == before
 
 

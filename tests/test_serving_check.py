@@ -1,8 +1,9 @@
 """Tests for tools/serving_check: the C++ TF-Serving-path runner.
 
-The binary is built once per module (build.py is incremental, so after the
-first build this only costs a stat()).  Each test compares what the binary
-produces through LoadSavedModel + Session::Run with what Python's
+The binary is built once per session by conftest's serving_check_binary
+(build.py is incremental, so after the first build this only costs a
+stat()).  Each test compares what the binary produces through
+LoadSavedModel + Session::Run with what Python's
 tf.saved_model.load(...).signatures[key](...) returns on the same inputs.
 """
 
@@ -10,20 +11,13 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
-import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools" / "serving_check"))
-import build as serving_check_build  # noqa: E402  pylint: disable=wrong-import-position
-
-# "build" is a generic module name (pypa's `build` package); make sure we got ours.
-assert pathlib.Path(serving_check_build.__file__).resolve().parent == (
-    REPO / "tools" / "serving_check"
-), serving_check_build.__file__
+from conftest import serving_check_build
 
 ERROR_PREFIX = "serving_check: error: "
 RUN_TIMEOUT = 300
@@ -99,7 +93,6 @@ def identity_model(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def keras_model(tmp_path_factory) -> pathlib.Path:
-    keras = pytest.importorskip("keras", minversion="3")
     path = tmp_path_factory.mktemp("models") / "keras"
     keras.utils.set_random_seed(3)
     inp = keras.Input((4,), name="features")
@@ -173,9 +166,9 @@ def assert_matches_python(out_dir, proc, model_dir, key, inputs):
 
 
 def test_build_is_incremental(binary):
-    assert serving_check_build.binary_path() == binary
+    assert serving_check_build().binary_path() == binary
     mtime = binary.stat().st_mtime_ns
-    assert serving_check_build.build() == binary
+    assert serving_check_build().build() == binary
     assert binary.stat().st_mtime_ns == mtime
 
 
