@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -113,12 +114,16 @@ def convert(
         # The predictions to match are the source's own (unfolded) signature's; the explainable
         # signature is traced over the folded twin when there is one.
         source_signature = loaded.signatures[signature]
-        with phase("probe"):
-            expected = verify.run_probe(lambda inputs: source_signature(**inputs), plan, probe)
         source_fn = loaded.signatures[patched.folded_signature or signature]
-        with rules.record_applications() as applied, phase("trace"), \
-                validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
-            signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+        # The probe runs in TensorFlow's C++ runtime while this thread traces in Python: on a
+        # large network that hides most of the probe's time.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gbp_rewrite_probe") as pool:
+            probed = pool.submit(verify.run_probe, lambda inputs: source_signature(**inputs), plan, probe)
+            with rules.record_applications() as applied, phase("trace"), \
+                    validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
+                signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+            with phase("probe (rest)"):
+                expected = probed.result()
         checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (

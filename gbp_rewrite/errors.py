@@ -5,6 +5,8 @@ that exists) is raised as a subclass of `GbpError`, with a one-line message that
 the offending value and the valid choices or the fix. The command line prints that line and exits 1.
 """
 
+import re
+
 
 class GbpError(Exception):
     """Base class of every error gbp_rewrite raises on purpose."""
@@ -50,11 +52,18 @@ class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
 
 
+# Lines of a TensorFlow error message that say nothing about the cause: the "Graph execution
+# error" banner, the Python stack that defined the failing node, the node reference. (A copy lives
+# in standalone_check, which runs without this package; a test keeps the two in step.)
+_NOISE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces unavailable>|Traceback|File |\[\[)")
+
+
 def one_line(error: BaseException) -> str:
-    """Return the first non-empty line of an exception's message (TensorFlow's run to pages)."""
+    """The first informative line of an exception's message (TensorFlow's run to pages), with the
+    node a graph execution error was detected at."""
     text = getattr(error, "message", None) or str(error) or type(error).__name__
-    for line in str(text).splitlines():
-        line = line.strip()
-        if line:
-            return line
-    return type(error).__name__
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    useful = [line for line in lines if not _NOISE.match(line)]
+    node = next((line.split()[3] for line in lines if line.startswith("Detected at node ")), None)
+    message = useful[0] if useful else (lines[0] if lines else type(error).__name__)
+    return message + (f" (at node {node})" if node else "")

@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import tensorflow as tf
 
 from gbp_rewrite.errors import OptionError, SignatureError
-from gbp_rewrite.savedmodel import TensorDesc, strip_gradient_attrs
+from gbp_rewrite.savedmodel import TensorDesc, finish_export
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def save(
         _empty(directory)
         root = _root(owner, variables=variables_of(owner), whole=True)
         tf.saved_model.save(root, str(directory), signatures=dict(signatures), options=options)
-    strip_gradient_attrs(directory / "saved_model.pb")
+    finish_export(directory / "saved_model.pb")
 
 
 def _captured_variables(functions) -> list[tf.Variable]:

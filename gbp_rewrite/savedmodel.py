@@ -20,7 +20,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import export, folded_twin, rules, tf1_variables
+from gbp_rewrite import export, folded_twin, graph_walk, rules, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SERVE_TAG = "serve"
 INIT_OP_KEY = "__saved_model_init_op"
 GRADIENT_ATTR = "_gradient_op_type"
-# Attrs the patching adds; both are stripped from the export (strip_gradient_attrs).
+# Attrs the patching adds; both are stripped from the export (finish_export).
 _PATCH_ATTRS = (GRADIENT_ATTR, rules.SITE_ATTR)
 
 # Files of the source directory that the patched copy must not share: it has its own graph, and a
@@ -240,30 +240,64 @@ def _patch_nodes(nodes, function: str, values: dict[str, str]) -> None:
         raise AssertionError(f"patches name nodes that do not exist: {sorted(remaining)}")
 
 
-def strip_gradient_attrs(saved_model_pb: Path) -> int:
-    """Remove every `_gradient_op_type` and `_gbp_site` attr from a written saved_model.pb;
-    return how many; the fingerprint is rewritten to match.
+def finish_export(saved_model_pb: Path) -> None:
+    """Tidy a saved_model.pb tf.saved_model.save just wrote; the fingerprint is rewritten to match.
 
-    They name gradient functions registered in the converting process only: left in place, every
-    loader would warn about "unsaved custom gradients". The gradients themselves are already
-    materialised as ordinary ops in the exported signatures.
+    - Every `_gradient_op_type` and `_gbp_site` attr is removed. They name gradient functions
+      registered in the converting process only: left in place, every loader would warn about
+      "unsaved custom gradients". The gradients are already ordinary ops in the signatures.
+    - Library functions nothing calls are removed (graph_walk.unreachable_functions): taking the
+      gradient of a call leaves the original callee beside its forward/backward pair, a second
+      copy of the whole forward pass that every loader would otherwise import.
     """
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString(saved_model_pb.read_bytes())
-    removed = 0
+    changed = False
     for meta_graph in proto.meta_graphs:
-        nodes = list(meta_graph.graph_def.node)
-        for function in meta_graph.graph_def.library.function:
-            nodes.extend(function.node_def)
-        for node in nodes:
-            for attr in _PATCH_ATTRS:
-                if attr in node.attr:
-                    del node.attr[attr]
-                    removed += 1
-    if removed:
+        changed |= _strip_patch_attrs(meta_graph) > 0
+        changed |= _drop_functions(meta_graph, graph_walk.unreachable_functions(meta_graph)) > 0
+    if changed:
         saved_model_pb.write_bytes(proto.SerializeToString(deterministic=True))
         _rewrite_fingerprint(saved_model_pb.parent)
+
+
+def _strip_patch_attrs(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
+    """Remove the attrs apply_gradient_attrs set; return how many."""
+    removed = 0
+    nodes = list(meta_graph.graph_def.node)
+    for function in meta_graph.graph_def.library.function:
+        nodes.extend(function.node_def)
+    for node in nodes:
+        for attr in _PATCH_ATTRS:
+            if attr in node.attr:
+                del node.attr[attr]
+                removed += 1
     return removed
+
+
+def _drop_functions(meta_graph: meta_graph_pb2.MetaGraphDef, names: set[str]) -> int:
+    """Remove the library functions `names` (and their gradient entries); return how many."""
+    library = meta_graph.graph_def.library
+    kept = [f for f in library.function if f.signature.name not in names]
+    dropped = len(library.function) - len(kept)
+    if dropped:
+        del library.function[:]
+        library.function.extend(kept)
+        gradients = [g for g in library.gradient if g.function_name not in names]
+        del library.gradient[:]
+        library.gradient.extend(gradients)
+    return dropped
+
+
+def without_saver_functions(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
+    """Drop the standard saver functions from a TF2 SavedModel's graph meant for Python's loader
+    only; return how many. That loader restores variables from the checkpoint itself and never
+    calls them, but it would import them (a third of a ResNet50's graph). TF1 SavedModels
+    (no object graph) are left alone: Python loads those through the saver."""
+    if not meta_graph.object_graph_def.nodes:
+        return 0
+    saver = graph_walk.saver_only_functions(meta_graph, graph_walk.saver_subgraph(meta_graph))
+    return _drop_functions(meta_graph, saver)
 
 
 def _rewrite_fingerprint(export_dir: Path) -> None:
@@ -307,13 +341,34 @@ def patched_copy(
         log.info("converted %d TF1 reference variables to resource variables", converted)
     folded = folded_twin.add_folded_twin(meta_graph, fold_signature) if fold_signature else ()
     twin = folded_twin.twin_key(fold_signature) if folded else None
-    tmp = export.temporary_directory("gbp_rewrite_patched")  # removed by the next run if we are killed
+    without_saver_functions(meta_graph)  # the copy is only ever loaded by Python
+    with _staged(proto, beside=model.path, prefix="gbp_rewrite_patched") as path:
+        yield PatchedCopy(path, tuple(folded), twin)
+
+
+@contextlib.contextmanager
+def python_loader_view(export_dir: Path) -> Iterator[Path]:
+    """A temporary SavedModel directory that TF2's Python loader loads like `export_dir`, faster:
+    its saver functions left out (without_saver_functions), everything else shared."""
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((export_dir / "saved_model.pb").read_bytes())
+    for meta_graph in proto.meta_graphs:
+        without_saver_functions(meta_graph)
+    with _staged(proto, beside=export_dir, prefix="gbp_rewrite_view") as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _staged(proto: saved_model_pb2.SavedModel, *, beside: Path, prefix: str) -> Iterator[Path]:
+    """A temporary directory holding `proto` as saved_model.pb and symlinks to the other entries
+    of the SavedModel directory `beside` (variables/, assets/, ...); removed afterwards."""
+    tmp = export.temporary_directory(prefix)  # removed by the next run if we are killed
     try:
         (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())
-        for entry in model.path.iterdir():
+        for entry in beside.iterdir():
             if entry.name not in _PATCHED_FILES:
                 os.symlink(entry.resolve(), tmp / entry.name)
-        yield PatchedCopy(tmp, tuple(folded), twin)
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,13 +24,12 @@ ShardedFilename only builds names, and GetSessionTensor/DeleteSessionTensor touc
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Collection, Mapping
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite.errors import UnsafeModelError
-from gbp_rewrite.graph_walk import ancestors, func_refs, node_of
+from gbp_rewrite.graph_walk import node_of, saver_only_functions, saver_subgraph
 
 _READS = "reads files"
 _WRITES = "writes files"
@@ -142,7 +141,6 @@ _CONDITIONAL_OPS = {
 CHECKPOINT_OPS = frozenset({"Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
                             "MergeV2Checkpoints"})
 _TEXT_FILE_INITIALIZERS = frozenset({"InitializeTableFromTextFile", "InitializeTableFromTextFileV2"})
-_STANDARD_SAVER_FUNCTION = re.compile(r"^__inference__traced_(?:save|restore)_\d+$")
 _PASS_THROUGH = frozenset({"Identity", "Snapshot"})
 _SHOWN_IN_MESSAGE = 3
 
@@ -166,8 +164,8 @@ class FileOp:
 
 def find_file_ops(meta_graph: meta_graph_pb2.MetaGraphDef) -> list[FileOp]:
     """Every file, checkpoint or network op of the meta graph outside the standard savers."""
-    saver_nodes = _saver_subgraph(meta_graph)
-    saver_functions = _saver_only_functions(meta_graph, saver_nodes)
+    saver_nodes = saver_subgraph(meta_graph)
+    saver_functions = saver_only_functions(meta_graph, saver_nodes)
     asset_tensors = {node_of(a.tensor_info.name) for a in meta_graph.asset_file_def}
     found = _scan("", meta_graph.graph_def.node, asset_tensors, saver_nodes)
     for function in meta_graph.graph_def.library.function:
@@ -233,35 +231,6 @@ def _effect(node) -> str | None:
         if attr in node.attr and test(node.attr[attr]):
             return effect
     return None
-
-
-def _saver_subgraph(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
-    """Top-level nodes the saver_def's save tensor and restore op depend on."""
-    saver = meta_graph.saver_def
-    roots = [name for name in (saver.save_tensor_name, saver.restore_op_name) if name]
-    return ancestors(roots, {node.name: node for node in meta_graph.graph_def.node})
-
-
-def _saver_only_functions(meta_graph: meta_graph_pb2.MetaGraphDef, saver_nodes: set[str]) -> set[str]:
-    """Standard `__inference__traced_save/restore_*` functions called by the saver and nothing else.
-
-    A function of that name that a signature, an initializer or another function also calls is
-    not exempt: a model could name its own function like the standard one.
-    """
-    called_by_saver: set[str] = set()
-    called_elsewhere: set[str] = set()
-    for node in meta_graph.graph_def.node:
-        target = called_by_saver if node.name in saver_nodes else called_elsewhere
-        target.update(ref.name for ref in func_refs(node))
-    for function in meta_graph.graph_def.library.function:
-        for node in function.node_def:
-            called_elsewhere.update(ref.name for ref in func_refs(node))
-    for node in meta_graph.object_graph_def.nodes:  # functions Python's loader may call directly
-        if node.WhichOneof("kind") == "function":
-            called_elsewhere.update(node.function.concrete_functions)
-        elif node.WhichOneof("kind") == "bare_concrete_function":
-            called_elsewhere.add(node.bare_concrete_function.concrete_function_name)
-    return {name for name in called_by_saver - called_elsewhere if _STANDARD_SAVER_FUNCTION.match(name)}
 
 
 def _asset_arguments(meta_graph: meta_graph_pb2.MetaGraphDef, function) -> set[str]:

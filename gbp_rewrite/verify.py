@@ -12,7 +12,7 @@ import tensorflow as tf
 from gbp_rewrite import standalone_check
 from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
-from gbp_rewrite.savedmodel import TensorDesc
+from gbp_rewrite.savedmodel import TensorDesc, python_loader_view
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,15 @@ def self_check(
     """Reload the export and run it on the probe batch: predictions equal, saliency finite.
 
     Only the explained signature runs: `explain_class` shares its traced core, and running a second
-    signature would compile the whole graph again (seconds for a large network).
+    signature would compile the whole graph again (seconds for a large network). The export is
+    loaded as TensorFlow's Python loader loads it, less the saver functions that loader never
+    calls (savedmodel.python_loader_view); `gbp-rewrite verify` runs the C++ loader, which uses them.
     Returns the check results as text; raises VerificationError on a failure.
     """
     try:
-        loaded = tf.saved_model.load(str(export_dir))
-        outputs = loaded.signatures[plan.signature_key](**to_tensors(probe, plan.inputs))
+        with python_loader_view(export_dir) as view:
+            loaded = tf.saved_model.load(str(view))
+            outputs = loaded.signatures[plan.signature_key](**to_tensors(probe, plan.inputs))
         if EXPLAIN_CLASS_SIGNATURE not in loaded.signatures:
             raise VerificationError(f"the written model has no {EXPLAIN_CLASS_SIGNATURE} signature")
     except VerificationError:
