@@ -35,18 +35,24 @@ REPO = Path(__file__).resolve().parents[1]
 APPLICATIONS = {"resnet50": "ResNet50", "vgg16": "VGG16", "mobilenetv2": "MobileNetV2"}
 MODELS = (*APPLICATIONS, "shapes_cnn")
 
+# Runs `gbp-rewrite convert --json SRC DST --overwrite` as the console script does, and writes the
+# process's own peak RSS (VmHWM) to the file argv[1] on the way out: the CLI ends with os._exit,
+# which this wraps. (rusage's ru_maxrss of a child started with vfork/fork counts the parent's
+# pages before exec: the benchmark's loaded models would be billed to it.)
 _CONVERT_CHILD = r"""
-import json, sys, time
-started = time.perf_counter()
-import tensorflow  # imported first, so that convert_s is the conversion alone
-import gbp_rewrite
-imported = time.perf_counter()
-gbp_rewrite.convert(sys.argv[1], sys.argv[2], overwrite=True)
-converted = time.perf_counter()
-# VmHWM is this process's own peak RSS. (rusage's ru_maxrss of a child started with vfork/fork
-# counts the parent's pages before exec: the benchmark's loaded models would be billed to it.)
-hwm_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"import_s": imported - started, "convert_s": converted - imported, "peak_rss_gib": hwm_kib / 2**20}))
+import os, sys
+peak_file, real_exit = sys.argv[1], os._exit
+
+def exit_with_peak(status):
+    hwm_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    with open(peak_file, "w") as f:
+        f.write(str(hwm_kib))
+    real_exit(status)
+
+os._exit = exit_with_peak
+sys.argv = ["gbp-rewrite", "convert", "--json", "--overwrite", *sys.argv[2:]]
+from gbp_rewrite.cli import run
+run()
 """
 
 
@@ -64,15 +70,18 @@ def build_source(name: str, workdir: Path) -> Path:
 
 
 def convert_in_child(source: Path, destination: Path) -> dict:
-    """Run the conversion in a fresh process: wall time (whole command), peak RSS, phases."""
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, str(source), str(destination)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = child.communicate()
-    wall = time.perf_counter() - started
-    if child.returncode != 0:
-        raise SystemExit(f"conversion of {source} failed:\n{stderr[-2000:]}")
-    return {"wall_s": wall, **json.loads(stdout.strip().splitlines()[-1])}
+    """Run the conversion command in a fresh process: its wall time, the conversion's own time
+    (the report's, without Python start-up and the TensorFlow import), peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kib"
+        started = time.perf_counter()
+        child = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, str(peak_file), str(source), str(destination)],
+                               capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if child.returncode != 0:
+            raise SystemExit(f"conversion of {source} failed:\n{child.stderr[-2000:]}")
+        peak_gib = int(peak_file.read_text()) / 2**20
+    return {"wall_s": wall, "convert_s": json.loads(child.stdout)["seconds"], "peak_rss_gib": peak_gib}
 
 
 def disk_size(path: Path) -> int:
@@ -186,7 +195,8 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print("# a = source signature, b = explainable signature, c = plain input gradient through the source;")
     print(f"# times: medians of {args.repeats} interleaved rounds; b/a, b/c: medians of the per-round ratios")
-    print("# convert s = whole command in a fresh process (in-call: gbp_rewrite.convert alone, TensorFlow already imported); size = export/source bytes")
+    print("# convert s = the whole `gbp-rewrite convert` command in a fresh process (in-call: the conversion "
+          "alone, without Python start-up and the TensorFlow import); size = export/source bytes")
     print(HEADER, flush=True)
     rows = [row for name in models for row in measure(name, workdir, [int(b) for b in args.batches.split(",")], args.repeats)]
     if args.json:
