@@ -115,8 +115,15 @@ def timed_functions(source: Path, export: Path):
     return functions, spec, (source_model, export_model)
 
 
+# Rounds go on past --repeats until this many seconds were measured (a small model's call takes
+# a millisecond, and a few rounds of it are at the mercy of one scheduler hiccup), up to MAX_ROUNDS.
+MIN_SECONDS = 5.0
+MAX_ROUNDS = 2000
+
+
 def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median time per function, and median of the per-round ratios b/a and b/c.
+    """Median time per function, and median of the per-round ratios b/a and b/c, over at least
+    `repeats` rounds and at least MIN_SECONDS of measuring; "rounds" says how many there were.
 
     Each round calls every function once, back to back; a ratio taken within a round compares
     calls made under the same machine load, so its median is robust to the slow drifts of a shared
@@ -132,7 +139,10 @@ def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[
         for fn in functions.values():
             call(fn)
     times = {name: [] for name in functions}
-    for _ in range(repeats):
+    measuring = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - measuring < MIN_SECONDS and rounds < MAX_ROUNDS):
+        rounds += 1
         for name, fn in functions.items():
             started = time.perf_counter()
             call(fn)
@@ -141,6 +151,7 @@ def interleaved_medians(functions, x, *, repeats: int, warmup: int = 2) -> dict[
     b = np.array(times["b"])
     result["b/a"] = float(np.median(b / np.array(times["a"])))
     result["b/c"] = float(np.median(b / np.array(times["c"])))
+    result["rounds"] = rounds
     return result
 
 
@@ -160,19 +171,19 @@ def measure(name: str, workdir: Path, batches: list[int], repeats: int) -> list[
         medians = interleaved_medians(functions, x, repeats=repeats)
         rows.append({
             "model": name, "batch": batch, **{f"{k}_ms": medians[k] * 1000 for k in "abc"},
-            "b/a": medians["b/a"], "b/c": medians["b/c"],
+            "b/a": medians["b/a"], "b/c": medians["b/c"], "rounds": medians["rounds"],
             "size_ratio": size_ratio, **conversion,
         })
         print(_row_text(rows[-1]), flush=True)
     return rows
 
 
-HEADER = (f"{'model':<12} {'batch':>5} {'a ms':>8} {'b ms':>8} {'c ms':>8} {'b/a':>6} {'b/c':>6} "
+HEADER = (f"{'model':<12} {'batch':>5} {'rounds':>6} {'a ms':>8} {'b ms':>8} {'c ms':>8} {'b/a':>6} {'b/c':>6} "
           f"{'convert s':>9} {'(in-call)':>9} {'peak GiB':>8} {'size':>6}")
 
 
 def _row_text(row: dict) -> str:
-    return (f"{row['model']:<12} {row['batch']:>5} {row['a_ms']:>8.1f} {row['b_ms']:>8.1f} {row['c_ms']:>8.1f} "
+    return (f"{row['model']:<12} {row['batch']:>5} {row['rounds']:>6} {row['a_ms']:>8.1f} {row['b_ms']:>8.1f} {row['c_ms']:>8.1f} "
             f"{row['b/a']:>6.2f} {row['b/c']:>6.2f} {row['wall_s']:>9.1f} {row['convert_s']:>9.1f} "
             f"{row['peak_rss_gib']:>8.2f} {row['size_ratio']:>6.3f}")
 
@@ -181,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=11, help="timed calls per function (median; >= 5)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed rounds at least (median; >= 5); rounds go on until "
+                        f"{MIN_SECONDS:g} s were measured, at most {MAX_ROUNDS}")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gbp_rewrite_benchmark"),
                         help="where source models and exports are kept between runs")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -194,7 +206,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print("# a = source signature, b = explainable signature, c = plain input gradient through the source;")
-    print(f"# times: medians of {args.repeats} interleaved rounds; b/a, b/c: medians of the per-round ratios")
+    print(f"# times: medians of >= {args.repeats} interleaved rounds (and >= {MIN_SECONDS:g} s of them); "
+          "b/a, b/c: medians of the per-round ratios")
     print("# convert s = the whole `gbp-rewrite convert` command in a fresh process (in-call: the conversion "
           "alone, without Python start-up and the TensorFlow import); size = export/source bytes")
     print(HEADER, flush=True)
