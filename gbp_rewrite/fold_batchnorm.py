@@ -7,9 +7,16 @@ after the convolution, and a third (`dy * inv`) in the backward pass. Folded,
     Conv2D(x, W) [+ b] -> Mul(inv) -> AddV2(shift)      becomes      BiasAdd(Conv2D(x, W * inv), b * inv + shift)
 
 which TensorFlow's graph optimizer fuses into one convolution kernel (with the ReLU that usually
-follows), and whose gradient needs no elementwise pass at all. The scale is applied to the kernel
-(a few thousand numbers) instead of the activation (millions), so predictions change only by
-float rounding; the converter's self-check compares them with the unfolded source.
+follows), and whose gradient needs no elementwise pass at all. Predictions change only by float
+rounding; the converter's self-check compares them with the unfolded source.
+
+The kernel is scaled on every call (the variables stay the source's), a read and a write of the
+kernel for the three passes over the activation it saves. Early in a network that is a few
+thousand weights against millions of activations; late, a 3x3x512x512 kernel (2.4 million weights)
+meets a 7x7x512 activation (25 thousand per example), and folding would cost ten times what it
+saves. So a BatchNorm is folded only where the activation of one example is at least two thirds
+of the kernel (3 passes over it outweigh 2 over the kernel even at batch 1), or where the graph
+does not say their sizes.
 
 Only exact matches are rewritten: NHWC Conv2D or DepthwiseConv2dNative, optional BiasAdd, Mul by an
 operand and AddV2 of an operand that do not depend on the function's data inputs, each
@@ -131,7 +138,19 @@ class _FunctionGraph:
         dtypes = {n.attr["T"].type for n in (producer, mul, add) + ((bias,) if bias else ())}
         if len(dtypes) != 1:
             return None
+        if not self._worth_folding(producer):
+            return None
         return _Match(producer, bias, mul, add, inv_ref, shift_refs[0])
+
+    def _worth_folding(self, conv: node_def_pb2.NodeDef) -> bool:
+        """Do the 3 passes folding saves over one example's activation outweigh the 2 it adds over
+        the kernel? True when the graph's `_output_shapes` do not say."""
+        activation = _elements(conv, per_example=True)
+        kernel_node = self.nodes.get(node_of(conv.input[1]))
+        kernel = None if kernel_node is None else _elements(kernel_node, output=_output_index(conv.input[1]))
+        if activation is None or kernel is None:
+            return True
+        return 3 * activation >= 2 * kernel
 
     # -- rewriting -----------------------------------------------------------------------------
 
@@ -199,6 +218,27 @@ class _FunctionGraph:
         kept = [n for n in self.function.node_def if n.name not in names]
         del self.function.node_def[:]
         self.function.node_def.extend(kept)
+
+
+def _elements(node: node_def_pb2.NodeDef, *, output: int = 0, per_example: bool = False) -> int | None:
+    """The number of elements of a node's output by its `_output_shapes` attr (without the batch
+    dimension for `per_example`); None when the attr is missing or a dimension unknown."""
+    shapes = node.attr["_output_shapes"].list.shape if "_output_shapes" in node.attr else []
+    if output >= len(shapes) or shapes[output].unknown_rank:
+        return None
+    dims = [d.size for d in shapes[output].dim][1 if per_example else 0:]
+    if any(d < 0 for d in dims):
+        return None
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _output_index(ref: str) -> int:
+    """The output index of a function-body tensor reference 'node:out:i' (0 for 'node')."""
+    parts = ref.split(":")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else 0
 
 
 def _nhwc(node) -> bool:

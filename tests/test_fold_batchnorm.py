@@ -65,6 +65,28 @@ def test_exactly_the_conv_batchnorm_pairs_are_folded(bn_source):
     assert layers == ["bn1", "bn2", "bn3"], folded
 
 
+def _folded_layers(saved_model_dir) -> list[str]:
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    folded = fold_batchnorm(proto.meta_graphs[0].graph_def.library.function)
+    return sorted({name.split("/")[-3].rsplit("_", 1)[0] for name in folded})
+
+
+def test_a_batchnorm_is_folded_only_where_it_saves_work(tmp_path):
+    """Folding scales the kernel on every call: worth it for 16x16x8 activations per example and a
+    3x3x3x8 kernel (2048 against 216), not for 2x2x64 and a 3x3x8x64 kernel (256 against 4608)."""
+    import keras
+
+    layers = keras.layers
+    x_in = keras.Input((16, 16, 3), name="image")
+    x = layers.ReLU()(layers.BatchNormalization(name="bn_early")(layers.Conv2D(8, 3, padding="same", name="early")(x_in)))
+    x = layers.MaxPooling2D(8)(x)
+    x = layers.ReLU()(layers.BatchNormalization(name="bn_late")(layers.Conv2D(64, 3, padding="same", name="late")(x)))
+    model = keras.Model(x_in, layers.Dense(3)(layers.Flatten()(x)))
+    model.export(str(tmp_path / "model"), verbose=False)
+    assert _folded_layers(tmp_path / "model") == ["bn_early"]
+
+
 def test_folded_and_unfolded_exports_agree(exports):
     (folded_dir, folded_report), (plain_dir, plain_report) = exports[True], exports[False]
     assert folded_report.checks["batchnorm folding"].startswith("3 BatchNorms folded")
