@@ -132,7 +132,7 @@ def test_python_ops_and_lost_batch_dimension_are_flagged(unservable, serving_che
     assert batch.status == "fail" and "total" in batch.detail and "batch dimension" in batch.why
     assert _status(report, "runs: total") == "pass" and _status(report, f"{CPP}: total") == "pass"
     text = report.to_text()
-    assert f"FAIL  op audit: no Python ops" in text and f"why: {PYTHON_WHY}" in text
+    assert "FAIL  op audit: no Python ops" in text and f"why: {PYTHON_WHY}" in text
 
 
 def test_custom_op_is_flagged(zoo, serving_check_binary, tmp_path):
