@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gbp_rewrite import cpp_check, keras_loading, standalone_check
+from gbp_rewrite import cpp_check, keras_loading, security, standalone_check
 from gbp_rewrite.errors import SourceModelError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def verify_export(
     serving_check: str | os.PathLike | None = None,
     batch: int = 2,
     seed: int = 0,
+    allow_file_ops: bool = False,
 ) -> DeployReport:
     """Check that the SavedModel `export_dir` runs without gbp_rewrite, as TF Serving would run it.
 
@@ -122,6 +123,8 @@ def verify_export(
       serving_check: the tools/serving_check binary (default: $GBP_REWRITE_SERVING_CHECK, else
         tools/serving_check/build/serving_check); when it is not built the C++ check is skipped.
       batch: probe batch size. seed: seed of the probe inputs (uniform in [0, 1)).
+      allow_file_ops: run models whose graphs reach files or the network outside the standard
+        savers (refused by default, as by `convert`: verifying runs them).
 
     Returns:
       The report; `report.ok` is False when any check failed (this function does not raise for
@@ -129,9 +132,12 @@ def verify_export(
     """
     export_dir = Path(export_dir).resolve()
     _require_savedmodel(export_dir, "the model to verify")
+    security.check_savedmodel(export_dir, allow=allow_file_ops, action="verifying it")
     work = Path(tempfile.mkdtemp(prefix="gbp_rewrite_verify_"))
     try:
         source_dir = _source_savedmodel(source, work)
+        if source_dir is not None:
+            security.check_savedmodel(source_dir, allow=allow_file_ops, action="verifying against it")
         result = _run_clean_process(export_dir, source_dir, work, batch=batch, seed=seed)
         checks = [Check(**item) for item in result["checks"]]
         checks.extend(_cpp_checks(serving_check, export_dir, result["signatures"]))

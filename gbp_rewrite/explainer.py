@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite import images, render
+from gbp_rewrite import images, render, security
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
 from gbp_rewrite.explainable import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
 from gbp_rewrite.report import REPORT_JSON
@@ -123,8 +123,11 @@ class ExplainSummary:
 # The model
 
 
-def load_model(path: str | os.PathLike) -> ExplainableModel:
-    """Load an export written by `gbp-rewrite convert` and check that `explain` can feed it."""
+def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> ExplainableModel:
+    """Load an export written by `gbp-rewrite convert` and check that `explain` can feed it.
+
+    A model whose graph reaches files or the network outside the standard savers is refused
+    (UnsafeModelError) unless `allow_file_ops`: explaining runs it (gbp_rewrite.security)."""
     path = Path(path)
     if not (path / "saved_model.pb").is_file():
         what = "does not exist" if not path.exists() else "is not a SavedModel directory (no saved_model.pb)"
@@ -144,6 +147,7 @@ def load_model(path: str | os.PathLike) -> ExplainableModel:
             f"({', '.join(saliency_outputs.values())}); explain handles models with one image input"
         )
     (saliency_key, input_key), = saliency_outputs.items()
+    security.check_savedmodel(path, allow=allow_file_ops, action="explaining with it")
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - TensorFlow raises many types for damaged models
@@ -260,6 +264,7 @@ def explain(
     batch_size: int = 32,
     grayscale_to_rgb: bool = False,
     progress: Progress | None = None,
+    allow_file_ops: bool = False,
 ) -> ExplainSummary:
     """Explain image files with an explainable export and write the pictures and results.
 
@@ -275,6 +280,8 @@ def explain(
       batch_size: images per model call (memory use grows with it, not with the number of images).
       grayscale_to_rgb: explain grey-scale images as RGB (otherwise they are refused).
       progress: called after each batch with (images done, images in all).
+      allow_file_ops: run a model whose graph reaches files or the network outside the standard
+        savers (refused by default, as by `convert`: explaining runs the model).
 
     Returns:
       The summary; images that failed are listed in it (the run goes on without them).
@@ -286,7 +293,7 @@ def explain(
     images.check_preprocess(preprocess)
     paths, skipped, folder = _resolve_inputs(inputs)
     # The model and class first: a run refused for them leaves no empty output folder behind.
-    loaded = load_model(model)
+    loaded = load_model(model, allow_file_ops=allow_file_ops)
     _check_class(loaded, class_index)
     out_dir = _prepare_out_dir(Path(out_dir), folder)
     stems = _unique_stems(paths)

@@ -176,8 +176,9 @@ def find_file_ops(meta_graph: meta_graph_pb2.MetaGraphDef) -> list[FileOp]:
     return found
 
 
-def check(file_ops: list[FileOp], *, allow: bool, source: object) -> list[str]:
-    """Raise UnsafeModelError when there are file ops and they are not allowed.
+def check(file_ops: list[FileOp], *, allow: bool, source: object, action: str = "converting it") -> list[str]:
+    """Raise UnsafeModelError when there are file ops and they are not allowed; `action` says
+    what would run the model ("converting it", "explaining with it", ...).
 
     Returns the warnings to put in the conversion report when they are allowed.
     """
@@ -186,10 +187,17 @@ def check(file_ops: list[FileOp], *, allow: bool, source: object) -> list[str]:
     if allow:
         return [f"converted with allow_file_ops: the model's graph holds {summary(file_ops)}"]
     raise UnsafeModelError(
-        f"the model '{source}' holds {summary(file_ops)}; a SavedModel is a program and converting "
-        "it runs it, so gbp_rewrite refused to load it (check it with 'gbp-rewrite inspect', then "
+        f"the model '{source}' holds {summary(file_ops)}; a SavedModel is a program and {action} "
+        "runs it, so gbp_rewrite refused to load it (check it with 'gbp-rewrite inspect', then "
         "pass --allow_file_ops / allow_file_ops=True if you trust it)"
     )
+
+
+def check_savedmodel(path, *, allow: bool, action: str) -> None:
+    """check() the SavedModel directory `path` before something loads and runs it."""
+    from gbp_rewrite import savedmodel  # here: savedmodel imports TensorFlow, this module need not
+
+    check(find_file_ops(savedmodel.read(path).meta_graph), allow=allow, source=path, action=action)
 
 
 def summary(file_ops: list[FileOp]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -211,3 +212,47 @@ def test_the_source_of_a_refused_model_is_unchanged(programs, tmp_path):
     with pytest.raises(UnsafeModelError):
         gbp_rewrite.convert(model, tmp_path / "out")
     assert model_zoo.tree_digest(model) == before
+
+
+class _ImageWriter(tf.Module):
+    """An image model whose signature also writes a file: explain and verify would run it."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = str(target)
+        self.w = tf.Variable(tf.random.stateless_normal([3, 2], seed=[5, 6]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="image")], autograph=False)
+    def serve(self, image):
+        wrote = tf.io.write_file(self.target, "ran")
+        with tf.control_dependencies([wrote]):
+            return {"logits": tf.nn.relu(tf.matmul(tf.reduce_mean(image, axis=[1, 2]), self.w))}
+
+
+@pytest.fixture(scope="module")
+def image_writer_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_writer")
+    module = _ImageWriter(root / "ran.txt")
+    tf.saved_model.save(module, str(root / "source"), signatures={"serving_default": module.serve})
+    gbp_rewrite.convert(root / "source", root / "export", allow_file_ops=True)
+    (root / "ran.txt").unlink()  # the conversion ran it, as it said it would
+    image = root / "x.png"
+    image.write_bytes(tf.io.encode_png(np.full((8, 8, 3), 128, np.uint8)).numpy())
+    return root
+
+
+def test_explain_and_verify_refuse_file_ops_unless_allowed(image_writer_export, tmp_path):
+    from gbp_rewrite import deploy_check, explainer
+
+    root = image_writer_export
+    with pytest.raises(UnsafeModelError, match=r"WriteFile.*explaining with it runs it.*--allow_file_ops"):
+        explainer.explain(root / "export", [root / "x.png"], out_dir=tmp_path / "out")
+    with pytest.raises(UnsafeModelError, match=r"WriteFile.*verifying it runs it"):
+        deploy_check.verify_export(root / "export")
+    refused = subprocess.run(cli_command("explain", root / "export", "--image", root / "x.png", "--out", tmp_path / "cli"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "--allow_file_ops" in refused.stderr, refused.stderr
+    assert not (root / "ran.txt").exists() and not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+
+    summary = explainer.explain(root / "export", [root / "x.png"], out_dir=tmp_path / "out", allow_file_ops=True)
+    assert summary.total == 1 and not summary.failed and (root / "ran.txt").read_text() == "ran"

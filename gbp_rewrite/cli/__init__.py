@@ -99,8 +99,7 @@ def main(argv: list[str]) -> int:
     except UsageError as e:
         _usage_exit(str(e))
     _configure_logging()
-    if getattr(module, "NEEDS_TENSORFLOW", True):  # verify runs TensorFlow in processes of its own
-        _import_tensorflow_quietly()
+    _import_tensorflow_quietly()
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from gbp_rewrite.errors import GbpError, one_line

@@ -17,6 +17,10 @@ flags.DEFINE_bool("unsafe_deserialization", False,
                   "convert, inspect: allow loading a .keras/.h5 file that Keras' safe mode refuses, such "
                   "as one with a Lambda layer. A risk: a Lambda layer is arbitrary Python code stored in "
                   "the file, and it runs when the file is loaded; use only on files you trust.")
+flags.DEFINE_bool("allow_file_ops", False, "convert, explain, verify: load and run a SavedModel whose graph "
+                  "reads or writes files (or the network) outside the standard save/restore functions; "
+                  "such a model is refused by default, since these commands run it. Only for models you "
+                  "trust.")
 
 # Flags of the image commands (explain, request, decode).
 

@@ -34,9 +34,6 @@ flags.DEFINE_bool("overwrite", False, "convert: replace DST if it exists (otherw
 flags.DEFINE_string("serving_version", None, "convert: write TF Serving's layout: DST is the model's "
                     "base path and the export goes to DST/N, N a number or 'next' (one more than the "
                     "highest version in DST, 1 when there is none); the folder appears only when complete.")
-flags.DEFINE_bool("allow_file_ops", False, "convert: load and run a SavedModel whose graph reads or "
-                  "writes files (or the network) outside the standard save/restore functions; such a "
-                  "model is refused by default, since converting runs it. Only for models you trust.")
 flags.DEFINE_bool("fold_batchnorms", True, "convert: fold inference BatchNorms into the convolution "
                   "before them in the explainable graph (SavedModels): fewer passes over the activations, "
                   "forward and backward; predictions equal to float rounding, checked against the source. "

@@ -15,7 +15,7 @@ ARGS = ("MODEL",)
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
            "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
            "and summary.json, into --out. Exit status 1 if any image could not be explained.")
-FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb"}
+FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops"}
 
 flags.DEFINE_string("dir", None, "explain: a folder of images (its .png/.jpg/.jpeg/.bmp/.gif files; "
                     "other files are skipped and named).")
@@ -39,7 +39,7 @@ def run(model: str) -> None:
         summary = explain(
             model, FLAGS.dir if FLAGS.dir else common.split_paths(FLAGS.image), out_dir=FLAGS.out,
             class_index=FLAGS["class"].value, preprocess=FLAGS.preprocess, batch_size=FLAGS.batch_size,
-            grayscale_to_rgb=FLAGS.grayscale_to_rgb, progress=progress,
+            grayscale_to_rgb=FLAGS.grayscale_to_rgb, progress=progress, allow_file_ops=FLAGS.allow_file_ops,
         )
     finally:
         progress.finish()

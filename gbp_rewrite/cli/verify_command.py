@@ -15,22 +15,17 @@ SUMMARY = ("Check that the SavedModel DIR runs where users deploy it: in a clean
            "finite and not all zero, outputs keep the batch dimension), audit the op types (no Python "
            "or custom ops), and run TF Serving's C++ loader when tools/serving_check is built. One "
            "PASS/FAIL/SKIP line per check; exit status 1 if any check fails.")
-FLAG_NAMES = {"source", "json"}
-NEEDS_TENSORFLOW = False  # the checks run TensorFlow in a clean process and in C++, not here
+FLAG_NAMES = {"source", "json", "allow_file_ops"}
 
 flags.DEFINE_string("source", None, "verify: the source model (SavedModel directory or .keras/.h5 "
                     "file); each signature's predictions must equal the source's on the same probe inputs.")
 
 
 def run(export_dir: str) -> None:
-    from gbp_rewrite import keras_loading
-    from gbp_rewrite.cli import _import_tensorflow_quietly
     from gbp_rewrite.deploy_check import verify_export
     from gbp_rewrite.errors import VerificationError
 
-    if FLAGS.source and keras_loading.is_keras_source(FLAGS.source):
-        _import_tensorflow_quietly()  # here Keras exports the source in this process
-    report = verify_export(export_dir, source=FLAGS.source)
+    report = verify_export(export_dir, source=FLAGS.source, allow_file_ops=FLAGS.allow_file_ops)
     common.emit(report)
     if not report.ok:
         raise VerificationError(report.failure_summary())
