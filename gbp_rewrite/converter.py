@@ -2,8 +2,9 @@
 
     read saved_model.pb -> find the ReLU sites the signature depends on -> select them ->
     set `_gradient_op_type` on their NodeDefs in a private copy -> load the copy -> trace the
-    explainable signatures (forward + rule gradient) -> save into a temporary sibling of the
-    destination -> reload and check on a probe batch -> rename into place.
+    explainable signatures (forward + rule gradient), while another thread runs the source on a
+    probe batch -> save into a temporary sibling of the destination -> reload and check on the
+    probe batch -> rename into place.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Read `saved_model.pb`, describe its signatures, patch gradient attrs, load a patched copy.
+"""Read `saved_model.pb`, describe its signatures, patch gradient attrs, load a patched copy,
+tidy the written export.
 
 The source directory is only ever read. Patching writes a new `saved_model.pb` into a private
 temporary directory whose other entries (variables/, assets/, ...) are symlinks to the source's,
-so a patched copy of a large model costs one small file.
+so a patched copy of a large model costs one small file. The copy is for Python's loader only, so
+it leaves out the saver functions that loader never calls; the self-check's view of an export
+(python_loader_view) is made the same way.
 """
 
 from __future__ import annotations
