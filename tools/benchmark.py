@@ -13,7 +13,7 @@ can be trusted):
 and, per model, the conversion's wall time and peak RSS (in a child process, as a user runs it) and
 the export's size on disk next to the source's. It prints b/a and b/c per model and batch.
 
-    .venv/bin/python tools/benchmark.py                      # everything (~10 minutes)
+    .venv/bin/python tools/benchmark.py                      # everything (about 5 minutes)
     .venv/bin/python tools/benchmark.py --models shapes_cnn --batches 1
 """
 
