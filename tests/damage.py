@@ -46,10 +46,7 @@ def damage_savedmodel(good: Path, copy: Path, rng: random.Random) -> str:
 def _damage_savedmodel(copy: Path, rng: random.Random, kind: str) -> str:
     pb = copy / "saved_model.pb"
     if kind == "truncate_pb":
-        data = pb.read_bytes()
-        cut = rng.randrange(len(data))
-        pb.write_bytes(data[:cut])
-        return f"saved_model.pb truncated to {cut} of {len(data)} bytes"
+        return "saved_model.pb " + _truncated(pb, pb, rng)
     if kind == "flip_pb":
         return "saved_model.pb: " + _flip_bits(pb, rng, rng.randint(1, 8))
     if kind == "mutate_pb":
@@ -221,6 +218,14 @@ KERAS_DAMAGE = ("config", "config", "config", "config_text", "truncate", "flip",
 _CONFIG_VALUES = [None, -1, 0, 2**40, 1e308, "", "relu", "nonsense", [], {}, [None], True, "Lambda", 7.5]
 
 
+def _truncated(source: Path, target: Path, rng: random.Random) -> str:
+    """Write a random prefix of `source` to `target` (they may be the same file); say how long."""
+    data = source.read_bytes()
+    cut = rng.randrange(len(data))
+    target.write_bytes(data[:cut])
+    return f"truncated to {cut} of {len(data)} bytes"
+
+
 def damage_keras_file(good: Path, copy: Path, rng: random.Random) -> str:
     """Write a broken copy of the .keras file `good` to `copy`; return 'keras_<kind>: what was done'."""
     kind = rng.choice(KERAS_DAMAGE)
@@ -229,10 +234,7 @@ def damage_keras_file(good: Path, copy: Path, rng: random.Random) -> str:
 
 def _damage_keras_file(good: Path, copy: Path, rng: random.Random, kind: str) -> str:
     if kind == "truncate":
-        data = good.read_bytes()
-        cut = rng.randrange(len(data))
-        copy.write_bytes(data[:cut])
-        return f"zip truncated to {cut} of {len(data)} bytes"
+        return "zip " + _truncated(good, copy, rng)
     if kind == "flip":
         shutil.copyfile(good, copy)
         return "zip: " + _flip_bits(copy, rng, rng.randint(1, 6))
