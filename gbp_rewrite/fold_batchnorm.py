@@ -30,7 +30,7 @@ import dataclasses
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, function_pb2, node_def_pb2, types_pb2
 
-from gbp_rewrite.graph_walk import node_of
+from gbp_rewrite.graph_walk import node_of, output_index
 
 _CONVS = ("Conv2D", "DepthwiseConv2dNative")
 _ADDS = ("AddV2", "Add")
@@ -147,7 +147,7 @@ class _FunctionGraph:
         the kernel? True when the graph's `_output_shapes` do not say."""
         activation = _elements(conv, per_example=True)
         kernel_node = self.nodes.get(node_of(conv.input[1]))
-        kernel = None if kernel_node is None else _elements(kernel_node, output=_output_index(conv.input[1]))
+        kernel = None if kernel_node is None else _elements(kernel_node, output=output_index(conv.input[1]))
         if activation is None or kernel is None:
             return True
         return 3 * activation >= 2 * kernel
@@ -233,12 +233,6 @@ def _elements(node: node_def_pb2.NodeDef, *, output: int = 0, per_example: bool 
     for d in dims:
         count *= d
     return count
-
-
-def _output_index(ref: str) -> int:
-    """The output index of a function-body tensor reference 'node:out:i' (0 for 'node')."""
-    parts = ref.split(":")
-    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else 0
 
 
 def _nhwc(node) -> bool:

@@ -16,6 +16,12 @@ def node_of(ref: str) -> str:
     return ref.lstrip("^").split(":")[0]
 
 
+def output_index(ref: str) -> int:
+    """The output index of a function-body tensor reference 'node:out:i' (0 for 'node')."""
+    parts = ref.split(":")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else 0
+
+
 def func_refs(node) -> Iterator:
     """The function references (NameAttrList messages) in a NodeDef's attrs: a call's `f`, a
     control-flow op's branches and bodies, a dataset's functions. Reading `.name` gives the called
