@@ -28,6 +28,7 @@ from typing import Collection, Mapping
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from gbp_rewrite import savedmodel
 from gbp_rewrite.errors import UnsafeModelError
 from gbp_rewrite.graph_walk import node_of, saver_only_functions, saver_subgraph
 
@@ -195,8 +196,6 @@ def check(file_ops: list[FileOp], *, allow: bool, source: object, action: str = 
 
 def check_savedmodel(path, *, allow: bool, action: str) -> None:
     """check() the SavedModel directory `path` before something loads and runs it."""
-    from gbp_rewrite import savedmodel  # here: savedmodel imports TensorFlow, this module need not
-
     check(find_file_ops(savedmodel.read(path).meta_graph), allow=allow, source=path, action=action)
 
 
