@@ -17,13 +17,13 @@ import importlib
 from gbp_rewrite._version import __version__
 
 _LAZY = {
-    "convert": ("gbp_rewrite.converter", "convert"),
+    "convert": ("gbp_rewrite.pipeline", "convert"),
     "inspect": ("gbp_rewrite.inspection", "inspect"),
-    "guided_model": ("gbp_rewrite.keras_path", "guided_model"),
-    "explain": ("gbp_rewrite.explainer", "explain"),
-    "verify_export": ("gbp_rewrite.deploy_check", "verify_export"),
-    "make_request": ("gbp_rewrite.serving_request", "make_request"),
-    "decode_response": ("gbp_rewrite.rest", "decode_response"),
+    "guided_model": ("gbp_rewrite.keras.front_end", "guided_model"),
+    "explain": ("gbp_rewrite.pictures.explainer", "explain"),
+    "verify_export": ("gbp_rewrite.deploy.check", "verify_export"),
+    "make_request": ("gbp_rewrite.serving.request", "make_request"),
+    "decode_response": ("gbp_rewrite.serving.rest", "decode_response"),
     "GbpError": ("gbp_rewrite.errors", "GbpError"),
     "ConversionReport": ("gbp_rewrite.report", "ConversionReport"),
     "RULES": ("gbp_rewrite.rules", "RULES"),

@@ -6,7 +6,8 @@ import collections
 import dataclasses
 import os
 
-from gbp_rewrite import savedmodel, security, sites
+from gbp_rewrite.graph import savedmodel, sites
+from gbp_rewrite import security
 
 
 @dataclasses.dataclass
@@ -77,10 +78,10 @@ def inspect(path: str | os.PathLike, *, signature: str | None = None, safe_mode:
     A .keras/.h5 file (or a keras.Model) is described as `model.export` would serve it; loading it
     is safe unless `safe_mode=False` (which lets a Lambda layer's Python code run).
     """
-    from gbp_rewrite import keras_loading
+    from gbp_rewrite.keras import loading as keras_loading
 
     if keras_loading.is_keras_source(path):
-        from gbp_rewrite import keras_path  # imported here: it needs Keras, SavedModels do not
+        from gbp_rewrite.keras import front_end as keras_path  # imported here: it needs Keras, SavedModels do not
 
         return keras_path.inspect(path, signature=signature, safe_mode=safe_mode)
     model = savedmodel.read(path)

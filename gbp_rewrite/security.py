@@ -28,9 +28,9 @@ from typing import Collection, Mapping
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from gbp_rewrite import savedmodel
+from gbp_rewrite.graph import savedmodel
 from gbp_rewrite.errors import UnsafeModelError
-from gbp_rewrite.graph_walk import node_of, saver_only_functions, saver_subgraph
+from gbp_rewrite.graph.graph_walk import node_of, saver_only_functions, saver_subgraph
 
 _READS = "reads files"
 _WRITES = "writes files"

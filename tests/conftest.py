@@ -99,8 +99,8 @@ def conversion_key(*names: str, **options) -> tuple:
 
 @functools.cache
 def _convert_defaults() -> dict[str, object]:
-    """gbp_rewrite.converter.convert's keyword defaults (through the guard's functools.wraps)."""
-    from gbp_rewrite import converter
+    """gbp_rewrite.pipeline.convert's keyword defaults (through the guard's functools.wraps)."""
+    from gbp_rewrite import pipeline as converter
 
     parameters = inspect.signature(converter.convert).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -119,7 +119,7 @@ def _sources_are_never_changed():
     Session-scoped, and autouse fixtures are set up first within their scope, so conversions made
     in module- and session-scoped fixtures are checked too."""
     import gbp_rewrite
-    from gbp_rewrite import converter
+    from gbp_rewrite import pipeline as converter
 
     convert = converter.convert
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gbp_rewrite import savedmodel
+from gbp_rewrite.graph import savedmodel
 
 THREADS = 8
 CALLS = 50

@@ -11,11 +11,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from gbp_rewrite import (cpp_check, deploy_check, explainable, explainer, images, report, response_files,
-                         serving_request, standalone_check, verify)
+from gbp_rewrite.deploy import cpp_check, check as deploy_check, standalone_check
+from gbp_rewrite import signatures as explainable, report, self_check as verify
+from gbp_rewrite.pictures import explainer, images
+from gbp_rewrite.serving import response_files, request as serving_request
 from gbp_rewrite.cli import common
 from gbp_rewrite.errors import SignatureError, SourceModelError
-from gbp_rewrite.savedmodel import TensorDesc
+from gbp_rewrite.graph.savedmodel import TensorDesc
 
 
 def test_unique_names_skips_names_other_inputs_bring():

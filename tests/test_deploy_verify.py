@@ -16,7 +16,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 import gbp_rewrite
 import model_zoo
 from conftest import INPUT_SHAPE, REPO, cli_command, run_cli_concurrently
-from gbp_rewrite import cpp_check
+from gbp_rewrite.deploy import cpp_check
 
 CONVERTED = ["shapes_cnn", "tf_keras@cnn", "tf1@cnn"]
 CPP = "C++ loader (LoadSavedModel + Session::Run)"

@@ -21,10 +21,11 @@ import tensorflow as tf
 
 import gbp_rewrite
 from conftest import REPO, cli_command
-from gbp_rewrite import explainable, explainer, images
+from gbp_rewrite import signatures as explainable
+from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.cli.progress import Progress
 from gbp_rewrite.errors import ImageError, OptionError, SignatureError, SourceModelError
-from gbp_rewrite.savedmodel import TensorDesc
+from gbp_rewrite.graph.savedmodel import TensorDesc
 
 IMAGES = REPO / "testdata" / "images"
 LABELS = json.loads((IMAGES / "labels.json").read_text())

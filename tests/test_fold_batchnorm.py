@@ -9,7 +9,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import gbp_rewrite
 from conftest import assert_close_relative
-from gbp_rewrite.fold_batchnorm import fold_batchnorm
+from gbp_rewrite.graph.fold_batchnorm import fold_batchnorm
 
 
 def _bn_model(keras):

@@ -1,4 +1,4 @@
-"""The Keras path (gbp_rewrite.keras_path): Keras models in memory and from .keras / .h5 files.
+"""The Keras path (gbp_rewrite.keras.front_end): Keras models in memory and from .keras / .h5 files.
 
 Every model both paths accept is converted both ways (the graph path from `model.export`), and
 the two exports must agree to 1e-5 relative: signature layout, predictions, saliency, explained

@@ -11,7 +11,7 @@ from tensorflow.core.framework import attr_value_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 import gbp_rewrite
-from gbp_rewrite import graph_walk, savedmodel
+from gbp_rewrite.graph import graph_walk, savedmodel
 from gbp_rewrite.errors import SourceModelError
 
 
@@ -99,7 +99,7 @@ def test_a_source_that_fails_on_the_probe_is_one_clear_error(tmp_path):
 def test_one_line_finds_the_cause_of_a_graph_execution_error():
     """TensorFlow's message starts with a banner and the defining stack; the cause comes after.
     standalone_check (which runs without the package) keeps a copy of the rule: the same line."""
-    from gbp_rewrite import standalone_check
+    from gbp_rewrite.deploy import standalone_check
     from gbp_rewrite.errors import one_line
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)], autograph=False)

@@ -13,7 +13,7 @@ import tensorflow as tf
 import gbp_rewrite
 import model_zoo
 from conftest import cli_command, run_cli_concurrently
-from gbp_rewrite import savedmodel
+from gbp_rewrite.graph import savedmodel
 from gbp_rewrite.errors import OutputError
 
 MODEL = "tf2_module@cnn"

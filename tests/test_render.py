@@ -1,4 +1,4 @@
-"""Tests for gbp_rewrite.render (saliency pictures as PNG)."""
+"""Tests for gbp_rewrite.pictures.render (saliency pictures as PNG)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gbp_rewrite import render
+from gbp_rewrite.pictures import render
 from gbp_rewrite.errors import GbpError, RenderError
 
 

@@ -13,7 +13,8 @@ import tensorflow as tf
 import gbp_rewrite
 import tf_serving_json as server
 from conftest import REPO, cli_command
-from gbp_rewrite import render, rest
+from gbp_rewrite.pictures import render
+from gbp_rewrite.serving import rest
 from gbp_rewrite.errors import ImageError, OptionError, RestFormatError, SignatureError
 
 IMAGES = sorted((REPO / "testdata" / "images").glob("*.png"))[:3]
@@ -204,7 +205,7 @@ def test_server_model_rejects_what_the_server_rejects():
 
 def test_decoded_response_files(export, tmp_path):
     _, outputs = _serve(export, "serving_default", rest.dumps(gbp_rewrite.make_request(export, IMAGES[:2])))
-    from gbp_rewrite.response_files import write_response_files
+    from gbp_rewrite.serving.response_files import write_response_files
 
     arrays = rest.decode_response(server.row_format_response(outputs))
     written = write_response_files(arrays, tmp_path / "out", image_paths=IMAGES[:2])

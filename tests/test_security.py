@@ -18,7 +18,8 @@ import gbp_rewrite
 import hostile_models
 import model_zoo
 from conftest import REPO, cli_command, run_cli_concurrently
-from gbp_rewrite import savedmodel, security
+from gbp_rewrite.graph import savedmodel
+from gbp_rewrite import security
 from gbp_rewrite.errors import UnsafeModelError
 
 # effect -> the op type that must be reported for it
@@ -242,7 +243,8 @@ def image_writer_export(tmp_path_factory):
 
 
 def test_explain_and_verify_refuse_file_ops_unless_allowed(image_writer_export, tmp_path):
-    from gbp_rewrite import deploy_check, explainer
+    from gbp_rewrite.deploy import check as deploy_check
+    from gbp_rewrite.pictures import explainer
 
     root = image_writer_export
     with pytest.raises(UnsafeModelError, match=r"WriteFile.*explaining with it runs it.*--allow_file_ops"):

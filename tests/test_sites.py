@@ -6,7 +6,7 @@ import pytest
 from tensorflow.core.protobuf import meta_graph_pb2
 
 import gbp_rewrite
-from gbp_rewrite import sites
+from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import SelectionError
 
 

@@ -4,7 +4,7 @@ It follows tensorflow_serving/util/json_tensor.cc (FillPredictRequestFromJson wi
 FillTensorMapFromInstancesList / FillTensorMapFromInputsMap for requests;
 MakeRowFormatJsonFromTensors / MakeColumnarFormatJsonFromTensors and WriteDecimal for responses)
 and the format documented in tensorflow_serving/g3doc/api_rest.md. It shares no code with
-gbp_rewrite.rest, so a test that passes both agrees with the server, not with itself.
+gbp_rewrite.serving.rest, so a test that passes both agrees with the server, not with itself.
 """
 
 from __future__ import annotations

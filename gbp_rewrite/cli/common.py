@@ -24,7 +24,7 @@ flags.DEFINE_bool("allow_file_ops", False, "convert, explain, verify: load and r
 
 # Flags of the image commands (explain, request, decode).
 
-# gbp_rewrite.images.PREPROCESSING's keys, copied: importing images would load TensorFlow before
+# gbp_rewrite.pictures.images.PREPROCESSING's keys, copied: importing images would load TensorFlow before
 # the command line is parsed (tests/test_deploy_mends.py keeps the two equal).
 PREPROCESS_MODES = ("unit", "symmetric", "caffe", "none")
 

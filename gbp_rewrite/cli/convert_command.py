@@ -43,7 +43,7 @@ flags.register_validator("serving_version", lambda v: v is None or v == "next" o
 
 
 def run(source: str, destination: str) -> None:
-    from gbp_rewrite.converter import convert
+    from gbp_rewrite.pipeline import convert
 
     report = convert(
         source, destination,

@@ -23,8 +23,8 @@ FLAG_NAMES = {"out", "image"}
 def run(response: str) -> None:
     from gbp_rewrite.cli import UsageError
     from gbp_rewrite.errors import RestFormatError
-    from gbp_rewrite.response_files import write_response_files
-    from gbp_rewrite.rest import decode_response
+    from gbp_rewrite.serving.response_files import write_response_files
+    from gbp_rewrite.serving.rest import decode_response
 
     if not FLAGS.out:
         raise UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")

@@ -28,7 +28,7 @@ def run(model: str) -> None:
     from gbp_rewrite.cli import UsageError
     from gbp_rewrite.cli.progress import Progress
     from gbp_rewrite.errors import ImageError
-    from gbp_rewrite.explainer import explain
+    from gbp_rewrite.pictures.explainer import explain
 
     if bool(FLAGS.image) == bool(FLAGS.dir):
         raise UsageError("'explain' takes the images with either --image or --dir (one of them)")

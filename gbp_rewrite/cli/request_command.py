@@ -21,8 +21,8 @@ FLAG_NAMES = {"image", "signature", "preprocess", "out", "grayscale_to_rgb"}
 
 def run(model: str) -> None:
     from gbp_rewrite.cli import UsageError
-    from gbp_rewrite.serving_request import make_request, write_request
-    from gbp_rewrite import rest
+    from gbp_rewrite.serving.request import make_request, write_request
+    from gbp_rewrite.serving import rest
 
     if not FLAGS.image:
         raise UsageError("'request' needs at least one --image PATH")

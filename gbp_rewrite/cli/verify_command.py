@@ -23,7 +23,7 @@ flags.DEFINE_string("source", None, "verify: the source model (SavedModel direct
 
 
 def run(export_dir: str) -> None:
-    from gbp_rewrite.deploy_check import verify_export
+    from gbp_rewrite.deploy.check import verify_export
     from gbp_rewrite.errors import VerificationError
 
     report = verify_export(export_dir, source=FLAGS.source, allow_file_ops=FLAGS.allow_file_ops)

@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from gbp_rewrite import sites
+from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
-from gbp_rewrite.keras_signature import KerasSignature
+from gbp_rewrite.keras.signature import KerasSignature
 
 Activation = Callable[[tf.Tensor], tf.Tensor]
 

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite import images, render
+from gbp_rewrite.pictures import images, render
 from gbp_rewrite.errors import ImageError, OutputError, RenderError
 
 
@@ -40,7 +40,7 @@ def write_response_files(
     """Write every output as .npy and every example's saliency as PNGs; return the files written.
 
     Args:
-      arrays: decoded outputs (gbp_rewrite.rest.decode_response), batch first.
+      arrays: decoded outputs (gbp_rewrite.serving.rest.decode_response), batch first.
       out_dir: the folder to write into (created if missing; files of the same names are replaced).
       image_paths: the request's images, in request order, for the overlays (optional).
     """

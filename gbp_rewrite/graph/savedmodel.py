@@ -23,7 +23,8 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import export, folded_twin, graph_walk, rules, tf1_variables
+from gbp_rewrite import write as export, rules
+from gbp_rewrite.graph import folded_twin, graph_walk, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 log = logging.getLogger(__name__)
@@ -334,7 +335,7 @@ def patched_copy(
 ) -> Iterator[PatchedCopy]:
     """A temporary SavedModel directory: the source with `patches` applied to its serving graph,
     TF1 reference variables made resource variables, and, with `fold_signature`, a folded twin of
-    that signature (gbp_rewrite.folded_twin) beside the unchanged original."""
+    that signature (gbp_rewrite.graph.folded_twin) beside the unchanged original."""
     proto = saved_model_pb2.SavedModel()
     proto.CopyFrom(model.proto)
     meta_graph = proto.meta_graphs[model.meta_graph_index]

@@ -9,10 +9,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite import standalone_check
+from gbp_rewrite.deploy import standalone_check
 from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
-from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
-from gbp_rewrite.savedmodel import TensorDesc, python_loader_view
+from gbp_rewrite.signatures import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
+from gbp_rewrite.graph.savedmodel import TensorDesc, python_loader_view
 
 log = logging.getLogger(__name__)
 

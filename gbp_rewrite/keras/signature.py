@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import tensorflow as tf
 
 from gbp_rewrite.errors import SignatureError
-from gbp_rewrite.savedmodel import TensorDesc
+from gbp_rewrite.graph.savedmodel import TensorDesc
 
 SIGNATURE_KEY = "serving_default"
 

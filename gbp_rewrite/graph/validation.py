@@ -30,11 +30,11 @@ from typing import Iterator, Mapping
 
 import tensorflow as tf
 
-from gbp_rewrite import standalone_check
+from gbp_rewrite.deploy import standalone_check
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
-from gbp_rewrite.explainable import ExplainPlan
-from gbp_rewrite.savedmodel import TensorDesc, shape_text
-from gbp_rewrite.verify import PROBE_BATCH
+from gbp_rewrite.signatures import ExplainPlan
+from gbp_rewrite.graph.savedmodel import TensorDesc, shape_text
+from gbp_rewrite.self_check import PROBE_BATCH
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import tensorflow as tf
 
 from gbp_rewrite.errors import OptionError, SignatureError
-from gbp_rewrite.savedmodel import TensorDesc, finish_export
+from gbp_rewrite.graph.savedmodel import TensorDesc, finish_export
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite.errors import SourceModelError
-from gbp_rewrite.graph_walk import node_of
+from gbp_rewrite.graph.graph_walk import node_of
 
 REF_VARIABLE_OPS = ("VariableV2", "Variable")
 _ASSIGN_OPS = {"Assign": "AssignVariableOp", "AssignAdd": "AssignAddVariableOp", "AssignSub": "AssignSubVariableOp"}

@@ -1,6 +1,6 @@
 """Image files -> the body of a TF Serving REST predict request for an exported signature.
 
-The images go through exactly the pipeline `explain` uses (gbp_rewrite.images: decode, RGB,
+The images go through exactly the pipeline `explain` uses (gbp_rewrite.pictures.images: decode, RGB,
 bilinear resize to the signature's height and width, the same preprocessing modes), so what the
 model server answers is what `explain` would have computed for the same files.
 """
@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gbp_rewrite import images, rest, savedmodel
+from gbp_rewrite.pictures import images
+from gbp_rewrite.serving import rest
+from gbp_rewrite.graph import savedmodel
 from gbp_rewrite.errors import ImageError, OutputError, SignatureError
 
 _BATCH = 32
@@ -52,7 +54,7 @@ def image_input(model: savedmodel.SavedModelFile, signature: str) -> tuple[str, 
     if len(desc.inputs) != 1:
         raise SignatureError(
             f"signature {signature!r} takes {len(desc.inputs)} inputs ({', '.join(desc.inputs)}); `request` "
-            "fills one image input (build other bodies with gbp_rewrite.rest.request_body)"
+            "fills one image input (build other bodies with gbp_rewrite.serving.rest.request_body)"
         )
     (key, tensor), = desc.inputs.items()
     spec = images.rgb_input_spec(tensor.shape, tensor.dtype)

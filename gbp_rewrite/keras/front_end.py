@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
+from gbp_rewrite import signatures as explainable, write as export, rules, self_check as verify
+from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
+from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
-from gbp_rewrite.savedmodel import SignatureDesc
+from gbp_rewrite.graph.savedmodel import SignatureDesc
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
+from gbp_rewrite import signatures as explainable, write as export, rules, security, self_check as verify
+from gbp_rewrite.keras import loading as keras_loading
+from gbp_rewrite.graph import savedmodel, sites, validation
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
@@ -45,7 +47,7 @@ def convert(
     Args:
       source: a SavedModel directory (TF2, Keras 3 `model.export`, tf-keras `model.save`, TF1);
         or a Keras model: a keras.Model object or a .keras/.h5 file, which goes the Keras path
-        (gbp_rewrite.keras_path: a clone with custom-gradient ReLUs, the same export and report).
+        (gbp_rewrite.keras.front_end: a clone with custom-gradient ReLUs, the same export and report).
       destination: the directory to create; written atomically, never half-written.
       layers: names or glob patterns of the layers whose ReLUs get the rule (default: all).
       exclude_layers: names or glob patterns of layers to leave alone.
@@ -66,7 +68,7 @@ def convert(
         (or the network) outside the standard save/restore functions (gbp_rewrite.security).
         Default False: such a model is refused before TensorFlow runs any of it.
       fold_batchnorms: SavedModels only: fold inference BatchNorms (Keras 3's `x * inv + shift`)
-        into the convolution before them in the explainable graph (gbp_rewrite.fold_batchnorm):
+        into the convolution before them in the explainable graph (gbp_rewrite.graph.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
 
@@ -77,7 +79,7 @@ def convert(
       GbpError: a one-line reason; the source is never modified and no destination is left behind.
     """
     if keras_loading.is_keras_source(source):
-        from gbp_rewrite import keras_path  # imported here: it needs Keras, the graph path does not
+        from gbp_rewrite.keras import front_end as keras_path  # imported here: it needs Keras, the graph path does not
 
         return keras_path.convert(
             source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,

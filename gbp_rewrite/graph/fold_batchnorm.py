@@ -30,7 +30,7 @@ import dataclasses
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, function_pb2, node_def_pb2, types_pb2
 
-from gbp_rewrite.graph_walk import node_of, output_index
+from gbp_rewrite.graph.graph_walk import node_of, output_index
 
 _CONVS = ("Conv2D", "DepthwiseConv2dNative")
 _ADDS = ("AddV2", "Add")

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from gbp_rewrite import cpp_check, keras_loading, security, standalone_check
+from gbp_rewrite.deploy import cpp_check, standalone_check
+from gbp_rewrite.keras import loading as keras_loading
+from gbp_rewrite import security
 from gbp_rewrite.errors import SourceModelError, VerificationError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A folded twin of one signature inside the patched copy, so one load serves two purposes.
 
-BatchNorm folding (gbp_rewrite.fold_batchnorm) changes the forward arithmetic by float rounding,
+BatchNorm folding (gbp_rewrite.graph.fold_batchnorm) changes the forward arithmetic by float rounding,
 so the self-check must compare the explainable export with the *unfolded* source. Loading the
 source a second time for that costs seconds on a large network. Instead, the patched copy gets a
 private signature `__gbp_folded_<key>` whose functions are folded copies of the ones behind `<key>`
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from gbp_rewrite import graph_walk
-from gbp_rewrite.fold_batchnorm import fold_batchnorm
+from gbp_rewrite.graph import graph_walk
+from gbp_rewrite.graph.fold_batchnorm import fold_batchnorm
 
 _SUFFIX = "_gbp_folded"
 

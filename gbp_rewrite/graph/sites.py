@@ -18,9 +18,10 @@ from typing import Iterable, Sequence
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from gbp_rewrite import graph_walk, rules
+from gbp_rewrite.graph import graph_walk
+from gbp_rewrite import rules
 from gbp_rewrite.errors import SelectionError
-from gbp_rewrite.savedmodel import is_keras3_export
+from gbp_rewrite.graph.savedmodel import is_keras3_export
 
 ACTIVATION_OP_TYPES = rules.REWRITABLE_OP_TYPES + rules.REPORTED_OP_TYPES
 
