@@ -48,6 +48,10 @@ class ImageError(GbpError):
     """Input images cannot be explained (unreadable, not an image, or not the channels the model takes)."""
 
 
+class UnsupportedTensorFlowError(GbpError):
+    """The installed TensorFlow or Keras lacks an API gbp_rewrite needs (gbp_rewrite.tf_internals)."""
+
+
 class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
 

@@ -24,10 +24,9 @@ import threading
 from typing import Callable
 
 import tensorflow as tf
-from tensorflow.python.framework import ops as tf_ops
-from tensorflow.python.ops import gen_nn_ops
-
+from gbp_rewrite import tf_internals
 from gbp_rewrite.errors import OptionError
+from gbp_rewrite.tf_internals import gen_nn_ops
 
 # Op types a rule rewrites. Everything else keeps its true gradient.
 REWRITABLE_OP_TYPES = ("Relu", "Relu6")
@@ -189,7 +188,7 @@ def _register(name: str, fn: GradientFn) -> None:
         return pooled if pooled is not None else fn(dy, op.outputs[0])
 
     if not _is_registered(name):
-        tf_ops.RegisterGradient(name)(_gradient)
+        tf.RegisterGradient(name)(_gradient)
 
 
 def _gate_before_max_pool(fn: GradientFn, op, dy):
@@ -220,15 +219,11 @@ def _register_pass_through(name: str) -> None:
         return dy
 
     if not _is_registered(name):
-        tf_ops.RegisterGradient(name)(_gradient)
+        tf.RegisterGradient(name)(_gradient)
 
 
 def _is_registered(name: str) -> bool:
-    try:
-        tf_ops.gradient_registry.lookup(name)
-    except LookupError:
-        return False
-    return True
+    return tf_internals.is_gradient_registered(name)
 
 
 def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:

@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 
 import tensorflow as tf
 
+from gbp_rewrite import tf_internals
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph.savedmodel import TensorDesc, finish_export
 
@@ -309,7 +310,7 @@ def _captured_variables(functions) -> list[tf.Variable]:
 
 
 def _root(owner, *, variables: list[tf.Variable], whole: bool = False):
-    root = tf.__internal__.tracking.AutoTrackable()
+    root = tf_internals.AutoTrackable()
     if whole:
         root.source = owner
     else:

@@ -101,3 +101,59 @@ def test_usage_errors_exit_2():
         result = subprocess.run(cli_command(*argv), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, (argv, result.stderr)
         assert "usage error" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line's structure: per-command help, accumulating list flags, bare command
+
+
+def _help(*argv):
+    return subprocess.run(cli_command(*argv), capture_output=True, text=True, timeout=120)
+
+
+def test_bare_command_exits_2_with_the_command_list():
+    result = _help()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for command in ("inspect", "convert", "explain", "verify", "request", "decode"):
+        assert f"\n    {command} " in result.stderr, command
+
+
+@pytest.mark.parametrize("command,own,foreign", [
+    ("convert", ["--layers NAME", "--rule {guided,deconvnet,vanilla}", "--signature KEY", "--serving_version N|next",
+                 "--nofold_batchnorms"], ["--image", "--dir", "--source", "--batch_size", "--preprocess"]),
+    ("explain", ["--image PATH", "--dir FOLDER", "--out OUTDIR", "--class N", "--batch_size N",
+                 "--preprocess {unit,symmetric,caffe,none}"], ["--layers", "--rule", "--source", "--signature"]),
+    ("inspect", ["--signature KEY", "--json", "--unsafe_deserialization"], ["--layers", "--image", "--out"]),
+    ("verify", ["--source SRC", "--json", "--allow_file_ops"], ["--layers", "--image", "--signature"]),
+    ("request", ["--image PATH", "--signature KEY", "--out FILE"], ["--layers", "--dir", "--source"]),
+    ("decode", ["--out DIR", "--image PATH"], ["--layers", "--signature", "--source"]),
+])
+def test_each_command_help_lists_its_own_flags_with_their_values(command, own, foreign):
+    for argv in ([command, "--help"], ["help", command]):
+        result = _help(*argv)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: gbp-rewrite {command} ")
+        for flag in own:
+            assert flag in result.stdout, (flag, result.stdout)
+        for flag in foreign:
+            assert f"{flag} " not in result.stdout and f"[{flag}]" not in result.stdout, (flag, result.stdout)
+        assert len(result.stdout.splitlines()) < 80
+
+
+def test_repeated_list_flags_accumulate(zoo, tmp_path):
+    """--layers relu1 --layers relu6_2 rewrites both (absl's list flag kept only the last);
+    --layers relu1,relu6_2 means the same."""
+    import json
+
+    model = zoo.model("keras3@cnn")
+    runs = run_cli_concurrently({
+        "repeated": cli_command("convert", model, tmp_path / "repeated", "--layers", "relu1", "--layers", "relu6_2", "--json"),
+        "comma": cli_command("convert", model, tmp_path / "comma", "--layers", "relu1,relu6_2", "--json"),
+        "one": cli_command("convert", model, tmp_path / "one", "--layers", "relu6_2", "--json"),
+    })
+    rewritten = {}
+    for name, done in runs.items():
+        assert done.returncode == 0, done.stderr
+        rewritten[name] = sorted(s["layer"] for s in json.loads(done.stdout)["sites"] if s["status"] == "rewritten")
+    assert rewritten["repeated"] == rewritten["comma"] == ["relu1", "relu6_2"]
+    assert rewritten["one"] == ["relu6_2"]

@@ -36,6 +36,7 @@ def _python_outputs(loaded, key, inputs):
     return {k: v.numpy() for k, v in outputs.items()}
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("name", CONVERTED)
 def test_cpp_loader_equals_python(zoo, serving_check_binary, name, tmp_path):
     export_dir, conversion = zoo.converted(name)

@@ -6,6 +6,8 @@ import re
 import shlex
 import subprocess
 
+import pytest
+
 import model_zoo
 from conftest import REPO, cli_command
 
@@ -20,6 +22,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.strip() in ci_lines
 
 
+@pytest.mark.oldest
 def test_readme_main_job_converts_the_shipped_model(tmp_path):
     main_command = _sh_blocks()[0]
     convert = main_command.split("&&")[-1].strip()

@@ -14,6 +14,8 @@ import tensorflow as tf
 import numpy_reference as ref
 from conftest import assert_close_relative, reference_inputs
 
+pytestmark = pytest.mark.oldest
+
 CASES = (
     [("keras3", kind, rule) for kind in ref.SPEC_KINDS for rule in ref.RULES]
     + [(family, "cnn", rule) for family in ("tf_keras", "tf1", "tf2_module") for rule in ref.RULES]

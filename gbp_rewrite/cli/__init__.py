@@ -1,91 +1,81 @@
 """gbp-rewrite: make TensorFlow models explain themselves with guided backpropagation.
 
-The absl application: one module per command in this package (NAME, ARGS, SUMMARY, FLAG_NAMES,
-run(*args)); this module parses flags, checks usage, runs the command and turns every failure into
-one line and an exit status: 0 success, 1 the job failed (one-line reason), 2 bad usage.
+The absl application, with subcommands on absl's argparse_flags: one module per command in this
+package (NAME, SUMMARY, add_arguments(parser), run(args)), each with its own flags and --help. This
+module parses, runs the command and turns every failure into one line and an exit status: 0
+success, 1 the job failed (one-line reason), 2 bad usage (bare `gbp-rewrite` too: it lists the
+commands).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import signal
 import sys
+import tempfile
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is not for users of a CLI; set
 # before TensorFlow is imported, and only if the user has not chosen a level.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import app  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
+from absl.flags import argparse_flags  # noqa: E402
 
 from gbp_rewrite._version import __version__  # noqa: E402
 from gbp_rewrite.cli import common, convert_command, explain_command, inspect_command  # noqa: E402
 from gbp_rewrite.cli import decode_command, request_command, verify_command  # noqa: E402
-
-PROGRAM = "gbp-rewrite"
-FLAGS = flags.FLAGS
+from gbp_rewrite.cli.common import PROGRAM, UsageError  # noqa: E402
+from gbp_rewrite.errors import GbpError, one_line  # noqa: E402
 
 COMMANDS = {module.NAME: module for module in (inspect_command, convert_command, explain_command,
                                                verify_command, request_command, decode_command)}
-_GLOBAL_FLAGS = {"verbose"}
+EXIT_STATUS = "Exit status: 0 success, 1 the job failed (a one-line reason on stderr), 2 bad usage."
 
 
-class UsageError(Exception):
-    """Bad command-line usage: exit status 2 (a command's run() may raise it for flag combinations)."""
+class _Parser(argparse_flags.ArgumentParser):
+    """argparse_flags' parser whose usage errors are one line, status 2, and point to --help."""
+
+    def error(self, message: str):
+        _usage_exit(message, command=self.prog[len(PROGRAM):].strip() or None)
 
 
-def _our_flags() -> set[str]:
-    return set().union(*(m.FLAG_NAMES for m in COMMANDS.values()))
-
-
-def usage_text() -> str:
-    lines = [f"{PROGRAM} {__version__}: make TensorFlow models explain themselves with guided "
-             "backpropagation.", "", "Usage:"]
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (absl's own flags, shown by --helpfull) and one sub-parser per command."""
+    parser = _Parser(
+        prog=PROGRAM, allow_abbrev=False, epilog=EXIT_STATUS,
+        description=f"{PROGRAM} {__version__}: make TensorFlow models explain themselves with guided "
+                    f"backpropagation. Run '{PROGRAM} COMMAND --help' for a command's flags.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
     for module in COMMANDS.values():
-        flag_list = " ".join(f"[--{f}]" for f in sorted(module.FLAG_NAMES))
-        lines.append(f"  {PROGRAM} {module.NAME} {' '.join(module.ARGS)} {flag_list}")
-    lines += ["", "Commands:"]
-    for module in COMMANDS.values():
-        lines.append(f"  {module.NAME:<9} {module.SUMMARY}")
-    lines += ["", "Exit status: 0 success, 1 the job failed (a one-line reason on stderr), 2 bad usage.",
-              "", "Flags:"]
-    modules = [common, *COMMANDS.values()]
-    for module in modules:
-        text = FLAGS.module_help(module)
-        if text.strip():
-            lines.append(text.split("\n", 1)[1] if text.startswith(module.__name__) else text)
-    return "\n".join(lines) + "\n"
+        # inherited_absl_flags=None: absl's flags belong to the top level, not to every command.
+        sub = commands.add_parser(module.NAME, help=module.SUMMARY, description=module.SUMMARY,
+                                  epilog=EXIT_STATUS, allow_abbrev=False, inherited_absl_flags=None)
+        module.add_arguments(sub)
+        common.add_verbose(sub)
+    return parser
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    if len(argv) == 1 or any(a in ("-h", "--help", "-help", "help", "--helpshort") for a in argv[1:]):
-        sys.stdout.write(usage_text())
-        sys.exit(0 if len(argv) > 1 else 2)
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _usage_exit(str(e))
+def _parse_flags(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    if len(argv) == 1:  # bare `gbp-rewrite`: the command list, as a usage error
+        sys.stderr.write(parser.format_help())
+        sys.exit(2)
+    if argv[1] == "help":  # `gbp-rewrite help [COMMAND]`, as `git help` does
+        return parser.parse_args([*argv[2:3], "--help"])
+    args, stray = parser.parse_known_args(argv[1:])
+    if stray:  # flags of another command, or extra arguments
+        _usage_exit(f"'{args.command}' does not take {' '.join(stray)}", command=args.command)
+    return args
 
 
-def _usage_exit(message: str) -> None:
-    sys.stderr.write(f"{PROGRAM}: usage error: {message}\nRun '{PROGRAM} --help' for usage.\n")
+def _usage_exit(message: str, *, command: str | None = None) -> None:
+    target = f"{PROGRAM} {command}" if command else PROGRAM
+    sys.stderr.write(f"{PROGRAM}: usage error: {message}\nRun '{target} --help' for usage.\n")
     sys.exit(2)
-
-
-def _check_usage(args: list[str]):
-    if not args:
-        raise UsageError(f"missing command; commands: {', '.join(COMMANDS)}")
-    name, positional = args[0], args[1:]
-    if name not in COMMANDS:
-        raise UsageError(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
-    module = COMMANDS[name]
-    if len(positional) != len(module.ARGS):
-        raise UsageError(f"'{name}' takes {' '.join(module.ARGS)}, got {len(positional)} argument(s): "
-                         f"{' '.join(positional) or '(none)'}")
-    stray = sorted(f for f in _our_flags() - module.FLAG_NAMES - _GLOBAL_FLAGS if FLAGS[f].present)
-    if stray:
-        raise UsageError(f"'{name}' does not take --{', --'.join(stray)}")
-    return module, positional
 
 
 def _raise_interrupt(signum, frame):
@@ -93,21 +83,16 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str]) -> int:
-    try:
-        module, positional = _check_usage(argv[1:])
-    except UsageError as e:
-        _usage_exit(str(e))
-    _configure_logging()
-    _import_tensorflow_quietly()
+def main(args: argparse.Namespace) -> int:
+    module = COMMANDS[args.command]
+    _configure_logging(verbose=args.verbose)
+    _import_tensorflow_quietly(verbose=args.verbose)
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    from gbp_rewrite.errors import GbpError, one_line
-
     try:
-        module.run(*positional)
+        module.run(args)
     except UsageError as e:
-        _usage_exit(str(e))
+        _usage_exit(str(e), command=module.NAME)
     except GbpError as e:
         sys.stderr.write(f"{PROGRAM}: error: {e}\n")
         return 1
@@ -115,7 +100,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"{PROGRAM}: interrupted; nothing was left half-written\n")
         return 130
     except Exception as e:  # noqa: BLE001 - a CLI user gets one line, --verbose the traceback
-        if FLAGS.verbose:
+        if args.verbose:
             raise
         sys.stderr.write(f"{PROGRAM}: internal error: {type(e).__name__}: {one_line(e)} "
                          "(run with --verbose for the traceback)\n")
@@ -123,17 +108,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _import_tensorflow_quietly() -> None:
+def _import_tensorflow_quietly(*, verbose: bool) -> None:
     """Import TensorFlow with its C++ start-up lines (oneDNN, CUDA probing) kept off the terminal.
 
     They are printed before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so stderr itself is redirected
     for the import; if the import fails, what it printed is shown after all.
     """
-    if FLAGS.verbose:
+    if verbose:
         import tensorflow  # noqa: F401
         return
-    import tempfile
-
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -150,13 +133,11 @@ def _import_tensorflow_quietly() -> None:
             os.close(saved)
 
 
-def _configure_logging() -> None:
-    import logging
-
-    absl_logging.set_verbosity(absl_logging.INFO if FLAGS.verbose else absl_logging.ERROR)
-    logging.getLogger().setLevel(logging.INFO if FLAGS.verbose else logging.ERROR)
-    logging.getLogger("gbp_rewrite").setLevel(logging.INFO if FLAGS.verbose else logging.WARNING)
-    if FLAGS.verbose:
+def _configure_logging(*, verbose: bool) -> None:
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("gbp_rewrite").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
@@ -165,7 +146,7 @@ def run() -> None:
     app.run(_main_then_exit, flags_parser=_parse_flags)
 
 
-def _main_then_exit(argv: list[str]) -> None:
+def _main_then_exit(args: argparse.Namespace) -> None:
     """main(), then exit at once with its status.
 
     Python's normal exit tears down every graph and function TensorFlow built, which takes seconds
@@ -173,9 +154,7 @@ def _main_then_exit(argv: list[str]) -> None:
     export is in place and temporary files are gone before main returns. So the output streams and
     log handlers are flushed and the process ends without that teardown.
     """
-    status = main(argv)
-    import logging
-
+    status = main(args)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

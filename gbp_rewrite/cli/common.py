@@ -1,56 +1,125 @@
-"""Flags and helpers shared by several commands."""
+"""What the commands share: the usage error, the flags several commands take, printing results.
+
+Each command module adds its own flags to its own sub-parser (gbp_rewrite.cli builds them on
+absl's argparse_flags), so `gbp-rewrite COMMAND --help` lists exactly that command's flags. Flags
+keep absl's spelling: `--name value` or `--name=value`, booleans `--name` / `--noname`, and list
+flags accumulate (`--layers a --layers b,c` is a, b and c).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from absl import flags
+PROGRAM = "gbp-rewrite"
 
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string("signature", "serving_default", "the signature to work on.")
-flags.DEFINE_bool("json", False, "print JSON instead of text.")
-flags.DEFINE_bool("verbose", False, "log progress, TensorFlow's warnings, and tracebacks of internal errors.")
-flags.DEFINE_bool("unsafe_deserialization", False,
-                  "convert, inspect: allow loading a .keras/.h5 file that Keras' safe mode refuses, such "
-                  "as one with a Lambda layer. A risk: a Lambda layer is arbitrary Python code stored in "
-                  "the file, and it runs when the file is loaded; use only on files you trust.")
-flags.DEFINE_bool("allow_file_ops", False, "convert, explain, verify: load and run a SavedModel whose graph "
-                  "reads or writes files (or the network) outside the standard save/restore functions; "
-                  "such a model is refused by default, since these commands run it. Only for models you "
-                  "trust.")
-
-# Flags of the image commands (explain, request, decode).
-
-# gbp_rewrite.pictures.images.PREPROCESSING's keys, copied: importing images would load TensorFlow before
-# the command line is parsed (tests/test_deploy_mends.py keeps the two equal).
+# gbp_rewrite.pictures.images.PREPROCESSING's keys, copied: importing images would load TensorFlow
+# before the command line is parsed (tests/test_deploy_mends.py keeps the two equal).
 PREPROCESS_MODES = ("unit", "symmetric", "caffe", "none")
 
-flags.DEFINE_multi_string("image", None, "explain, request, decode: an image file (PNG, JPEG, BMP, GIF); "
-                          "repeat the flag or give a comma-separated list.")
-flags.DEFINE_string("out", None, "explain: the folder for the PNGs, results.csv and summary.json "
-                    "(created if missing; files of the same names are replaced). request: the file for "
-                    "the JSON body (default: stdout). decode: the folder for the .npy files and PNGs.")
-flags.DEFINE_enum("preprocess", "unit", PREPROCESS_MODES,
-                  "explain, request: how the model expects its pixels, as in Keras applications: unit = x/255, "
-                  "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw 0..255.")
-flags.DEFINE_bool("grayscale_to_rgb", False, "explain, request: take grey-scale images as RGB (repeat the "
-                  "grey channel); without it they are refused.")
+
+class UsageError(Exception):
+    """Bad command-line usage: exit status 2 (a command's run() may raise it for flag combinations)."""
 
 
-def emit(result) -> None:
+# ---------------------------------------------------------------------------------------------
+# Flag kinds absl has and argparse spells differently
+
+
+def add_bool(parser: argparse.ArgumentParser, name: str, help_text: str, *, default: bool = False) -> None:
+    """`--name` and `--noname`, as absl's boolean flags (the last one given wins)."""
+    shown = f"{help_text} (on by default; --no{name} turns it off)" if default else help_text
+    parser.add_argument(f"--{name}", dest=name, action="store_true", help=shown)
+    parser.add_argument(f"--no{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    parser.set_defaults(**{name: default})
+
+
+def add_list(parser: argparse.ArgumentParser, name: str, help_text: str, *, metavar: str) -> None:
+    """A list flag: repeated flags accumulate, each value may be a comma-separated list."""
+    parser.add_argument(f"--{name}", action="append", metavar=metavar,
+                        help=f"{help_text} Repeat the flag or give a comma-separated list.")
+
+
+def split_list(values: list[str] | None) -> list[str] | None:
+    """The accumulated values of a list flag, commas split; None when the flag was not given."""
+    if values is None:
+        return None
+    return [item for value in values for item in value.split(",") if item]
+
+
+def split_paths(values: list[str] | None) -> list[str]:
+    """Each --image value is a path, or a comma-separated list of paths (an existing path wins)."""
+    paths = []
+    for value in values or []:
+        paths.extend([value] if Path(value).exists() else [p for p in value.split(",") if p])
+    return paths
+
+
+def integer_at_least(lowest: int):
+    """An argparse type: an integer >= lowest, with absl's wording for the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {lowest}")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags of several commands
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    add_bool(parser, "verbose", "log progress, TensorFlow's warnings, and tracebacks of internal errors.")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    add_bool(parser, "json", "print JSON instead of text.")
+
+
+def add_signature(parser: argparse.ArgumentParser, help_text: str, *, default: str | None) -> None:
+    parser.add_argument("--signature", default=default, metavar="KEY", help=help_text)
+
+
+def add_unsafe_deserialization(parser: argparse.ArgumentParser) -> None:
+    add_bool(parser, "unsafe_deserialization",
+             "allow loading a .keras/.h5 file that Keras' safe mode refuses, such as one with a Lambda "
+             "layer. A risk: a Lambda layer is arbitrary Python code stored in the file, and it runs when "
+             "the file is loaded; use only on files you trust.")
+
+
+def add_allow_file_ops(parser: argparse.ArgumentParser) -> None:
+    add_bool(parser, "allow_file_ops",
+             "load and run a SavedModel whose graph reads or writes files (or the network) outside the "
+             "standard save/restore functions; such a model is refused by default, since this command "
+             "runs it. Only for models you trust.")
+
+
+def add_image(parser: argparse.ArgumentParser, help_text: str) -> None:
+    add_list(parser, "image", help_text, metavar="PATH")
+
+
+def add_preprocess(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preprocess", default="unit", choices=PREPROCESS_MODES,
+                        help="how the model expects its pixels, as in Keras applications: unit = x/255, "
+                             "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw "
+                             "0..255 (default: unit).")
+
+
+def add_grayscale_to_rgb(parser: argparse.ArgumentParser) -> None:
+    add_bool(parser, "grayscale_to_rgb",
+             "take grey-scale images as RGB (repeat the grey channel); without it they are refused.")
+
+
+def emit(result, args: argparse.Namespace) -> None:
     """Print a result object (with to_text/to_dict) as text, or as JSON with --json."""
-    if FLAGS.json:
+    if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(result.to_text() + "\n")
-
-
-def split_paths(values: list[str]) -> list[str]:
-    """Each --image value is a path, or a comma-separated list of paths (an existing path wins)."""
-    paths = []
-    for value in values:
-        paths.extend([value] if Path(value).exists() else [p for p in value.split(",") if p])
-    return paths

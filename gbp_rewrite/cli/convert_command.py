@@ -2,55 +2,62 @@
 
 from __future__ import annotations
 
-from absl import flags
+import argparse
 
 from gbp_rewrite.cli import common
 
-FLAGS = flags.FLAGS
-
 NAME = "convert"
-ARGS = ("SRC", "DST")
 SUMMARY = ("Write an explainable copy of SRC (a SavedModel directory, or a .keras/.h5 Keras file) to DST: the signature returns the original outputs plus "
            "`saliency` (d score / d input, same shape and dtype as the input) and `explained_class`; "
            "a second signature `explain_class` takes a class per example.")
-FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json",
-              "saliency_map", "serving_version", "unsafe_deserialization", "allow_file_ops",
-              "fold_batchnorms"}
-
-flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
-                  "rule (default: every ReLU). A nested model's name selects all its layers.")
-flags.DEFINE_list("exclude_layers", None, "convert: names or glob patterns of layers to leave alone.")
-flags.DEFINE_enum("rule", "guided", ("guided", "deconvnet", "vanilla"),
-                  "convert: the gradient rule: guided (dy*[x>0]*[dy>0]), deconvnet (dy*[dy>0]) or "
-                  "vanilla (the true gradient).")
-flags.DEFINE_string("output", None, "convert: the output to explain when the signature has several.")
-flags.DEFINE_enum("score", "logit", ("logit", "probability"),
-                  "convert: what is explained for the top class: the pre-softmax logit (default) or "
-                  "the softmax probability.")
-flags.DEFINE_bool("saliency_map", False,
-                  "convert: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the "
-                  "channels, scaled per example to [0, 1], a ready heat map (image inputs only).")
-flags.DEFINE_bool("overwrite", False, "convert: replace DST if it exists (otherwise it is left untouched).")
-flags.DEFINE_string("serving_version", None, "convert: write TF Serving's layout: DST is the model's "
-                    "base path and the export goes to DST/N, N a number or 'next' (one more than the "
-                    "highest version in DST, 1 when there is none); the folder appears only when complete.")
-flags.DEFINE_bool("fold_batchnorms", True, "convert: fold inference BatchNorms into the convolution "
-                  "before them in the explainable graph (SavedModels): fewer passes over the activations, "
-                  "forward and backward; predictions equal to float rounding, checked against the source. "
-                  "--nofold_batchnorms keeps the source's arithmetic exactly.")
-flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
-                         message="--serving_version takes a non-negative integer or 'next'")
 
 
-def run(source: str, destination: str) -> None:
+def _serving_version(text: str) -> str:
+    if text == "next" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"takes a non-negative integer or 'next', not {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="a SavedModel directory or a .keras/.h5 file.")
+    parser.add_argument("destination", metavar="DST", help="the directory to write (never half-written).")
+    common.add_list(parser, "layers", "names or glob patterns of the layers whose ReLUs get the rule "
+                    "(default: every ReLU). A nested model's name selects all its layers.", metavar="NAME")
+    common.add_list(parser, "exclude_layers", "names or glob patterns of layers to leave alone.", metavar="NAME")
+    parser.add_argument("--rule", default="guided", choices=("guided", "deconvnet", "vanilla"),
+                        help="the gradient rule: guided (dy*[x>0]*[dy>0]), deconvnet (dy*[dy>0]) or "
+                             "vanilla (the true gradient) (default: guided).")
+    common.add_signature(parser, "the signature to explain (default: serving_default).", default="serving_default")
+    parser.add_argument("--output", metavar="KEY", help="the output to explain when the signature has several.")
+    parser.add_argument("--score", default="logit", choices=("logit", "probability"),
+                        help="what is explained for the top class: the pre-softmax logit (default) or the "
+                             "softmax probability.")
+    common.add_bool(parser, "saliency_map", "also return `saliency_map`, [batch, H, W] float32: max "
+                    "|saliency| over the channels, scaled per example to [0, 1], a ready heat map (image "
+                    "inputs only).")
+    common.add_bool(parser, "overwrite", "replace DST if it exists (otherwise it is left untouched).")
+    parser.add_argument("--serving_version", type=_serving_version, metavar="N|next",
+                        help="write TF Serving's layout: DST is the model's base path and the export goes "
+                             "to DST/N, N a number or 'next' (one more than the highest version in DST, 1 "
+                             "when there is none); the folder appears only when complete.")
+    common.add_bool(parser, "fold_batchnorms", "fold inference BatchNorms into the convolution before "
+                    "them in the explainable graph (SavedModels): fewer passes over the activations, "
+                    "forward and backward; predictions equal to float rounding, checked against the "
+                    "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
+    common.add_json(parser)
+    common.add_unsafe_deserialization(parser)
+    common.add_allow_file_ops(parser)
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.pipeline import convert
 
     report = convert(
-        source, destination,
-        layers=FLAGS.layers, exclude_layers=FLAGS.exclude_layers, rule=FLAGS.rule,
-        signature=FLAGS.signature, output=FLAGS.output, score=FLAGS.score, overwrite=FLAGS.overwrite,
-        saliency_map=FLAGS.saliency_map, version=FLAGS.serving_version,
-        safe_mode=not FLAGS.unsafe_deserialization, allow_file_ops=FLAGS.allow_file_ops,
-        fold_batchnorms=FLAGS.fold_batchnorms,
+        args.source, args.destination,
+        layers=common.split_list(args.layers), exclude_layers=common.split_list(args.exclude_layers),
+        rule=args.rule, signature=args.signature, output=args.output, score=args.score,
+        overwrite=args.overwrite, saliency_map=args.saliency_map, version=args.serving_version,
+        safe_mode=not args.unsafe_deserialization, allow_file_ops=args.allow_file_ops,
+        fold_batchnorms=args.fold_batchnorms,
     )
-    common.emit(report)
+    common.emit(report, args)

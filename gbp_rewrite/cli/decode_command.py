@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from absl import flags
-
 from gbp_rewrite.cli import common
 
-FLAGS = flags.FLAGS
-
 NAME = "decode"
-ARGS = ("RESPONSE",)
 SUMMARY = ("Turn a TF Serving REST predict response (RESPONSE is a JSON file, or - for stdin; row "
            "format 'predictions' or columnar 'outputs') into one .npy per output and, per example, the "
            "saliency heat map and guided picture as PNG in --out; with the request's --image files "
            "also the overlays.")
-FLAG_NAMES = {"out", "image"}
 
 
-def run(response: str) -> None:
-    from gbp_rewrite.cli import UsageError
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("response", metavar="RESPONSE", help="the response JSON file, or - for stdin.")
+    parser.add_argument("--out", metavar="DIR", help="the folder for the .npy files and PNGs.")
+    common.add_image(parser, "the request's image file, for the overlays.")
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.errors import RestFormatError
     from gbp_rewrite.serving.response_files import write_response_files
     from gbp_rewrite.serving.rest import decode_response
 
-    if not FLAGS.out:
-        raise UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
+    if not args.out:
+        raise common.UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
     try:
-        text = sys.stdin.read() if response == "-" else Path(response).read_text(encoding="utf-8")
+        text = sys.stdin.read() if args.response == "-" else Path(args.response).read_text(encoding="utf-8")
     except OSError as e:
-        raise RestFormatError(f"cannot read the response '{response}': {e.strerror}") from None
+        raise RestFormatError(f"cannot read the response '{args.response}': {e.strerror}") from None
     arrays = decode_response(text)
-    written = write_response_files(arrays, FLAGS.out, image_paths=common.split_paths(FLAGS.image or []))
+    written = write_response_files(arrays, args.out, image_paths=common.split_paths(args.image))
     shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
-    sys.stdout.write(f"decoded {shapes}\nwrote {len(written)} file(s) to {FLAGS.out}\n")
+    sys.stdout.write(f"decoded {shapes}\nwrote {len(written)} file(s) to {args.out}\n")
     for path in written:
         sys.stdout.write(f"  {path.name}\n")

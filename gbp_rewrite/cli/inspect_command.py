@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from absl import flags
+import argparse
 
 from gbp_rewrite.cli import common
 
-FLAGS = flags.FLAGS
-
 NAME = "inspect"
-ARGS = ("MODEL",)
 SUMMARY = ("List a model's signatures (inputs, outputs) and its ReLU-family ops by layer (a SavedModel "
            "directory, or a .keras/.h5 Keras file as model.export would serve it).")
-FLAG_NAMES = {"signature", "json", "unsafe_deserialization"}
 
 
-def run(model: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a SavedModel directory or a .keras/.h5 file.")
+    common.add_signature(parser, "the signature whose ReLU sites are listed (default: serving_default "
+                         "when the model has it, else the first).", default=None)
+    common.add_json(parser)
+    common.add_unsafe_deserialization(parser)
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.inspection import inspect
 
-    info = inspect(model, signature=FLAGS.signature if FLAGS["signature"].present else None,
-                   safe_mode=not FLAGS.unsafe_deserialization)
-    common.emit(info)
+    info = inspect(args.model, signature=args.signature, safe_mode=not args.unsafe_deserialization)
+    common.emit(info, args)

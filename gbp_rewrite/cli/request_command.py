@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-
-from absl import flags
 
 from gbp_rewrite.cli import common
 
-FLAGS = flags.FLAGS
-
 NAME = "request"
-ARGS = ("DIR",)
 SUMMARY = ("Write the JSON body of a TF Serving REST predict request (row format: "
            '{"signature_name": ..., "instances": [{<input>: pixels}, ...]}) for image files (--image), '
            "decoded, resized to the signature's input size and preprocessed as by `explain`, to --out "
            "(default: stdout).")
-FLAG_NAMES = {"image", "signature", "preprocess", "out", "grayscale_to_rgb"}
 
 
-def run(model: str) -> None:
-    from gbp_rewrite.cli import UsageError
-    from gbp_rewrite.serving.request import make_request, write_request
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="DIR", help="the SavedModel directory the server serves.")
+    common.add_image(parser, "an image file (PNG, JPEG, BMP, GIF).")
+    common.add_signature(parser, "the signature to call (default: serving_default).", default="serving_default")
+    common.add_preprocess(parser)
+    parser.add_argument("--out", metavar="FILE", help="the file for the JSON body (default: stdout).")
+    common.add_grayscale_to_rgb(parser)
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.serving import rest
+    from gbp_rewrite.serving.request import make_request, write_request
 
-    if not FLAGS.image:
-        raise UsageError("'request' needs at least one --image PATH")
-    body = make_request(model, common.split_paths(FLAGS.image), signature=FLAGS.signature,
-                        preprocess=FLAGS.preprocess, grayscale_to_rgb=FLAGS.grayscale_to_rgb)
-    if FLAGS.out:
-        path = write_request(body, FLAGS.out)
+    if not args.image:
+        raise common.UsageError("'request' needs at least one --image PATH")
+    body = make_request(args.model, common.split_paths(args.image), signature=args.signature,
+                        preprocess=args.preprocess, grayscale_to_rgb=args.grayscale_to_rgb)
+    if args.out:
+        path = write_request(body, args.out)
         sys.stderr.write(f"wrote {path}: {len(body['instances'])} instance(s) for signature "
-                         f"{body['signature_name']!r} (preprocessing {FLAGS.preprocess})\n")
+                         f"{body['signature_name']!r} (preprocessing {args.preprocess})\n")
     else:
         sys.stdout.write(rest.dumps(body) + "\n")

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-from absl import flags
+import argparse
 
 from gbp_rewrite.cli import common
 
-FLAGS = flags.FLAGS
-
 NAME = "verify"
-ARGS = ("DIR",)
 SUMMARY = ("Check that the SavedModel DIR runs where users deploy it: in a clean process without "
            "gbp_rewrite, run every signature on a probe batch (predictions equal --source's, saliency "
            "finite and not all zero, outputs keep the batch dimension), audit the op types (no Python "
            "or custom ops), and run TF Serving's C++ loader when tools/serving_check is built. A model "
            "whose graph reaches files or the network is refused first unless --allow_file_ops. One "
            "PASS/FAIL/SKIP line per check; exit status 1 if any check fails.")
-FLAG_NAMES = {"source", "json", "allow_file_ops"}
-
-flags.DEFINE_string("source", None, "verify: the source model (SavedModel directory or .keras/.h5 "
-                    "file); each signature's predictions must equal the source's on the same probe inputs.")
 
 
-def run(export_dir: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="DIR", help="the SavedModel directory to check.")
+    parser.add_argument("--source", metavar="SRC", help="the source model (SavedModel directory or "
+                        ".keras/.h5 file); each signature's predictions must equal the source's on the "
+                        "same probe inputs.")
+    common.add_json(parser)
+    common.add_allow_file_ops(parser)
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.deploy.check import verify_export
     from gbp_rewrite.errors import VerificationError
 
-    report = verify_export(export_dir, source=FLAGS.source, allow_file_ops=FLAGS.allow_file_ops)
-    common.emit(report)
+    report = verify_export(args.export_dir, source=args.source, allow_file_ops=args.allow_file_ops)
+    common.emit(report, args)
     if not report.ok:
         raise VerificationError(report.failure_summary())

@@ -1,14 +1,16 @@
 """Walking GraphDefs and FunctionDefs: tensor references, ancestors, called functions, the saver.
 
 Shared by the modules that read a SavedModel's graph (sites, security, folded_twin, fold_batchnorm,
-tf1_variables, savedmodel); it imports nothing from gbp_rewrite, so any of them can use it.
+tf1_variables, savedmodel); it imports nothing from gbp_rewrite but tf_internals (a leaf), so any of
+them can use it.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 from typing import Iterable, Iterator, Mapping
+
+from gbp_rewrite import tf_internals
 
 
 def node_of(ref: str) -> str:
@@ -66,7 +68,7 @@ def reachable_functions(by_name: Mapping[str, object], roots: Iterable[str]) -> 
 
 
 # The functions tf.saved_model.save traces for the saver_def (what C++ and TF1 loaders restore with).
-_STANDARD_SAVER_FUNCTION = re.compile(r"^__inference__traced_(?:save|restore)_\d+$")
+_STANDARD_SAVER_FUNCTION = tf_internals.STANDARD_SAVER_FUNCTION
 
 
 def saver_subgraph(meta_graph) -> set[str]:

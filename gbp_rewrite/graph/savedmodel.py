@@ -23,7 +23,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import write as export, rules
+from gbp_rewrite import write as export, rules, tf_internals
 from gbp_rewrite.graph import folded_twin, graph_walk, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SERVE_TAG = "serve"
 INIT_OP_KEY = "__saved_model_init_op"
-GRADIENT_ATTR = "_gradient_op_type"
+GRADIENT_ATTR = tf_internals.GRADIENT_OP_TYPE_ATTR
 # Attrs the patching adds; both are stripped from the export (finish_export).
 _PATCH_ATTRS = (GRADIENT_ATTR, rules.SITE_ATTR)
 
@@ -307,14 +307,11 @@ def without_saver_functions(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
 def _rewrite_fingerprint(export_dir: Path) -> None:
     """Recompute fingerprint.pb after saved_model.pb changed: its checksum describes the old file.
 
-    Uses TensorFlow's own writer; should that fail (a private API that may move), the stale
-    fingerprint is deleted instead: a SavedModel need not have one (TensorFlow before 2.12 wrote none).
+    Uses TensorFlow's own writer (tf_internals); should it fail, the stale fingerprint is deleted
+    instead: a SavedModel need not have one (TensorFlow before 2.12 wrote none).
     """
     try:
-        # Imported here: a private module; should it move, the fallback below still applies.
-        from tensorflow.python.saved_model import fingerprinting_utils
-
-        fingerprinting_utils.write_fingerprint(str(export_dir))
+        tf_internals.write_fingerprint(str(export_dir))
     except Exception as e:  # noqa: BLE001 - any failure: a missing fingerprint beats a wrong one
         log.info("cannot rewrite the fingerprint of %s (%s); deleting it", export_dir, e)
         (export_dir / _FINGERPRINT).unlink(missing_ok=True)

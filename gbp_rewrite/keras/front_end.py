@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from gbp_rewrite import signatures as explainable, write as export, rules, self_check as verify
+from gbp_rewrite import signatures as explainable, write as export, rules, self_check as verify, tf_internals
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
@@ -344,12 +344,12 @@ def _describe_layer(layer) -> str:
 def _output_producer(signature: keras_signature.KerasSignature, output_key: str):
     """The layer that computes the output, looking into nested models, and its path."""
     import keras
-    from keras.src.models.functional import Functional
 
+    Functional = tf_internals.keras_api().Functional
     tensor = dict(keras_signature.keyed_outputs(signature.output_structure))[output_key]
     path: list[str] = [signature.model_name]
     for _ in range(10_000):  # a bound against malformed, cyclic graphs
-        history = tensor._keras_history
+        history = tf_internals.keras_history(tensor)
         layer = history.operation
         path.append(layer.name)
         if isinstance(layer, keras.Sequential):
@@ -368,7 +368,6 @@ def _output_producer(signature: keras_signature.KerasSignature, output_key: str)
 def clone_model(model, replacements: Mapping[int, Replacement]):
     """A clone of `model` with its weights, the chosen layers replaced; `model` is not modified."""
     import keras
-    from keras.src.saving import serialization_lib
 
     def clone_layer(layer):
         try:
@@ -384,7 +383,7 @@ def clone_model(model, replacements: Mapping[int, Replacement]):
     try:
         # The clone rebuilds layers of a model already in this process (a Lambda's code has run):
         # nothing from outside is deserialised, so Keras' safe mode has nothing to guard here.
-        with serialization_lib.SafeModeScope(False):
+        with tf_internals.keras_api().SafeModeScope(False):
             clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     except SourceModelError:
         raise
@@ -404,7 +403,7 @@ def _fresh_layer(layer):
     if type(layer) is keras.layers.Lambda:
         # From its config the function would be rebuilt from bytecode without the globals it uses.
         return keras.layers.Lambda(
-            layer.function, output_shape=layer._output_shape, mask=layer.mask,
+            layer.function, output_shape=tf_internals.lambda_output_shape(layer), mask=layer.mask,
             arguments=dict(layer.arguments), name=layer.name, dtype=layer.dtype_policy,
         )
     return layer.__class__.from_config(layer.get_config())

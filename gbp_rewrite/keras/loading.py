@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gbp_rewrite import tf_internals
 from gbp_rewrite.errors import SourceModelError, one_line
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -134,9 +135,8 @@ def _first_sentence(text: str) -> str:
 def check_supported(model: Any, *, shown: str) -> None:
     """Refuse models the Keras path cannot clone layer by layer, saying how to convert them."""
     import keras
-    from keras.src.models.functional import Functional
 
-    if not isinstance(model, (Functional, keras.Sequential)):
+    if not isinstance(model, (tf_internals.keras_api().Functional, keras.Sequential)):
         raise SourceModelError(
             f"{shown} is a subclassed keras.Model ({type(model).__name__}); the Keras path can only "
             f"clone Sequential and functional models: {SAVEDMODEL_ROUTE}"

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from gbp_rewrite import tf_internals
 from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.keras.signature import KerasSignature
@@ -189,9 +190,8 @@ def layer_tree(model) -> dict[tuple[str, ...], Any]:
 
 def _sublayers(layer) -> list:
     import keras
-    from keras.src.models.functional import Functional
 
-    if isinstance(layer, (Functional, keras.Sequential)):
+    if isinstance(layer, (tf_internals.keras_api().Functional, keras.Sequential)):
         return list(layer.layers)
     return []
 
