@@ -6,8 +6,14 @@ import collections
 import dataclasses
 import os
 
-from gbp_rewrite.graph import savedmodel, sites
+from typing import Mapping
+
 from gbp_rewrite import security
+from gbp_rewrite.graph import savedmodel, sites
+from gbp_rewrite.graph.savedmodel import SignatureDesc
+from gbp_rewrite.keras import loading as keras_loading
+from gbp_rewrite.keras import signature as keras_signature
+from gbp_rewrite.keras import sites as keras_sites
 
 
 @dataclasses.dataclass
@@ -78,12 +84,8 @@ def inspect(path: str | os.PathLike, *, signature: str | None = None, safe_mode:
     A .keras/.h5 file (or a keras.Model) is described as `model.export` would serve it; loading it
     is safe unless `safe_mode=False` (which lets a Lambda layer's Python code run).
     """
-    from gbp_rewrite.keras import loading as keras_loading
-
     if keras_loading.is_keras_source(path):
-        from gbp_rewrite.keras import front_end as keras_path  # imported here: it needs Keras, SavedModels do not
-
-        return keras_path.inspect(path, signature=signature, safe_mode=safe_mode)
+        return inspect_keras(path, signature=signature, safe_mode=safe_mode)
     model = savedmodel.read(path)
     keys = model.signature_keys()
     signatures = {key: model.signature(key) for key in keys}
@@ -95,3 +97,44 @@ def inspect(path: str | os.PathLike, *, signature: str | None = None, safe_mode:
         found = sites.find_sites(model.meta_graph, [d.tensor_name for d in desc.outputs.values()])
     return ModelInfo(str(path), model.format, model.tags, signatures, signature, found,
                      file_ops=security.find_file_ops(model.meta_graph))
+
+
+class KerasModelInfo(ModelInfo):
+    """`inspect` of a Keras model: its serving signature and sites, with what the Keras path can do."""
+
+    def __init__(self, *args, kept: Mapping[tuple[str, str], str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept = dict(kept)  # site key -> why the Keras path cannot rewrite it
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        for entry, site in zip(data["sites"], self.sites):
+            if site.key in self.kept:
+                entry["keras_path"] = f"kept: {self.kept[site.key]}"
+        return data
+
+    def to_text(self) -> str:
+        lines = super().to_text().splitlines()
+        lines[0] = f"{self.path}: Keras model ({self.format}), as model.export would serve it"
+        text = "\n".join(lines)
+        if self.kept:
+            text += (f"\n  {len(self.kept)} ReLU op(s) are computed where the Keras path cannot rewrite "
+                     "them: " + "; ".join(sorted(set(self.kept.values())))
+                     + "\n  (model.export(DIR), then convert DIR, rewrites every ReLU op)")
+        return text
+
+
+def inspect_keras(source, *, signature: str | None = None, safe_mode: bool = True) -> KerasModelInfo:
+    """Describe a Keras model (in memory or a .keras/.h5 file): inputs, outputs, ReLU sites by layer."""
+    if signature is not None:
+        keras_signature.check_signature_key(signature)
+    loaded = keras_loading.load(source, safe_mode=safe_mode)
+    signature_desc = keras_signature.describe(loaded.model)
+    found = keras_sites.find_sites(loaded.model, signature_desc)
+    key = keras_signature.SIGNATURE_KEY
+    return KerasModelInfo(
+        loaded.description, loaded.format, [],
+        {key: SignatureDesc(key, signature_desc.inputs, signature_desc.outputs)},
+        key, [s.site for s in found],
+        kept={s.site.key: s.reason for s in found if s.site.rewritable and not s.rewritable},
+    )

@@ -1,27 +1,29 @@
-"""The graph path: any SavedModel in, an explainable SavedModel out.
+"""The conversion skeleton both front ends feed: options -> front end -> trace -> write -> check.
 
-    read saved_model.pb -> find the ReLU sites the signature depends on -> select them ->
-    set `_gradient_op_type` on their NodeDefs in a private copy -> load the copy -> trace the
-    explainable signatures (forward + rule gradient), while another thread runs the source on a
-    probe batch -> save into a temporary sibling of the destination -> reload and check on the
-    probe batch -> rename into place.
+    check the options -> the destination (TF Serving's version folder) -> the front end prepares
+    the conversion (graph/front_end.py for SavedModels, keras/front_end.py for Keras models: it
+    reads the source, finds and selects the sites, plans the score, and supplies the forward
+    function whose gradient follows the rule) -> run the source on a probe batch -> trace the
+    explainable signatures (signatures.py), recording which rule gradients were built -> save
+    into a temporary sibling of the destination (write.py) -> reload and check on the probe batch
+    (self_check.py) -> the report (report.py) -> rename into place.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Sequence
 
-from gbp_rewrite import signatures as explainable, write as export, rules, security, self_check as verify
+from gbp_rewrite import rules, self_check, signatures, write
+from gbp_rewrite.graph import front_end as graph_front_end
+from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
-from gbp_rewrite.graph import savedmodel, sites, validation
-from gbp_rewrite.errors import OptionError, SignatureError
-from gbp_rewrite.report import ConversionReport, SiteEntry
+from gbp_rewrite.prepared import PhaseTimer, Prepared
+from gbp_rewrite.report import ConversionReport
 
 log = logging.getLogger(__name__)
 
@@ -78,131 +80,63 @@ def convert(
     Raises:
       GbpError: a one-line reason; the source is never modified and no destination is left behind.
     """
+    started = time.perf_counter()
+    signatures.check_score(score)
+    rules.get_rule(rule)
+    destination = write.version_directory(Path(destination), version)
     if keras_loading.is_keras_source(source):
-        from gbp_rewrite.keras import front_end as keras_path  # imported here: it needs Keras, the graph path does not
-
-        return keras_path.convert(
+        prepare = keras_front_end.prepare(
             source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
             signature=signature, output=output, score=score, overwrite=overwrite,
-            saliency_map=saliency_map, version=version, safe_mode=safe_mode,
+            saliency_map=saliency_map, safe_mode=safe_mode,
         )
-    started = time.perf_counter()
-    explainable.check_score(score)
-    rule_obj = rules.get_rule(rule)
-    source, destination = Path(source), Path(destination)
-    destination = export.version_directory(destination, version)
-    model = savedmodel.read(source)
-    file_op_warnings = security.check(security.find_file_ops(model.meta_graph), allow=allow_file_ops,
-                                      source=source)
-    export.check_destination(destination, source=source, overwrite=overwrite)
-    signature_desc = model.signature(signature)
-    plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
-                                 saliency_map=saliency_map)
-    found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
-    softmax, score_note = _softmax_plan(model, plan, score)
-
-    patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
-    if softmax is not None:
-        patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
-    rules.register_graph_gradients()
-    phase = _PhaseTimer()
-    fold_signature = signature if fold_batchnorms else None
-    with savedmodel.patched_copy(model, patches, fold_signature=fold_signature) as patched:
-        with phase("load"):
-            loaded = savedmodel.load(patched.path, tags=model.tags, source=source)
-        validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
-        plan = validation.reconcile_plan(plan, loaded.signatures[signature], source=source)  # no abort
-        probe = verify.probe_inputs(plan.inputs)
-        # The predictions to match are the source's own (unfolded) signature's; the explainable
-        # signature is traced over the folded twin when there is one.
-        source_signature = loaded.signatures[signature]
-        source_fn = loaded.signatures[patched.folded_signature or signature]
-        # The probe runs in TensorFlow's C++ runtime while this thread traces in Python: on a
-        # large network that hides most of the probe's time.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gbp_rewrite_probe") as pool:
-            probed = pool.submit(verify.run_probe, lambda inputs: source_signature(**inputs), plan, probe)
-            with rules.record_applications() as applied, phase("trace"), \
-                    validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
-                signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
-            with phase("probe (rest)"):
-                expected = probed.result()
-        checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
-        if patched.folded_batchnorms:
-            checks["batchnorm folding"] = (
-                f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "
-                "(fewer passes over the activations; predictions compared with the unfolded source below)"
-            )
-        extra = _kept_signatures(model, loaded, signature)
-        with export.atomic_directory(destination, overwrite=overwrite) as tmp:
-            with phase("save"), validation.tensorflow_errors("save the explainable model", source=source):
-                explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
-            with phase("self-check"):
-                checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
-            report = ConversionReport.build(
-                source=str(source), source_format=model.format, destination=destination, plan=plan,
-                rule=rule_obj, score=score, score_note=score_note,
-                signatures={
-                    signature: plan.output_keys(),
-                    explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
-                    **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
-                },
-                sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], checks=checks,
-                warnings=file_op_warnings, started=started,
-            )
-            report.write(tmp)
+    else:
+        prepare = graph_front_end.prepare(
+            Path(source), destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
+            signature=signature, output=output, score=score, overwrite=overwrite,
+            saliency_map=saliency_map, allow_file_ops=allow_file_ops, fold_batchnorms=fold_batchnorms,
+        )
+    with prepare as prepared:
+        report = write_explainable(prepared, destination, rule=rule, score=score, overwrite=overwrite,
+                                   started=started)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
 
 
-class _PhaseTimer:
-    """Logs how long each phase of a conversion takes (visible with --verbose)."""
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            log.info("%s: %.1f s", name, time.perf_counter() - started)
-
-
-def _softmax_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPlan, score: str):
-    """The Softmax to give a pass-through gradient (score 'logit'), and a note for the report."""
-    producer = sites.find_output_producer(model.meta_graph, plan.explained.tensor_name)
-    ends_in_softmax = producer is not None and producer.op_type == "Softmax"
-    last_op = producer.op_type if producer is not None else "an op that could not be traced"
-    if score == "logit":
-        if ends_in_softmax:
-            return producer, f"pre-softmax logit: Softmax '{producer.node}' passes the gradient through"
-        return None, f"the output ends in {last_op}, not Softmax: its value is the score"
-    if not ends_in_softmax:
-        raise OptionError(
-            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
-            f"in {last_op}; its value already is the score, use --score logit"
+def write_explainable(
+    prepared: Prepared, destination: Path, *, rule: str, score: str, overwrite: bool, started: float,
+) -> ConversionReport:
+    """Probe the source, trace the explainable signatures, save, self-check and report, atomically."""
+    plan = prepared.plan
+    phase = PhaseTimer()
+    probe = self_check.probe_inputs(plan.inputs)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gbp_rewrite_probe") as pool:
+        if prepared.probe_while_tracing:
+            probed = pool.submit(self_check.run_probe, prepared.source_forward, plan, probe)
+        else:
+            with phase("probe"):
+                expected = self_check.run_probe(prepared.source_forward, plan, probe)
+        with rules.record_applications() as applied, phase("trace"), \
+                prepared.tensorflow_errors(f"trace the explainable signature over {plan.signature_key!r}"):
+            explainable = signatures.build_signatures(prepared.explained, plan)
+        if prepared.probe_while_tracing:
+            with phase("probe (rest)"):
+                expected = probed.result()
+    checks = {"rule applied": prepared.check_applied(applied), **prepared.checks}
+    with write.atomic_directory(destination, overwrite=overwrite) as tmp:
+        with phase("save"), prepared.tensorflow_errors("save the explainable model"):
+            signatures.save(tmp, owner=prepared.owner, signatures={**prepared.kept_signatures, **explainable})
+        with phase("self-check"):
+            checks.update(self_check.self_check(tmp, plan=plan, probe=probe, expected=expected))
+        report = ConversionReport.build(
+            source=prepared.source, source_format=prepared.source_format, destination=destination,
+            plan=plan, rule=rules.get_rule(rule), score=score, score_note=prepared.score_note,
+            signatures={
+                **{key: plan.output_keys() for key in explainable},
+                **{k: sorted(fn.structured_outputs) for k, fn in prepared.kept_signatures.items()},
+            },
+            sites=prepared.sites, checks=checks, warnings=prepared.warnings, started=started,
         )
-    return None, "softmax probability with the true softmax gradient"
-
-
-def _site_key(site: sites.Site) -> str:
-    """The key the site's gradient is recorded under (savedmodel sets it as rules.SITE_ATTR)."""
-    return rules.site_key(site.function, site.node)
-
-
-def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
-    """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
-    return verify.check_applied(
-        selection.selected_sites, _site_key, applied, rule,
-        softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
-    )
-
-
-def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:
-    extra = {k: loaded.signatures[k] for k in model.signature_keys() if k != explained}
-    if explainable.EXPLAIN_CLASS_SIGNATURE in extra:
-        raise SignatureError(
-            f"the source already has a signature named {explainable.EXPLAIN_CLASS_SIGNATURE!r}, "
-            "which the explainable export adds; is it already an explainable export?"
-        )
-    return extra
+        report.write(tmp)
+    return report

@@ -100,9 +100,9 @@ def conversion_key(*names: str, **options) -> tuple:
 @functools.cache
 def _convert_defaults() -> dict[str, object]:
     """gbp_rewrite.pipeline.convert's keyword defaults (through the guard's functools.wraps)."""
-    from gbp_rewrite import pipeline as converter
+    from gbp_rewrite import pipeline
 
-    parameters = inspect.signature(converter.convert).parameters.values()
+    parameters = inspect.signature(pipeline.convert).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
@@ -119,9 +119,9 @@ def _sources_are_never_changed():
     Session-scoped, and autouse fixtures are set up first within their scope, so conversions made
     in module- and session-scoped fixtures are checked too."""
     import gbp_rewrite
-    from gbp_rewrite import pipeline as converter
+    from gbp_rewrite import pipeline
 
-    convert = converter.convert
+    convert = pipeline.convert
 
     @functools.wraps(convert)
     def checked_convert(source, destination, **options):
@@ -132,7 +132,7 @@ def _sources_are_never_changed():
             assert source_fingerprint(source) == before, f"converting {source} changed the source"
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(converter, "convert", checked_convert)
+        patch.setattr(pipeline, "convert", checked_convert)
         patch.setattr(gbp_rewrite, "convert", checked_convert)
         yield
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import REPO
 from gbp_rewrite.deploy import cpp_check, check as deploy_check, standalone_check
-from gbp_rewrite import signatures as explainable, report, self_check as verify
+from gbp_rewrite import report, self_check, signatures
 from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.serving import response_files, request as serving_request
 from gbp_rewrite.cli import common
@@ -88,12 +88,12 @@ def test_preprocess_flag_offers_exactly_the_preprocessing_modes():
 
 def test_standalone_check_copies_the_package_constants():
     """standalone_check cannot import gbp_rewrite, so it repeats these; they must stay equal."""
-    assert standalone_check.CLASS_INDEX == explainable.CLASS_INDEX
-    assert standalone_check.EXPLAINED_CLASS == explainable.EXPLAINED_CLASS
-    assert standalone_check.EXPLAIN_CLASS == explainable.EXPLAIN_CLASS_SIGNATURE
+    assert standalone_check.CLASS_INDEX == signatures.CLASS_INDEX
+    assert standalone_check.EXPLAINED_CLASS == signatures.EXPLAINED_CLASS
+    assert standalone_check.EXPLAIN_CLASS == signatures.EXPLAIN_CLASS_SIGNATURE
     assert standalone_check.REPORT_PATH == Path("assets") / report.REPORT_JSON
-    assert standalone_check.PREDICTION_RTOL == verify.PREDICTION_RTOL
-    assert standalone_check.PREDICTION_ATOL == verify.PREDICTION_ATOL
+    assert standalone_check.PREDICTION_RTOL == self_check.PREDICTION_RTOL
+    assert standalone_check.PREDICTION_ATOL == self_check.PREDICTION_ATOL
 
 
 # ---------------------------------------------------------------------------------------------

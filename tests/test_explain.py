@@ -21,7 +21,7 @@ import tensorflow as tf
 
 import gbp_rewrite
 from conftest import REPO, cli_command
-from gbp_rewrite import signatures as explainable
+from gbp_rewrite import signatures
 from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.cli.progress import Progress
 from gbp_rewrite.errors import ImageError, OptionError, SignatureError, SourceModelError
@@ -223,7 +223,7 @@ def test_saliency_map_equals_numpy(shapes):
 
 def test_saliency_map_of_an_all_zero_saliency_is_zero_not_nan():
     saliency = tf.constant(np.stack([np.zeros((4, 5, 3)), np.full((4, 5, 3), -2.0)]), tf.float32)
-    got = explainable._saliency_map(saliency).numpy()
+    got = signatures._saliency_map(saliency).numpy()
     np.testing.assert_array_equal(got[0], 0.0)
     np.testing.assert_array_equal(got[1], 1.0)
 
@@ -231,9 +231,9 @@ def test_saliency_map_of_an_all_zero_saliency_is_zero_not_nan():
 def test_saliency_map_refuses_inputs_that_are_not_images(zoo, tmp_path):
     inputs = {"x": TensorDesc("x", "x:0", tf.float32, (None, 10))}
     outputs = {"y": TensorDesc("y", "y:0", tf.float32, (None, 3))}
-    assert explainable.make_plan("serving_default", inputs, outputs).saliency_maps == {}
+    assert signatures.make_plan("serving_default", inputs, outputs).saliency_maps == {}
     with pytest.raises(SignatureError, match=r"--saliency_map needs image inputs.*x: float32 \[\?, 10\]"):
-        explainable.make_plan("serving_default", inputs, outputs, saliency_map=True)
+        signatures.make_plan("serving_default", inputs, outputs, saliency_map=True)
     destination = tmp_path / "multi"
     with pytest.raises(SignatureError, match=r"--saliency_map needs image inputs.*meta"):
         gbp_rewrite.convert(zoo.model("multi_io"), destination, output="cls", saliency_map=True)

@@ -1,5 +1,5 @@
 """Read `saved_model.pb`, describe its signatures, patch gradient attrs, load a patched copy,
-tidy the written export.
+tidy the written write.
 
 The source directory is only ever read. Patching writes a new `saved_model.pb` into a private
 temporary directory whose other entries (variables/, assets/, ...) are symlinks to the source's,
@@ -23,7 +23,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from gbp_rewrite import write as export, rules, tf_internals
+from gbp_rewrite import rules, tf_internals, write
 from gbp_rewrite.graph import folded_twin, graph_walk, tf1_variables
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
@@ -363,7 +363,7 @@ def python_loader_view(export_dir: Path) -> Iterator[Path]:
 def _staged(proto: saved_model_pb2.SavedModel, *, beside: Path, prefix: str) -> Iterator[Path]:
     """A temporary directory holding `proto` as saved_model.pb and symlinks to the other entries
     of the SavedModel directory `beside` (variables/, assets/, ...); removed afterwards."""
-    tmp = export.temporary_directory(prefix)  # removed by the next run if we are killed
+    tmp = write.temporary_directory(prefix)  # removed by the next run if we are killed
     try:
         (tmp / "saved_model.pb").write_bytes(proto.SerializeToString())
         for entry in beside.iterdir():

@@ -1,10 +1,10 @@
-"""The Keras path: a Keras model in, a clone with custom-gradient ReLUs, an explainable SavedModel out.
+"""The Keras front end: a Keras model in, a clone with custom-gradient ReLUs for the pipeline.
 
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (sites.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax a pass-through gradient, weights copied -> trace the explainable
-    signatures over the clone (explainable.build_signatures) -> save, self-check, report.
+    explained output's softmax a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
+    the clone to trace the explainable signatures over, and the model to probe.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
 function), so no layer of the user's model is called on new tensors, and the clone, holding copies
@@ -15,20 +15,18 @@ called, so a shared layer is rewritten at every call site.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
-import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from gbp_rewrite import signatures as explainable, write as export, rules, self_check as verify, tf_internals
+from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
-from gbp_rewrite.inspection import ModelInfo
-from gbp_rewrite.report import ConversionReport, SiteEntry
-from gbp_rewrite.graph.savedmodel import SignatureDesc
+from gbp_rewrite.prepared import Prepared
+from gbp_rewrite.report import SiteEntry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class Rewrite:
     """What the clone changes: the sites, the selection, and a replacement per original layer."""
 
     signature: keras_signature.KerasSignature
-    plan: explainable.ExplainPlan
+    plan: signatures.ExplainPlan
     found: list[keras_sites.KerasSite]
     selection: sites.Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
@@ -88,96 +86,40 @@ def guided_model(
     return clone_model(source.model, rewrite.replacements)
 
 
-def convert(
+@contextlib.contextmanager
+def prepare(
     source,
-    destination: str | os.PathLike,
+    destination: Path,
     *,
-    layers: Sequence[str] | str | None = None,
-    exclude_layers: Sequence[str] | str | None = None,
-    rule: str = "guided",
-    signature: str = keras_signature.SIGNATURE_KEY,
-    output: str | None = None,
-    score: str = "logit",
-    overwrite: bool = False,
-    saliency_map: bool = False,
-    version: int | str | None = None,
-    safe_mode: bool = True,
-) -> ConversionReport:
-    """Write an explainable SavedModel of a Keras model (in memory, or a .keras/.h5 file).
+    layers: Sequence[str] | str | None,
+    exclude_layers: Sequence[str] | str | None,
+    rule: str,
+    signature: str,
+    output: str | None,
+    score: str,
+    overwrite: bool,
+    saliency_map: bool,
+    safe_mode: bool,
+) -> Iterator[Prepared]:
+    """The conversion of a Keras model (in memory, or a .keras/.h5 file), for gbp_rewrite.pipeline.
 
     The export has the graph path's layout (`serving_default` with the model's outputs, `saliency`
     and `explained_class`; `explain_class`), report and self-check; the options mean what they
     mean for `gbp_rewrite.convert`. `safe_mode=False` allows loading files with Lambda layers,
     whose Python code runs while the file is loaded.
     """
-    started = time.perf_counter()
-    _check_signature_key(signature)
-    destination = export.version_directory(Path(destination), version)
+    keras_signature.check_signature_key(signature)
     loaded = keras_loading.load(source, safe_mode=safe_mode)
-    export.check_destination(destination, source=loaded.path, overwrite=overwrite)
+    write.check_destination(destination, source=loaded.path, overwrite=overwrite)
     rewrite = plan_rewrite(loaded.model, layers=layers, exclude_layers=exclude_layers, rule=rule,
                            score=score, output=output, saliency_map=saliency_map)
     clone = clone_model(loaded.model, rewrite.replacements)
-    plan = rewrite.plan
-    probe = verify.probe_inputs(plan.inputs)
-    expected = verify.run_probe(lambda inputs: rewrite.signature.call(loaded.model, inputs), plan, probe)
-    with rules.record_applications() as applied:
-        signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
-    checks = {"rule applied": _check_applied(rewrite, applied, rule)}
-    with export.atomic_directory(destination, overwrite=overwrite) as tmp:
-        explainable.save(tmp, owner=clone, signatures=signatures)
-        checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
-        report = ConversionReport.build(
-            source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
-            rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
-            signatures={key: plan.output_keys() for key in signatures},
-            sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
-            warnings=rewrite.warnings, started=started,
-        )
-        report.write(tmp)
-    log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
-             len(report.rewritten), len(report.sites), rule)
-    return report
-
-
-class KerasModelInfo(ModelInfo):
-    """`inspect` of a Keras model: its serving signature and sites, with what the Keras path can do."""
-
-    def __init__(self, *args, kept: Mapping[tuple[str, str], str], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kept = dict(kept)  # site key -> why the Keras path cannot rewrite it
-
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        for entry, site in zip(data["sites"], self.sites):
-            if site.key in self.kept:
-                entry["keras_path"] = f"kept: {self.kept[site.key]}"
-        return data
-
-    def to_text(self) -> str:
-        lines = super().to_text().splitlines()
-        lines[0] = f"{self.path}: Keras model ({self.format}), as model.export would serve it"
-        text = "\n".join(lines)
-        if self.kept:
-            text += (f"\n  {len(self.kept)} ReLU op(s) are computed where the Keras path cannot rewrite "
-                     "them: " + "; ".join(sorted(set(self.kept.values())))
-                     + "\n  (model.export(DIR), then convert DIR, rewrites every ReLU op)")
-        return text
-
-
-def inspect(source, *, signature: str | None = None, safe_mode: bool = True) -> KerasModelInfo:
-    """Describe a Keras model (in memory or a .keras/.h5 file): inputs, outputs, ReLU sites by layer."""
-    if signature is not None:
-        _check_signature_key(signature)
-    loaded = keras_loading.load(source, safe_mode=safe_mode)
-    signature_desc = keras_signature.describe(loaded.model)
-    found = keras_sites.find_sites(loaded.model, signature_desc)
-    key = keras_signature.SIGNATURE_KEY
-    return KerasModelInfo(
-        loaded.description, loaded.format, [],
-        {key: SignatureDesc(key, signature_desc.inputs, signature_desc.outputs)},
-        key, [s.site for s in found],
-        kept={s.site.key: s.reason for s in found if s.site.rewritable and not s.rewritable},
+    yield Prepared(
+        source=loaded.description, source_format=loaded.format, plan=rewrite.plan,
+        score_note=rewrite.score_note, sites=[_site_entry(s, rewrite.selection) for s in rewrite.found],
+        owner=clone, explained=lambda inputs: rewrite.signature.call(clone, inputs),
+        source_forward=lambda inputs: rewrite.signature.call(loaded.model, inputs),
+        check_applied=lambda applied: _check_applied(rewrite, applied, rule), warnings=rewrite.warnings,
     )
 
 
@@ -197,9 +139,9 @@ def plan_rewrite(
 ) -> Rewrite:
     """Find and select the sites, and decide how the clone replaces each chosen layer."""
     rules.get_rule(rule)
-    explainable.check_score(score)
+    signatures.check_score(score)
     signature = keras_signature.describe(model)
-    plan = explainable.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
+    plan = signatures.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
     found = keras_sites.find_sites(model, signature)
     selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
@@ -283,7 +225,7 @@ def _with_activation(layer, activation) -> Replacement:
     return replace
 
 
-def _softmax_replacement(signature: keras_signature.KerasSignature, plan: explainable.ExplainPlan, score: str):
+def _softmax_replacement(signature: keras_signature.KerasSignature, plan: signatures.ExplainPlan, score: str):
     """((layer, token, replacement) or None, note): the output softmax's pass-through, as the graph path."""
     layer, path = _output_producer(signature, plan.output_key)
     where = "/".join(path)
@@ -433,18 +375,10 @@ def _copy_weights(model, clone) -> None:
 # Conversion helpers
 
 
-def _check_signature_key(signature: str) -> None:
-    if signature != keras_signature.SIGNATURE_KEY:
-        raise SignatureError(
-            f"a Keras model has one signature, {keras_signature.SIGNATURE_KEY!r} (its call, as "
-            f"model.export serves it), not {signature!r}; leave --signature out"
-        )
-
-
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
     softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token, "softmax")
-    return verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
+    return self_check.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
                                 applied, rule, softmax=softmax)
 
 

@@ -88,3 +88,11 @@ def _desc(key: str, tensor) -> TensorDesc:
     shape = tuple(tensor.shape)
     shape = (None, *shape[1:]) if shape else shape  # the batch is dynamic, as in model.export
     return TensorDesc(key=key, tensor_name=tensor.name, dtype=tf.as_dtype(tensor.dtype), shape=shape)
+
+
+def check_signature_key(signature: str) -> None:
+    if signature != SIGNATURE_KEY:
+        raise SignatureError(
+            f"a Keras model has one signature, {SIGNATURE_KEY!r} (its call, as "
+            f"model.export serves it), not {signature!r}; leave --signature out"
+        )

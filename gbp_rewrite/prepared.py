@@ -1,0 +1,56 @@
+"""What a front end hands the conversion pipeline (gbp_rewrite.pipeline): `Prepared`.
+
+Both front ends (gbp_rewrite.graph.front_end, gbp_rewrite.keras.front_end) build one; the pipeline
+traces, writes, self-checks and reports from it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, ContextManager, Mapping
+
+from gbp_rewrite.report import SiteEntry
+from gbp_rewrite.signatures import ExplainPlan
+
+log = logging.getLogger("gbp_rewrite.pipeline")
+
+Forward = Callable[[dict], Mapping]  # input tensors by key -> output tensors by key
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a front end supplies: the plan, the sites, the functions to trace and to probe."""
+
+    source: str  # the source as the report names it
+    source_format: str
+    plan: ExplainPlan
+    score_note: str
+    sites: list[SiteEntry]
+    owner: Any  # the object whose variables the export saves (the loaded source, or the clone)
+    explained: Forward  # its gradient follows the rule: the explainable signatures are traced over it
+    source_forward: Forward  # the source's own forward: the predictions the export must reproduce
+    check_applied: Callable[[set[str]], str]  # proves the rule reached the gradient (rules.record_applications)
+    kept_signatures: dict[str, Any] = dataclasses.field(default_factory=dict)  # copied unchanged
+    checks: dict[str, str] = dataclasses.field(default_factory=dict)  # the front end's own, for the report
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    # The probe runs in TensorFlow's C++ runtime while this thread traces in Python: on a large
+    # network that hides most of the probe's time. Only for restored functions (a Keras model's
+    # Python call is not run from two threads).
+    probe_while_tracing: bool = False
+    # Wraps tracing and saving: TensorFlow's errors there as the front end's one-line errors.
+    tensorflow_errors: Callable[[str], ContextManager] = contextlib.nullcontext
+
+
+class PhaseTimer:
+    """Logs how long each phase of a conversion takes (visible with --verbose)."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            log.info("%s: %.1f s", name, time.perf_counter() - started)
