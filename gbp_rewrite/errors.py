@@ -58,7 +58,7 @@ class RestFormatError(GbpError):
 
 # Lines of a TensorFlow error message that say nothing about the cause: the "Graph execution
 # error" banner, the Python stack that defined the failing node, the node reference. (A copy lives
-# in standalone_check, which runs without this package; a test keeps the two in step.)
+# in clean_process, which runs without this package; a test keeps the two in step.)
 _NOISE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces unavailable>|Traceback|File |\[\[)")
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from gbp_rewrite.deploy import cpp_check, check as deploy_check, standalone_check
+from gbp_rewrite.deploy import cpp_check, check as deploy_check, clean_process
 from gbp_rewrite import report, self_check, signatures
 from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.serving import response_files, request as serving_request
@@ -86,14 +86,14 @@ def test_preprocess_flag_offers_exactly_the_preprocessing_modes():
     assert common.PREPROCESS_MODES == tuple(images.PREPROCESSING)
 
 
-def test_standalone_check_copies_the_package_constants():
-    """standalone_check cannot import gbp_rewrite, so it repeats these; they must stay equal."""
-    assert standalone_check.CLASS_INDEX == signatures.CLASS_INDEX
-    assert standalone_check.EXPLAINED_CLASS == signatures.EXPLAINED_CLASS
-    assert standalone_check.EXPLAIN_CLASS == signatures.EXPLAIN_CLASS_SIGNATURE
-    assert standalone_check.REPORT_PATH == Path("assets") / report.REPORT_JSON
-    assert standalone_check.PREDICTION_RTOL == self_check.PREDICTION_RTOL
-    assert standalone_check.PREDICTION_ATOL == self_check.PREDICTION_ATOL
+def test_clean_process_copies_the_package_constants():
+    """clean_process cannot import gbp_rewrite, so it repeats these; they must stay equal."""
+    assert clean_process.CLASS_INDEX == signatures.CLASS_INDEX
+    assert clean_process.EXPLAINED_CLASS == signatures.EXPLAINED_CLASS
+    assert clean_process.EXPLAIN_CLASS == signatures.EXPLAIN_CLASS_SIGNATURE
+    assert clean_process.REPORT_PATH == Path("assets") / report.REPORT_JSON
+    assert clean_process.PREDICTION_RTOL == self_check.PREDICTION_RTOL
+    assert clean_process.PREDICTION_ATOL == self_check.PREDICTION_ATOL
 
 
 # ---------------------------------------------------------------------------------------------

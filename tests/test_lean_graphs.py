@@ -98,8 +98,8 @@ def test_a_source_that_fails_on_the_probe_is_one_clear_error(tmp_path):
 
 def test_one_line_finds_the_cause_of_a_graph_execution_error():
     """TensorFlow's message starts with a banner and the defining stack; the cause comes after.
-    standalone_check (which runs without the package) keeps a copy of the rule: the same line."""
-    from gbp_rewrite.deploy import standalone_check
+    clean_process (which runs without the package) keeps a copy of the rule: the same line."""
+    from gbp_rewrite.deploy import clean_process
     from gbp_rewrite.errors import one_line
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)], autograph=False)
@@ -110,5 +110,5 @@ def test_one_line_finds_the_cause_of_a_graph_execution_error():
         reshape(tf.zeros([2, 3]))
     line = one_line(caught.value)
     assert line.startswith("Input to reshape is a tensor with 6 values") and line.endswith("(at node Reshape)")
-    assert standalone_check.one_line(caught.value) == f"InvalidArgumentError: {line}"
+    assert clean_process.one_line(caught.value) == f"InvalidArgumentError: {line}"
     assert one_line(ValueError("first\nsecond")) == "first" and one_line(KeyError()) == "KeyError"

@@ -2,7 +2,7 @@
 
     verify_export(DIR, source=SRC)
       -> a clean Python process (gbp_rewrite not importable, cwd outside the repository, no
-         PYTHONPATH) runs standalone_check.py: op audit, load, every signature on a probe batch,
+         PYTHONPATH) runs clean_process.py: op audit, load, every signature on a probe batch,
          REST row-format shape check, saliency finite and not all zero, predictions vs the source
       -> the C++ loader (tools/serving_check, TF Serving's LoadSavedModel + Session::Run) runs
          every signature on the same probe inputs; its outputs must equal Python's
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gbp_rewrite.deploy import cpp_check, standalone_check
+from gbp_rewrite.deploy import cpp_check, clean_process
 from gbp_rewrite.keras import loading as keras_loading
 from gbp_rewrite import security
 from gbp_rewrite.errors import SourceModelError, VerificationError
@@ -199,7 +199,7 @@ def _run_clean_process(export_dir: Path, source_dir: Path | None, work: Path, *,
     config_path = work / "config.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")
     # -I: ignore PYTHON* variables and the user's site-packages, and keep the cwd off sys.path.
-    command = [sys.executable, "-I", "-c", _BOOTSTRAP, standalone_check.__file__, str(config_path)]
+    command = [sys.executable, "-I", "-c", _BOOTSTRAP, clean_process.__file__, str(config_path)]
     log.info("running the clean check: %s", " ".join(command[:2] + ["-c", "...", *command[4:]]))
     try:
         proc = subprocess.run(command, cwd=work, env=_clean_environment(), capture_output=True,
