@@ -5,7 +5,7 @@ that exists) is raised as a subclass of `GbpError`, with a one-line message that
 the offending value and the valid choices or the fix. The command line prints that line and exits 1.
 """
 
-import re
+from gbp_rewrite.conventions import one_line  # noqa: F401  (the package's one-line errors)
 
 
 class GbpError(Exception):
@@ -54,20 +54,3 @@ class UnsupportedTensorFlowError(GbpError):
 
 class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
-
-
-# Lines of a TensorFlow error message that say nothing about the cause: the "Graph execution
-# error" banner, the Python stack that defined the failing node, the node reference. (A copy lives
-# in clean_process, which runs without this package; a test keeps the two in step.)
-_NOISE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces unavailable>|Traceback|File |\[\[)")
-
-
-def one_line(error: BaseException) -> str:
-    """The first informative line of an exception's message (TensorFlow's run to pages), with the
-    node a graph execution error was detected at."""
-    text = getattr(error, "message", None) or str(error) or type(error).__name__
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    useful = [line for line in lines if not _NOISE.match(line)]
-    node = next((line.split()[3] for line in lines if line.startswith("Detected at node ")), None)
-    message = useful[0] if useful else (lines[0] if lines else type(error).__name__)
-    return message + (f" (at node {node})" if node else "")

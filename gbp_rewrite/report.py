@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-REPORT_JSON = "gbp_rewrite_report.json"
+from gbp_rewrite.conventions import REPORT_JSON
+
 REPORT_TEXT = "gbp_rewrite_report.txt"
 
 

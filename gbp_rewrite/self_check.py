@@ -9,7 +9,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite.deploy import clean_process
+from gbp_rewrite import conventions
+from gbp_rewrite.conventions import PREDICTION_ATOL, PREDICTION_RTOL
 from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.signatures import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
 from gbp_rewrite.graph.savedmodel import TensorDesc, python_loader_view
@@ -18,20 +19,15 @@ log = logging.getLogger(__name__)
 
 PROBE_BATCH = 2
 
-# Forward passes of the same graph can differ in the last bits when TensorFlow fuses the
-# explainable graph differently (e.g. oneDNN picks another convolution kernel).
-PREDICTION_RTOL = 1e-5
-PREDICTION_ATOL = 1e-6
-
 
 def probe_inputs(inputs: Mapping[str, TensorDesc], *, batch: int = PROBE_BATCH, seed: int = 0) -> dict[str, np.ndarray]:
     """A deterministic batch for the inputs: floats uniform in [0, 1), integers 0, strings empty.
 
-    The same batch as the clean-process check's (clean_process.probe_value), which `verify`
-    compares with the source: unknown non-batch dimensions are clean_process.UNKNOWN_DIM.
+    The same batch as the clean-process check's (conventions.probe_value), which `verify`
+    compares with the source: unknown non-batch dimensions are conventions.UNKNOWN_DIM.
     """
     rng = np.random.default_rng(seed)
-    return {key: clean_process.probe_value(desc.spec(), batch, rng) for key, desc in inputs.items()}
+    return {key: conventions.probe_value(desc.spec(), batch, rng) for key, desc in inputs.items()}
 
 
 def to_tensors(arrays: Mapping[str, np.ndarray], inputs: Mapping[str, TensorDesc]) -> dict[str, tf.Tensor]:

@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 import tensorflow as tf
 
 from gbp_rewrite import tf_internals
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph.savedmodel import TensorDesc, finish_export
 
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 SALIENCY = "saliency"
 SALIENCY_MAP = "saliency_map"
-EXPLAINED_CLASS = "explained_class"
-CLASS_INDEX = "class_index"
-EXPLAIN_CLASS_SIGNATURE = "explain_class"
 SCORES = ("logit", "probability")
 
 Forward = Callable[[dict[str, tf.Tensor]], Mapping[str, tf.Tensor]]

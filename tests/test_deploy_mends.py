@@ -87,7 +87,7 @@ def test_preprocess_flag_offers_exactly_the_preprocessing_modes():
 
 
 def test_clean_process_copies_the_package_constants():
-    """clean_process cannot import gbp_rewrite, so it repeats these; they must stay equal."""
+    """clean_process cannot import gbp_rewrite; it loads conventions.py by path, so these are equal."""
     assert clean_process.CLASS_INDEX == signatures.CLASS_INDEX
     assert clean_process.EXPLAINED_CLASS == signatures.EXPLAINED_CLASS
     assert clean_process.EXPLAIN_CLASS == signatures.EXPLAIN_CLASS_SIGNATURE

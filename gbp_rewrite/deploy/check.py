@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gbp_rewrite.deploy import cpp_check, clean_process
+from gbp_rewrite.deploy import cpp_check
 from gbp_rewrite.keras import loading as keras_loading
 from gbp_rewrite import security
 from gbp_rewrite.errors import SourceModelError, VerificationError
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 CHILD_TIMEOUT = 1800
 CPP_CHECK = "C++ loader (LoadSavedModel + Session::Run)"
 WHY_CPP = "this is the loader and runner TF Serving uses; the model server would fail the same way"
+
+# The script the clean process runs: a file of this package, run without the package (see its docstring).
+CLEAN_PROCESS = Path(__file__).with_name("clean_process.py")
 
 # Runs in the child before anything else: make gbp_rewrite unimportable, then run the script.
 _BOOTSTRAP = (
@@ -199,7 +202,7 @@ def _run_clean_process(export_dir: Path, source_dir: Path | None, work: Path, *,
     config_path = work / "config.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")
     # -I: ignore PYTHON* variables and the user's site-packages, and keep the cwd off sys.path.
-    command = [sys.executable, "-I", "-c", _BOOTSTRAP, clean_process.__file__, str(config_path)]
+    command = [sys.executable, "-I", "-c", _BOOTSTRAP, str(CLEAN_PROCESS), str(config_path)]
     log.info("running the clean check: %s", " ".join(command[:2] + ["-c", "...", *command[4:]]))
     try:
         proc = subprocess.run(command, cwd=work, env=_clean_environment(), capture_output=True,

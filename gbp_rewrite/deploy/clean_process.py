@@ -1,6 +1,6 @@
 """The part of `verify` that runs in a clean process: plain TensorFlow and numpy, no gbp_rewrite.
 
-This file must never import gbp_rewrite (directly or indirectly): `deploy_check` runs it with
+This file must never import gbp_rewrite (directly or indirectly): `deploy.check` runs it with
 `python -I -c BOOTSTRAP this_file CONFIG.json` after setting `sys.modules['gbp_rewrite'] = None`,
 with a working directory outside the repository and no PYTHONPATH, so anything the exported model
 secretly needs from our package (a registered gradient, a Python function, a custom op) makes a
@@ -15,10 +15,16 @@ It reads CONFIG.json ({"export_dir", "source_dir" or null, "work_dir", "batch", 
 status is "pass", "fail" or "skip"; `why` says what TF Serving would do when the check fails.
 Probe inputs and outputs are saved as .npy under work_dir/sig_<i>/ so the C++ loader can be run
 on exactly the same data.
+
+What it shares with the converter (the export's names, the probe batch, the tolerance, one-line
+errors: gbp_rewrite/conventions.py) and the private TensorFlow APIs of the op audit
+(gbp_rewrite/tf_internals.py) it loads by file path under other names: both import nothing from
+gbp_rewrite and register nothing, so the process stays as clean as TF Serving's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -28,18 +34,30 @@ from pathlib import Path
 
 import numpy as np
 
+
+def _package_file(name: str):
+    """gbp_rewrite/<name>.py loaded by file path as `gbp_clean_<name>` (see the module docstring)."""
+    path = Path(__file__).resolve().parents[1] / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gbp_clean_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+conventions = _package_file("conventions")
+
 SERVE_TAG = "serve"
 INIT_OP_KEY = "__saved_model_init_op"
-REPORT_PATH = Path("assets") / "gbp_rewrite_report.json"
-EXPLAIN_CLASS = "explain_class"
-CLASS_INDEX = "class_index"
-EXPLAINED_CLASS = "explained_class"
+REPORT_PATH = Path(conventions.REPORT_PATH)
+EXPLAIN_CLASS = conventions.EXPLAIN_CLASS_SIGNATURE
+CLASS_INDEX = conventions.CLASS_INDEX
+EXPLAINED_CLASS = conventions.EXPLAINED_CLASS
 
-# Same probe as the converter's self-check: floats uniform in [0, 1), unknown non-batch dims 32.
-UNKNOWN_DIM = 32
-# Forward passes of one graph may differ in the last bits when TensorFlow fuses it differently.
-PREDICTION_RTOL = 1e-5
-PREDICTION_ATOL = 1e-6
+UNKNOWN_DIM = conventions.UNKNOWN_DIM
+PREDICTION_RTOL = conventions.PREDICTION_RTOL
+PREDICTION_ATOL = conventions.PREDICTION_ATOL
+probe_value = conventions.probe_value
 
 PYTHON_OP = re.compile(r"PyFunc")
 # Dtypes TF Serving's REST API (util/json_tensor.cc) can read from JSON, and write to JSON.
@@ -129,23 +147,10 @@ def op_types(meta_graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def tf_internals():
-    """gbp_rewrite/tf_internals.py, loaded by file path under another name: it registers nothing
-    and imports nothing from gbp_rewrite here, so the process stays as clean as TF Serving's."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
-    path = Path(__file__).resolve().parents[1] / "tf_internals.py"
-    spec = importlib.util.spec_from_file_location("gbp_clean_tf_internals", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def audit_ops(types: dict[str, int], checks: Checks) -> None:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    internals = tf_internals()
+    internals = _package_file("tf_internals")
     python_ops = [t for t in types if PYTHON_OP.search(t)]
     custom = [t for t in types if t not in python_ops and not internals.is_registered_op(t)]
     no_kernel = []
@@ -171,21 +176,6 @@ def audit_ops(types: dict[str, int], checks: Checks) -> None:
 # Running the signatures
 
 
-def probe_value(spec, batch: int, rng) -> np.ndarray:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    if spec.shape.rank is None:
-        shape = [batch]
-    else:
-        shape = [batch if i == 0 and d is None else (UNKNOWN_DIM if d is None else d)
-                 for i, d in enumerate(spec.shape.as_list())]
-    if spec.dtype.is_floating:
-        return rng.random(shape).astype(spec.dtype.as_numpy_dtype)
-    if spec.dtype == tf.string:
-        return np.full(shape, b"", dtype=object)
-    return np.zeros(shape, dtype=spec.dtype.as_numpy_dtype)
-
-
 def input_specs(function) -> dict:
     return dict(sorted(function.structured_input_signature[1].items()))
 
@@ -198,18 +188,9 @@ def call(function, arrays: dict) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in sorted(outputs.items())}
 
 
-# Lines of a TensorFlow error message that say nothing about the cause.
-_NOISE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces unavailable>|Traceback|File |\[\[)")
-
-
 def one_line(error: BaseException) -> str:
     """The error's type, its first informative line, and the node it was detected at."""
-    text = getattr(error, "message", None) or str(error) or type(error).__name__
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    useful = [line for line in lines if not _NOISE.match(line)]
-    node = next((line.split()[3] for line in lines if line.startswith("Detected at node ")), None)
-    message = useful[0] if useful else (lines[0] if lines else "")
-    return f"{type(error).__name__}: {message}" + (f" (at node {node})" if node else "")
+    return conventions.one_line(error, with_type=True)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:

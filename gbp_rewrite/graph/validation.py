@@ -30,7 +30,7 @@ from typing import Iterator, Mapping
 
 import tensorflow as tf
 
-from gbp_rewrite.deploy import clean_process
+from gbp_rewrite import conventions
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.signatures import ExplainPlan
 from gbp_rewrite.graph.savedmodel import TensorDesc, shape_text
@@ -172,9 +172,9 @@ def _check_size(desc: TensorDesc, what: str, kind: str) -> None:
 
 
 def _probe_dims(shape: tuple[int | None, ...] | None) -> list[int]:
-    """The shape of the probe batch for `shape`, as clean_process.probe_value builds it (which
+    """The shape of the probe batch for `shape`, as conventions.probe_value builds it (which
     verify.probe_inputs uses), computed without allocating it."""
     if shape is None:
         return [PROBE_BATCH]
-    return [(PROBE_BATCH if i == 0 else clean_process.UNKNOWN_DIM) if d is None else d
+    return [(PROBE_BATCH if i == 0 else conventions.UNKNOWN_DIM) if d is None else d
             for i, d in enumerate(shape)]

@@ -27,8 +27,7 @@ import tensorflow as tf
 from gbp_rewrite.pictures import images, render
 from gbp_rewrite import security
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
-from gbp_rewrite.signatures import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
-from gbp_rewrite.report import REPORT_JSON
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON
 from gbp_rewrite.pictures.results import ResultFiles
 
 log = logging.getLogger(__name__)
