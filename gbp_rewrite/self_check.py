@@ -13,7 +13,8 @@ from gbp_rewrite import conventions
 from gbp_rewrite.conventions import PREDICTION_ATOL, PREDICTION_RTOL
 from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.signatures import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
-from gbp_rewrite.graph.savedmodel import TensorDesc, python_loader_view
+from gbp_rewrite.graph.savedmodel import TensorDesc
+from gbp_rewrite.graph.staging import python_loader_view
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def self_check(
     Only the explained signature runs: `explain_class` shares its traced core, and running a second
     signature would compile the whole graph again (seconds for a large network). The export is
     loaded as TensorFlow's Python loader loads it, less the saver functions that loader never
-    calls (savedmodel.python_loader_view); `gbp-rewrite verify` runs the C++ loader, which uses them.
+    calls (staging.python_loader_view); `gbp-rewrite verify` runs the C++ loader, which uses them.
     Returns the check results as text; raises VerificationError on a failure.
     """
     try:

@@ -31,7 +31,8 @@ import tensorflow as tf
 from gbp_rewrite import tf_internals
 from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
 from gbp_rewrite.errors import OptionError, SignatureError
-from gbp_rewrite.graph.savedmodel import TensorDesc, finish_export
+from gbp_rewrite.graph.lean import finish_export
+from gbp_rewrite.graph.savedmodel import TensorDesc
 
 log = logging.getLogger(__name__)
 

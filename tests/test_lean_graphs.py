@@ -11,7 +11,7 @@ from tensorflow.core.framework import attr_value_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 import gbp_rewrite
-from gbp_rewrite.graph import graph_walk, savedmodel
+from gbp_rewrite.graph import graph_walk, savedmodel, staging
 from gbp_rewrite.errors import SourceModelError
 
 
@@ -57,9 +57,9 @@ def test_unreachable_functions_keeps_swappable_implementations():
 def test_patched_copy_leaves_out_the_saver_and_still_loads(zoo):
     model = savedmodel.read(zoo.model("shapes_cnn"))
     assert len(_saver_functions(model.meta_graph)) == 2
-    with savedmodel.patched_copy(model, {}) as patched:
+    with staging.patched_copy(model, {}) as patched:
         assert _saver_functions(_meta_graph(patched.path)) == set()
-        loaded = savedmodel.load(patched.path, tags=model.tags)
+        loaded = staging.load(patched.path, tags=model.tags)
         source = zoo.loaded(zoo.model("shapes_cnn"))
         signature = loaded.signatures["serving_default"]
         (key,) = signature.structured_input_signature[1]

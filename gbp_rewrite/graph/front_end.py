@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from gbp_rewrite import rules, security, signatures, self_check, write
 from gbp_rewrite.errors import OptionError, SignatureError
-from gbp_rewrite.graph import savedmodel, sites, validation
+from gbp_rewrite.graph import savedmodel, sites, staging, validation
 from gbp_rewrite.prepared import PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
 
@@ -53,9 +53,9 @@ def prepare(
         patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
     fold_signature = signature if fold_batchnorms else None
-    with savedmodel.patched_copy(model, patches, fold_signature=fold_signature) as patched:
+    with staging.patched_copy(model, patches, fold_signature=fold_signature) as patched:
         with PhaseTimer()("load"):
-            loaded = savedmodel.load(patched.path, tags=model.tags, source=source)
+            loaded = staging.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
         plan = validation.reconcile_plan(plan, loaded.signatures[signature], source=source)  # no abort
         # The predictions to match are the source's own (unfolded) signature's; the explainable

@@ -17,18 +17,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.graph import sites
-from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
+from gbp_rewrite.errors import OptionError, SelectionError, SourceModelError, one_line
 from gbp_rewrite.prepared import Prepared
 from gbp_rewrite.report import SiteEntry
-
-log = logging.getLogger(__name__)
 
 Replacement = Callable[[Any], Any]  # the fresh clone of a layer -> the layer the clone uses
 
