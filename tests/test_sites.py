@@ -6,6 +6,7 @@ import pytest
 from tensorflow.core.protobuf import meta_graph_pb2
 
 import gbp_rewrite
+from gbp_rewrite.selection import select
 from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import SelectionError
 
@@ -69,13 +70,13 @@ SITES = [
     ("conv1, conv_b", None, {"conv1", "conv_b"}),
 ])
 def test_selection(layers, exclude, expected):
-    selection = sites.select(SITES, layers=layers, exclude_layers=exclude)
+    selection = select(SITES, layers=layers, exclude_layers=exclude)
     assert {s.layer for s in selection.selected_sites} == expected
     assert selection.status(SITES[3]) == "kept: no guided rule for LeakyRelu"
 
 
 def test_selection_errors_list_the_layers():
     with pytest.raises(SelectionError, match=r"--layers 'leaky' matches no layer holding a ReLU.*conv1"):
-        sites.select(SITES, layers=["leaky"])
+        select(SITES, layers=["leaky"])
     with pytest.raises(SelectionError, match="--exclude_layers 'nope'"):
-        sites.select(SITES, exclude_layers=["nope"])
+        select(SITES, exclude_layers=["nope"])

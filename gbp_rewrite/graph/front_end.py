@@ -13,11 +13,12 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from gbp_rewrite import rules, security, signatures, self_check, write
+from gbp_rewrite import rules, security, self_check, signatures, write
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph import savedmodel, sites, staging, validation
 from gbp_rewrite.prepared import PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
+from gbp_rewrite.selection import Selection, select
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def prepare(
     plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
                                 saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
+    selection = select(found, layers=layers, exclude_layers=exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
@@ -102,7 +103,7 @@ def _site_key(site: sites.Site) -> str:
     return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
+def _check_applied(selection: Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
     return self_check.check_applied(
         selection.selected_sites, _site_key, applied, rule,

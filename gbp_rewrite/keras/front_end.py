@@ -1,7 +1,7 @@
 """The Keras front end: a Keras model in, a clone with custom-gradient ReLUs for the pipeline.
 
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
-    ReLU-family sites exactly as the graph path does -> select them (sites.select) -> clone the
+    ReLU-family sites exactly as the graph path does -> select them (selection.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
     explained output's softmax a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
     the clone to trace the explainable signatures over, and the model to probe.
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
-from gbp_rewrite.graph import sites
+from gbp_rewrite.selection import Selection, patterns, select
 from gbp_rewrite.errors import OptionError, SelectionError, SourceModelError, one_line
 from gbp_rewrite.prepared import Prepared
 from gbp_rewrite.report import SiteEntry
@@ -37,7 +37,7 @@ class Rewrite:
     signature: keras_signature.KerasSignature
     plan: signatures.ExplainPlan
     found: list[keras_sites.KerasSite]
-    selection: sites.Selection
+    selection: Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
     tokens: dict[tuple[str, str], str]  # selected site key -> name its gradient records
     softmax_token: str | None
@@ -141,9 +141,9 @@ def plan_rewrite(
     plan = signatures.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
     found = keras_sites.find_sites(model, signature)
-    selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
-    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
-    selection = sites.Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
+    selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
+    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(patterns(layers)))
+    selection = Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
     softmax, score_note = _softmax_replacement(signature, plan, score)
     softmax_token = None
@@ -154,7 +154,7 @@ def plan_rewrite(
     return Rewrite(signature, plan, found, selection, replacements, tokens, softmax_token, score_note, warnings)
 
 
-def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
+def _rewritable_choice(found, selection: Selection, *, explicit: bool):
     """The selected sites the clone can rewrite; refuse selections it cannot honour."""
     selected = [s for s in found if s.site.key in selection.selected]
     custom = [s for s in selected if not s.rewritable]
@@ -166,7 +166,7 @@ def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
             f"rewrite; select other layers, or {keras_loading.SAVEDMODEL_ROUTE}"
         )
     chosen = [s for s in selected if s.rewritable]
-    if not chosen:  # then every selected site is custom: sites.select never selects nothing
+    if not chosen:  # then every selected site is custom: selection.select never selects nothing
         raise SelectionError(
             f"none of the {len(selected)} selected ReLU ops can be rewritten by the Keras path "
             f"({custom[0].reason}); {keras_loading.SAVEDMODEL_ROUTE}"
@@ -379,7 +379,7 @@ def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
                                 applied, rule, softmax=softmax)
 
 
-def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -> SiteEntry:
+def _site_entry(keras_site: keras_sites.KerasSite, selection: Selection) -> SiteEntry:
     """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
     site = keras_site.site
     status = selection.status(site)

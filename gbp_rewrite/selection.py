@@ -1,0 +1,101 @@
+"""Select the sites to rewrite: all, or those of the named layers, minus the excluded.
+
+Both front ends select this way, over the sites they found (gbp_rewrite.graph.sites.Site, named
+as the user knows the layers), so `--layers` and `--exclude_layers` mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+from typing import Iterable, Sequence
+
+from gbp_rewrite.errors import SelectionError
+from gbp_rewrite.graph.sites import Site
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The outcome of a layer selection: every site, and the ones to rewrite with why."""
+
+    sites: tuple[Site, ...]
+    selected: frozenset[tuple[str, str]]
+    excluded: frozenset[tuple[str, str]]
+
+    def status(self, site: Site) -> str:
+        if site.key in self.selected:
+            return "rewritten"
+        if not site.rewritable:
+            return f"kept: no guided rule for {site.op_type}"
+        if site.key in self.excluded:
+            return "kept: excluded"
+        return "kept: not selected"
+
+    @property
+    def selected_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.key in self.selected]
+
+
+def layers_with_relu(sites: Iterable[Site]) -> list[str]:
+    """Names of the layers that hold a rewritable ReLU, in graph order, once each."""
+    return list(dict.fromkeys(s.layer_path for s in sites if s.rewritable))
+
+
+def activation_summary(sites: Iterable[Site]) -> str:
+    """'Relu x3, Sigmoid x1' (op types by count), or 'none'."""
+    counts = collections.Counter(s.op_type for s in sites)
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
+
+
+def _matches(site: Site, pattern: str) -> bool:
+    candidates = (site.layer_path, *site.path, site.node)
+    return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
+
+
+def select(
+    sites: Sequence[Site],
+    *,
+    layers: Sequence[str] | None = None,
+    exclude_layers: Sequence[str] | None = None,
+) -> Selection:
+    """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
+
+    A name or glob matches a site when it matches the layer's name, any enclosing layer (a nested
+    model), the full layer path or the op name. One that matches nothing is an error listing the
+    layers that hold ReLUs, and so is a selection that rewrites nothing.
+    """
+    rewritable = [s for s in sites if s.rewritable]
+    if not rewritable:
+        found = activation_summary(sites)
+        raise SelectionError(
+            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
+            "backpropagation only changes ReLU-family gradients"
+        )
+    layers = patterns(layers)
+    exclude_layers = patterns(exclude_layers)
+    for option, given in (("--layers", layers), ("--exclude_layers", exclude_layers)):
+        for pattern in given:
+            if not any(_matches(s, pattern) for s in rewritable):
+                raise SelectionError(
+                    f"{option} {pattern!r} matches no layer holding a ReLU; layers with ReLUs: "
+                    f"{', '.join(layers_with_relu(rewritable))}"
+                )
+    chosen = [s for s in rewritable if not layers or any(_matches(s, p) for p in layers)]
+    excluded = {s.key for s in chosen if any(_matches(s, p) for p in exclude_layers)}
+    selected = {s.key for s in chosen} - excluded
+    if not selected:
+        raise SelectionError(
+            "the layer selection rewrites nothing: every selected ReLU is excluded by "
+            f"--exclude_layers {','.join(exclude_layers)}"
+        )
+    return Selection(tuple(sites), frozenset(selected), frozenset(excluded))
+
+
+def patterns(value: Sequence[str] | str | None) -> list[str]:
+    """A --layers/--exclude_layers value as a list of patterns: 'a, b*' or ['a', 'b*'] -> ['a', 'b*']."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    return [p.strip() for p in value if p and p.strip()]
