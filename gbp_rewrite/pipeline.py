@@ -22,7 +22,7 @@ from gbp_rewrite import rules, self_check, signatures, write
 from gbp_rewrite.graph import front_end as graph_front_end
 from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
-from gbp_rewrite.prepared import PhaseTimer, Prepared
+from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import ConversionReport
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,13 @@ def convert(
     signatures.check_score(score)
     rules.get_rule(rule)
     destination = write.version_directory(Path(destination), version)
+    options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
+                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map)
     if keras_loading.is_keras_source(source):
-        prepare = keras_front_end.prepare(
-            source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
-            signature=signature, output=output, score=score, overwrite=overwrite,
-            saliency_map=saliency_map, safe_mode=safe_mode,
-        )
+        prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:
-        prepare = graph_front_end.prepare(
-            Path(source), destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
-            signature=signature, output=output, score=score, overwrite=overwrite,
-            saliency_map=saliency_map, allow_file_ops=allow_file_ops, fold_batchnorms=fold_batchnorms,
-        )
+        prepare = graph_front_end.prepare(Path(source), destination, options, allow_file_ops=allow_file_ops,
+                                          fold_batchnorms=fold_batchnorms)
     with prepare as prepared:
         report = write_explainable(prepared, destination, rule=rule, score=score, overwrite=overwrite,
                                    started=started)

@@ -1,4 +1,5 @@
-"""What a front end hands the conversion pipeline (gbp_rewrite.pipeline): `Prepared`.
+"""What the conversion pipeline (gbp_rewrite.pipeline) hands a front end, `Options`, and what it
+gets back, `Prepared`.
 
 Both front ends (gbp_rewrite.graph.front_end, gbp_rewrite.keras.front_end) build one; the pipeline
 traces, writes, self-checks and reports from it alone.
@@ -10,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from gbp_rewrite.report import SiteEntry
 from gbp_rewrite.signatures import ExplainPlan
@@ -18,6 +19,20 @@ from gbp_rewrite.signatures import ExplainPlan
 log = logging.getLogger("gbp_rewrite.pipeline")
 
 Forward = Callable[[dict], Mapping]  # input tensors by key -> output tensors by key
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The conversion options both front ends read (gbp_rewrite.convert documents each)."""
+
+    layers: Sequence[str] | str | None
+    exclude_layers: Sequence[str] | str | None
+    rule: str
+    signature: str
+    output: str | None
+    score: str
+    overwrite: bool
+    saliency_map: bool
 
 
 @dataclasses.dataclass

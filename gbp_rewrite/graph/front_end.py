@@ -11,42 +11,31 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from gbp_rewrite import rules, security, self_check, signatures, write
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph import savedmodel, sites, staging, validation
-from gbp_rewrite.prepared import PhaseTimer, Prepared
+from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
 from gbp_rewrite.selection import Selection, select
 
 
 @contextlib.contextmanager
 def prepare(
-    source: Path,
-    destination: Path,
-    *,
-    layers: Sequence[str] | str | None,
-    exclude_layers: Sequence[str] | str | None,
-    rule: str,
-    signature: str,
-    output: str | None,
-    score: str,
-    overwrite: bool,
-    saliency_map: bool,
-    allow_file_ops: bool,
-    fold_batchnorms: bool,
+    source: Path, destination: Path, options: Options, *, allow_file_ops: bool, fold_batchnorms: bool,
 ) -> Iterator[Prepared]:
     """The conversion of the SavedModel `source`, valid while the patched copy exists (the block)."""
+    rule, signature, score = options.rule, options.signature, options.score
     model = savedmodel.read(source)
     file_op_warnings = security.check(security.find_file_ops(model.meta_graph), allow=allow_file_ops,
                                       source=source)
-    write.check_destination(destination, source=source, overwrite=overwrite)
+    write.check_destination(destination, source=source, overwrite=options.overwrite)
     signature_desc = model.signature(signature)
-    plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
-                                saliency_map=saliency_map)
+    plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs,
+                                output=options.output, saliency_map=options.saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = select(found, layers=layers, exclude_layers=exclude_layers)
+    selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}

@@ -24,7 +24,7 @@ from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.selection import Selection, patterns, select
 from gbp_rewrite.errors import OptionError, SelectionError, SourceModelError, one_line
-from gbp_rewrite.prepared import Prepared
+from gbp_rewrite.prepared import Options, Prepared
 from gbp_rewrite.report import SiteEntry
 
 Replacement = Callable[[Any], Any]  # the fresh clone of a layer -> the layer the clone uses
@@ -84,20 +84,7 @@ def guided_model(
 
 
 @contextlib.contextmanager
-def prepare(
-    source,
-    destination: Path,
-    *,
-    layers: Sequence[str] | str | None,
-    exclude_layers: Sequence[str] | str | None,
-    rule: str,
-    signature: str,
-    output: str | None,
-    score: str,
-    overwrite: bool,
-    saliency_map: bool,
-    safe_mode: bool,
-) -> Iterator[Prepared]:
+def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> Iterator[Prepared]:
     """The conversion of a Keras model (in memory, or a .keras/.h5 file), for gbp_rewrite.pipeline.
 
     The export has the graph path's layout (`serving_default` with the model's outputs, `saliency`
@@ -105,18 +92,19 @@ def prepare(
     mean for `gbp_rewrite.convert`. `safe_mode=False` allows loading files with Lambda layers,
     whose Python code runs while the file is loaded.
     """
-    keras_signature.check_signature_key(signature)
+    keras_signature.check_signature_key(options.signature)
     loaded = keras_loading.load(source, safe_mode=safe_mode)
-    write.check_destination(destination, source=loaded.path, overwrite=overwrite)
-    rewrite = plan_rewrite(loaded.model, layers=layers, exclude_layers=exclude_layers, rule=rule,
-                           score=score, output=output, saliency_map=saliency_map)
+    write.check_destination(destination, source=loaded.path, overwrite=options.overwrite)
+    rewrite = plan_rewrite(loaded.model, layers=options.layers, exclude_layers=options.exclude_layers,
+                           rule=options.rule, score=options.score, output=options.output,
+                           saliency_map=options.saliency_map)
     clone = clone_model(loaded.model, rewrite.replacements)
     yield Prepared(
         source=loaded.description, source_format=loaded.format, plan=rewrite.plan,
         score_note=rewrite.score_note, sites=[_site_entry(s, rewrite.selection) for s in rewrite.found],
         owner=clone, explained=lambda inputs: rewrite.signature.call(clone, inputs),
         source_forward=lambda inputs: rewrite.signature.call(loaded.model, inputs),
-        check_applied=lambda applied: _check_applied(rewrite, applied, rule), warnings=rewrite.warnings,
+        check_applied=lambda applied: _check_applied(rewrite, applied, options.rule), warnings=rewrite.warnings,
     )
 
 
