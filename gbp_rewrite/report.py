@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from gbp_rewrite._version import __version__
 from gbp_rewrite.conventions import REPORT_JSON
 
 REPORT_TEXT = "gbp_rewrite_report.txt"
@@ -64,8 +65,6 @@ class ConversionReport:
     ) -> "ConversionReport":
         """The report of a finished conversion (both paths); `plan` is the ExplainPlan written,
         `rule` the gradient rule applied, `started` the time.perf_counter() the conversion began."""
-        from gbp_rewrite._version import __version__
-
         return cls(
             tool_version=__version__, source=source, source_format=source_format,
             destination=str(destination), signature=plan.signature_key, rule=rule.name,

@@ -3,9 +3,8 @@
 TensorFlow and Keras may move or drop any of these in a release. Each use is listed here once, so
 that a new release breaks in one place with one message: which API is missing, what it is used
 for, and the TensorFlow range gbp_rewrite supports (`SUPPORTED_TENSORFLOW`, the same as
-pyproject.toml's bound). Importing this module checks the TensorFlow part; the Keras part is
-checked the first time a Keras source needs it (`keras_api()`), so converting a SavedModel never
-imports Keras.
+pyproject.toml's bound). Importing this module checks them all (TensorFlow imports Keras itself,
+so checking the Keras ones costs nothing more).
 
 This module imports nothing from gbp_rewrite but `errors`, and falls back to RuntimeError without
 it: the clean verification process (gbp_rewrite.deploy.clean_process) loads it by file path with
@@ -117,8 +116,6 @@ def check_tensorflow() -> None:
     _check_gradient_attr()
 
 
-check_tensorflow()
-
 gen_nn_ops = importlib.import_module(GEN_NN_OPS)
 AutoTrackable = TENSORFLOW_APIS[-1].resolve()
 
@@ -148,7 +145,7 @@ def kernel_devices(op_type: str) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Keras (checked on first use: importing Keras costs seconds a SavedModel conversion never needs)
+# Keras
 
 KERAS_APIS = (
     # Keras 3 exports no public class for functional models; the Keras path clones only Sequential
@@ -168,14 +165,16 @@ class KerasApi:
 
 @functools.cache
 def keras_api() -> KerasApi:
-    """The private Keras names, checked (with the attributes read off Keras objects) on first use."""
+    """The private Keras names, checked with the attributes read off Keras objects (once)."""
     functional, safe_mode_scope = (api.resolve() for api in KERAS_APIS)
-    import keras  # imported here: see the section comment
+    import keras  # imported here: the clean verification process never needs it
 
-    inputs = keras.Input((1,))
+    # Named, so that Keras' automatic layer names ("input_layer_1", "lambda_1") stay the user's.
+    inputs = keras.Input((1,), name="gbp_rewrite_api_check")
     if not hasattr(inputs, "_keras_history"):
         raise missing_api_error("KerasTensor._keras_history", "trace an output back to the layer computing it")
-    if not hasattr(keras.layers.Lambda(lambda x: x, output_shape=(1,)), "_output_shape"):
+    probe = keras.layers.Lambda(lambda x: x, output_shape=(1,), name="gbp_rewrite_api_check")
+    if not hasattr(probe, "_output_shape"):
         raise missing_api_error("keras.layers.Lambda._output_shape", "clone a Lambda layer with its live function")
     return KerasApi(functional, safe_mode_scope)
 
@@ -188,3 +187,13 @@ def keras_history(tensor) -> Any:
 def lambda_output_shape(layer) -> Any:
     """The output_shape a Lambda layer was built with (Keras keeps no public accessor)."""
     return layer._output_shape
+
+
+def check_all() -> None:
+    """Check every private API this module names (on import, except in the clean process)."""
+    check_tensorflow()
+    keras_api()
+
+
+if __name__ != "gbp_clean_tf_internals":  # the clean process checks only the op registries it uses
+    check_all()

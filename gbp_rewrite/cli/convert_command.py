@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pipeline import convert
 
     report = convert(

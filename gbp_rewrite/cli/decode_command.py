@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gbp_rewrite.cli import common
+from gbp_rewrite.errors import RestFormatError
 
 NAME = "decode"
 SUMMARY = ("Turn a TF Serving REST predict response (RESPONSE is a JSON file, or - for stdin; row "
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gbp_rewrite.errors import RestFormatError
+    # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.serving.response_files import write_response_files
     from gbp_rewrite.serving.rest import decode_response
 

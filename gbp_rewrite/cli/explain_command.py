@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from gbp_rewrite.cli import common
+from gbp_rewrite.cli.progress import Progress
+from gbp_rewrite.errors import ImageError
 
 NAME = "explain"
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
@@ -31,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from gbp_rewrite.cli.progress import Progress
-    from gbp_rewrite.errors import ImageError
+    # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pictures.explainer import explain
 
     if bool(args.image) == bool(args.dir):

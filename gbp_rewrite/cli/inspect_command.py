@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.inspection import inspect
 
     info = inspect(args.model, signature=args.signature, safe_mode=not args.unsafe_deserialization)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gbp_rewrite.cli import common
+from gbp_rewrite.errors import VerificationError
 
 NAME = "verify"
 SUMMARY = ("Check that the SavedModel DIR runs where users deploy it: in a clean process without "
@@ -25,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.deploy.check import verify_export
-    from gbp_rewrite.errors import VerificationError
 
     report = verify_export(args.export_dir, source=args.source, allow_file_ops=args.allow_file_ops)
     common.emit(report, args)

@@ -19,7 +19,9 @@ on exactly the same data.
 What it shares with the converter (the export's names, the probe batch, the tolerance, one-line
 errors: gbp_rewrite/conventions.py) and the private TensorFlow APIs of the op audit
 (gbp_rewrite/tf_internals.py) it loads by file path under other names: both import nothing from
-gbp_rewrite and register nothing, so the process stays as clean as TF Serving's.
+gbp_rewrite and register nothing, so the process stays as clean as TF Serving's. TensorFlow is
+imported inside the functions that use it: the facts about the process are taken before it loads,
+and the package imports this file (tests do) without paying for it.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def _check_size(desc: TensorDesc, what: str, kind: str) -> None:
 
 def _probe_dims(shape: tuple[int | None, ...] | None) -> list[int]:
     """The shape of the probe batch for `shape`, as conventions.probe_value builds it (which
-    verify.probe_inputs uses), computed without allocating it."""
+    self_check.probe_inputs uses), computed without allocating it."""
     if shape is None:
         return [PROBE_BATCH]
     return [(PROBE_BATCH if i == 0 else conventions.UNKNOWN_DIM) if d is None else d

@@ -20,6 +20,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import keras
+
 from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.selection import Selection, patterns, select
@@ -198,8 +200,6 @@ def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[
 
 def _with_activation(layer, activation) -> Replacement:
     """Replace the layer's activation; a ReLU layer becomes an Activation layer of the same name."""
-    import keras
-
     if isinstance(layer, keras.layers.ReLU):
         return lambda fresh: keras.layers.Activation(activation, name=fresh.name, dtype=fresh.dtype_policy)
 
@@ -231,8 +231,6 @@ def _softmax_replacement(signature: keras_signature.KerasSignature, plan: signat
 
 def _ends_in_softmax(layer) -> bool:
     """True when the layer ends in one Softmax op (a Softmax layer over several axes does not)."""
-    import keras
-
     if isinstance(layer, keras.layers.Softmax):
         return not isinstance(layer.axis, (list, tuple)) or len(layer.axis) == 1
     activation = vars(layer).get("activation")
@@ -241,8 +239,6 @@ def _ends_in_softmax(layer) -> bool:
 
 def _pass_through_replacement(layer, token: str) -> Replacement:
     """The fresh layer with its softmax wrapped in rules.pass_through (values unchanged)."""
-    import keras
-
     if isinstance(layer, keras.layers.Softmax):
         def replace_call(fresh):
             softmax_call = fresh.call  # keeps Keras' mask handling; the mask is not differentiated
@@ -270,8 +266,6 @@ def _describe_layer(layer) -> str:
 
 def _output_producer(signature: keras_signature.KerasSignature, output_key: str):
     """The layer that computes the output, looking into nested models, and its path."""
-    import keras
-
     Functional = tf_internals.keras_api().Functional
     tensor = dict(keras_signature.keyed_outputs(signature.output_structure))[output_key]
     path: list[str] = [signature.model_name]
@@ -294,8 +288,6 @@ def _output_producer(signature: keras_signature.KerasSignature, output_key: str)
 
 def clone_model(model, replacements: Mapping[int, Replacement]):
     """A clone of `model` with its weights, the chosen layers replaced; `model` is not modified."""
-    import keras
-
     def clone_layer(layer):
         try:
             fresh = _fresh_layer(layer)
@@ -325,8 +317,6 @@ def clone_model(model, replacements: Mapping[int, Replacement]):
 
 def _fresh_layer(layer):
     """A new layer like `layer`, from its config; a Lambda keeps its live function."""
-    import keras
-
     if type(layer) is keras.layers.Lambda:
         # From its config the function would be rebuilt from bytecode without the globals it uses.
         return keras.layers.Lambda(

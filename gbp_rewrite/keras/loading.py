@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import keras
+
 from gbp_rewrite import tf_internals
 from gbp_rewrite.errors import SourceModelError, one_line
 
@@ -52,8 +54,6 @@ def _is_keras_model(obj: Any) -> bool:
         (c.__module__ or "").startswith("keras") for c in type(obj).__mro__
     ):
         return False
-    import keras
-
     return isinstance(obj, keras.Model)
 
 
@@ -87,8 +87,6 @@ def _not_a_keras_model(source: Any) -> SourceModelError:
 
 
 def _check_backend() -> None:
-    import keras
-
     if keras.backend.backend() != "tensorflow":
         raise SourceModelError(
             f"the Keras backend is {keras.backend.backend()!r}; the Keras path needs the TensorFlow "
@@ -97,8 +95,6 @@ def _check_backend() -> None:
 
 
 def _load_file(path: Path, *, safe_mode: bool):
-    import keras
-
     if not path.exists():
         raise SourceModelError(f"no such file or directory: '{path}'")
     if not path.is_file():
@@ -134,8 +130,6 @@ def _first_sentence(text: str) -> str:
 
 def check_supported(model: Any, *, shown: str) -> None:
     """Refuse models the Keras path cannot clone layer by layer, saying how to convert them."""
-    import keras
-
     if not isinstance(model, (tf_internals.keras_api().Functional, keras.Sequential)):
         raise SourceModelError(
             f"{shown} is a subclassed keras.Model ({type(model).__name__}); the Keras path can only "

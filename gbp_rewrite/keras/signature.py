@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import keras
 import tensorflow as tf
 
 from gbp_rewrite.errors import SignatureError
@@ -34,8 +35,6 @@ class KerasSignature:
 
     def pack_inputs(self, tensors: Mapping[str, tf.Tensor]) -> Any:
         """Signature inputs (by key) -> the structure the model is called with."""
-        import keras
-
         return keras.tree.map_structure(lambda kt: tensors[kt.name], self.input_structure)
 
     def unpack_outputs(self, outputs: Any) -> dict[str, tf.Tensor]:
@@ -49,8 +48,6 @@ class KerasSignature:
 
 def describe(model) -> KerasSignature:
     """The signature `model.export` would write for `model` (a built Sequential/functional model)."""
-    import keras
-
     if isinstance(model, keras.Sequential):
         (input_structure,) = model.inputs  # a Sequential model takes one tensor
         (output_structure,) = model.outputs

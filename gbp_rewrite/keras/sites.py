@@ -19,6 +19,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import keras
 import tensorflow as tf
 
 from gbp_rewrite import tf_internals
@@ -85,8 +86,6 @@ def _capped(max_value: float) -> Callable[[Activation], Activation]:
     """ReLU(max_value=k), k != 6: Keras computes relu(x) then clips to [0, k]."""
 
     def build(relu: Activation) -> Activation:
-        import keras
-
         def activation(x):
             y = relu(x)
             return keras.ops.clip(y, keras.ops.cast(0.0, y.dtype), keras.ops.cast(max_value, y.dtype))
@@ -104,8 +103,6 @@ HARD_SILU = Lowering("Relu6", "hard_silu (x * relu6(x + 3) / 6)", _hard_silu)
 
 @functools.lru_cache(maxsize=None)
 def _function_lowerings() -> dict[Any, Lowering]:
-    import keras
-
     return {
         tf.nn.relu: RELU, keras.activations.relu: RELU, keras.ops.relu: RELU,
         tf.nn.relu6: RELU6, keras.activations.relu6: RELU6, keras.ops.relu6: RELU6,
@@ -116,8 +113,6 @@ def _function_lowerings() -> dict[Any, Lowering]:
 
 def layer_lowering(layer) -> tuple[Lowering | None, str]:
     """How `layer` computes a ReLU the clone can rebuild, or (None, why not)."""
-    import keras
-
     kind = type(layer).__name__
     if isinstance(layer, keras.layers.ReLU):
         if layer.negative_slope or layer.threshold:
@@ -147,8 +142,6 @@ def _lookup(function) -> Lowering | None:
 
 
 def is_softmax_function(function) -> bool:
-    import keras
-
     try:
         return function in (keras.activations.softmax, keras.ops.softmax, tf.nn.softmax)
     except TypeError:
@@ -189,8 +182,6 @@ def layer_tree(model) -> dict[tuple[str, ...], Any]:
 
 
 def _sublayers(layer) -> list:
-    import keras
-
     if isinstance(layer, (tf_internals.keras_api().Functional, keras.Sequential)):
         return list(layer.layers)
     return []
