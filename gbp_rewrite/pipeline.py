@@ -118,12 +118,18 @@ def write_explainable(
         if prepared.probe_while_tracing:
             with phase("probe (rest)"):
                 expected = probed.result()
-    checks = {"rule applied": prepared.check_applied(applied), **prepared.checks}
+    checks = {"rule applied": prepared.check_applied(applied)}
+    for check in prepared.after_trace:
+        checks.update(check(explainable))
+    checks.update(prepared.checks)
+    entries = prepared.sites(applied)  # may add warnings (sites the rule did not reach)
     with write.atomic_directory(destination, overwrite=overwrite) as tmp:
         with phase("save"), prepared.tensorflow_errors("save the explainable model"):
             signatures.save(tmp, owner=prepared.owner, signatures={**prepared.kept_signatures, **explainable})
         with phase("self-check"):
             checks.update(self_check.self_check(tmp, plan=plan, probe=probe, expected=expected))
+        if prepared.write_beside is not None:
+            checks.update(prepared.write_beside(tmp, explainable, probe))
         report = ConversionReport.build(
             source=prepared.source, source_format=prepared.source_format, destination=destination,
             plan=plan, rule=rules.get_rule(rule), score=score, score_note=prepared.score_note,
@@ -131,7 +137,7 @@ def write_explainable(
                 **{key: plan.output_keys() for key in explainable},
                 **{k: sorted(fn.structured_outputs) for k, fn in prepared.kept_signatures.items()},
             },
-            sites=prepared.sites, checks=checks, warnings=prepared.warnings, started=started,
+            sites=entries, checks=checks, warnings=prepared.warnings, started=started,
         )
         report.write(tmp)
     return report

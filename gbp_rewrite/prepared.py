@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from gbp_rewrite.report import SiteEntry
@@ -43,7 +44,9 @@ class Prepared:
     source_format: str
     plan: ExplainPlan
     score_note: str
-    sites: list[SiteEntry]
+    # The report's site entries, from the keys of the rule gradients built while tracing
+    # (rules.record_applications): whether each site was reached is known only then.
+    sites: Callable[[set[str]], list[SiteEntry]]
     owner: Any  # the object whose variables the export saves (the loaded source, or the clone)
     explained: Forward  # its gradient follows the rule: the explainable signatures are traced over it
     source_forward: Forward  # the source's own forward: the predictions the export must reproduce
@@ -55,6 +58,11 @@ class Prepared:
     # network that hides most of the probe's time. Only for restored functions (a Keras model's
     # Python call is not run from two threads).
     probe_while_tracing: bool = False
+    # More checks on the traced explainable signatures (by key), for the report.
+    after_trace: list[Callable[[dict], dict[str, str]]] = dataclasses.field(default_factory=list)
+    # Files written with the export and checked after its self-check: (export dir, explainable
+    # signatures, probe batch) -> checks for the report.
+    write_beside: Callable[[Path, dict, Mapping[str, Any]], dict[str, str]] | None = None
     # Wraps tracing and saving: TensorFlow's errors there as the front end's one-line errors.
     tensorflow_errors: Callable[[str], ContextManager] = contextlib.nullcontext
 

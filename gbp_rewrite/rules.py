@@ -166,6 +166,12 @@ def _active_recorders() -> list[set[str]]:
     return _recorders.sets
 
 
+def note_application(op) -> None:
+    """Record that a gradient function was built for `op`, for gradients registered outside this
+    module that apply a rule (record_applications collects it)."""
+    _note(op)
+
+
 def _note(op) -> None:
     try:
         key = op.get_attr(SITE_ATTR).decode()

@@ -74,7 +74,7 @@ TENSORFLOW_APIS = (
     # tf.RegisterGradient raises on a second registration; asking the registry first makes
     # registering idempotent across conversions in one process.
     PrivateApi("tensorflow.python.framework.ops", "gradient_registry.lookup",
-               "ask whether a gradient function is already registered"),
+               "ask whether a gradient function is already registered, or an op not differentiable"),
     # saved_model.pb is patched after saving; the fingerprint must describe the new file. Should it
     # go, write.py's caller deletes the stale fingerprint instead (a SavedModel need not have one).
     PrivateApi("tensorflow.python.saved_model.fingerprinting_utils", "write_fingerprint",
@@ -120,10 +120,16 @@ gen_nn_ops = importlib.import_module(GEN_NN_OPS)
 AutoTrackable = TENSORFLOW_APIS[-1].resolve()
 
 
+def registered_gradient(name: str):
+    """The gradient function registered under `name` (an op type, or a tf.RegisterGradient name):
+    None for an op registered as not differentiable; LookupError when nothing is registered."""
+    return TENSORFLOW_APIS[4].resolve()(name)
+
+
 def is_gradient_registered(name: str) -> bool:
     """Whether a gradient function is registered under `name` (tf.RegisterGradient's registry)."""
     try:
-        TENSORFLOW_APIS[4].resolve()(name)
+        registered_gradient(name)
     except LookupError:
         return False
     return True

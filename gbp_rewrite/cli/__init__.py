@@ -66,10 +66,22 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
         sys.exit(2)
     if argv[1] == "help":  # `gbp-rewrite help [COMMAND]`, as `git help` does
         return parser.parse_args([*argv[2:3], "--help"])
+    argv, passthrough = _split_passthrough(argv)
     args, stray = parser.parse_known_args(argv[1:])
     if stray:  # flags of another command, or extra arguments
         _usage_exit(f"'{args.command}' does not take {' '.join(stray)}", command=args.command)
+    if passthrough and not getattr(COMMANDS[args.command], "TAKES_PASSTHROUGH", False):
+        _usage_exit(f"'{args.command}' takes no arguments after --: {' '.join(passthrough)}", command=args.command)
+    args.passthrough = passthrough
     return args
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """What follows a `--` is for another program a command hands it to, not for us."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
 
 
 def _usage_exit(message: str, *, command: str | None = None) -> None:

@@ -105,11 +105,11 @@ def add_image(parser: argparse.ArgumentParser, help_text: str) -> None:
     add_list(parser, "image", help_text, metavar="PATH")
 
 
-def add_preprocess(parser: argparse.ArgumentParser) -> None:
+def add_preprocess(parser: argparse.ArgumentParser, *, purpose: str = "") -> None:
     parser.add_argument("--preprocess", default="unit", choices=PREPROCESS_MODES,
                         help="how the model expects its pixels, as in Keras applications: unit = x/255, "
                              "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw "
-                             "0..255 (default: unit).")
+                             f"0..255 (default: unit){purpose}.")
 
 
 def add_grayscale_to_rgb(parser: argparse.ArgumentParser) -> None:

@@ -60,7 +60,7 @@ def prepare(
             )
         yield Prepared(
             source=str(source), source_format=model.format, plan=plan, score_note=score_note,
-            sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], owner=loaded,
+            sites=lambda applied: [SiteEntry.from_site(s, selection.status(s)) for s in found], owner=loaded,
             explained=lambda inputs: source_fn(**inputs),
             source_forward=lambda inputs: source_signature(**inputs),
             check_applied=lambda applied: _check_applied(selection, softmax, applied, rule),

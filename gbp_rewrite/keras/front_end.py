@@ -103,7 +103,7 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     clone = clone_model(loaded.model, rewrite.replacements)
     yield Prepared(
         source=loaded.description, source_format=loaded.format, plan=rewrite.plan,
-        score_note=rewrite.score_note, sites=[_site_entry(s, rewrite.selection) for s in rewrite.found],
+        score_note=rewrite.score_note, sites=lambda applied: [_site_entry(s, rewrite.selection) for s in rewrite.found],
         owner=clone, explained=lambda inputs: rewrite.signature.call(clone, inputs),
         source_forward=lambda inputs: rewrite.signature.call(loaded.model, inputs),
         check_applied=lambda applied: _check_applied(rewrite, applied, options.rule), warnings=rewrite.warnings,
