@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from gbp_rewrite import graph_walk, rules
+from gbp_rewrite import graph_walk, lowered_activations, rules
 from gbp_rewrite.errors import SelectionError
 from gbp_rewrite.savedmodel import is_keras3_export
 
@@ -43,6 +43,9 @@ class Site:
     node: str
     op_type: str
     path: tuple[str, ...]
+    # The activation the op is one piece of, when that is not a ReLU activation ('hard_silu':
+    # a Relu6 inside x * relu6(x + 3) / 6); such an op keeps its true gradient. '' otherwise.
+    activation: str = ""
 
     @property
     def layer(self) -> str:
@@ -58,7 +61,12 @@ class Site:
 
     @property
     def rewritable(self) -> bool:
-        return self.op_type in rules.REWRITABLE_OP_TYPES
+        return self.op_type in rules.REWRITABLE_OP_TYPES and not self.activation
+
+    @property
+    def kind(self) -> str:
+        """What the op computes, as a user names it: the activation, else the op type."""
+        return self.activation or self.op_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,8 @@ class Selection:
     def status(self, site: Site) -> str:
         if site.key in self.selected:
             return "rewritten"
+        if site.activation:
+            return f"kept: part of {site.activation}, not a ReLU activation"
         if not site.rewritable:
             return f"kept: no guided rule for {site.op_type}"
         if site.key in self.excluded:
@@ -113,7 +123,8 @@ class _Graph:
 
 
 def known_names(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
-    """Layer and scope names the model states itself: variable paths, object names, Keras configs."""
+    """Layer and scope names the model states itself: variable paths, object names, Keras configs,
+    and the layers tf-keras saved a call function for (weightless layers included)."""
     names: set[str] = set()
     for node in meta_graph.object_graph_def.nodes:
         kind = node.WhichOneof("kind")
@@ -125,7 +136,28 @@ def known_names(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
     for node in meta_graph.graph_def.node:  # TF1 variables: VariableV2/VarHandleOp scopes
         if node.op in ("VariableV2", "VarHandleOp", "Variable"):
             names.update(node.name.split("/")[:-1])
+    for function in meta_graph.graph_def.library.function:
+        match = _TF_KERAS_LAYER_FUNCTION.match(function.signature.name)
+        if match:
+            names.add(match.group("layer"))
     return names
+
+
+# Attributes Keras 3 layers and models track, which a saved object graph lists as children
+# (tf-keras tracks neither): how a Keras 3 model saved with tf.saved_model.save is recognised.
+_KERAS3_LAYER_CHILDREN = frozenset({"_inbound_nodes", "_outbound_nodes"})
+
+
+def is_keras3_trace(meta_graph: meta_graph_pb2.MetaGraphDef) -> bool:
+    """True when the graph's layer scopes come from Keras 3: a `model.export`, or a Keras 3 model
+    inside a tf.Module saved with tf.saved_model.save."""
+    if is_keras3_export(meta_graph):
+        return True
+    return any(
+        _KERAS3_LAYER_CHILDREN <= {child.local_name for child in node.children}
+        for node in meta_graph.object_graph_def.nodes
+        if node.WhichOneof("kind") == "user_object"
+    )
 
 
 def _names_in_keras_metadata(metadata: str) -> list[str]:
@@ -142,7 +174,7 @@ class _LayerNamer:
 
     def __init__(self, meta_graph: meta_graph_pb2.MetaGraphDef):
         self.known = known_names(meta_graph)
-        self.keras3 = is_keras3_export(meta_graph)
+        self.keras3 = is_keras3_trace(meta_graph)
 
     def path(self, function: str, node_name: str) -> tuple[str, ...]:
         return layer_path(node_name, self.known, keras3=self.keras3, function=function)
@@ -162,19 +194,20 @@ def layer_path(node_name: str, known: set[str], *, keras3: bool, function: str =
 
 
 def _segment(segment: str, known: set[str], *, keras3: bool) -> str:
-    """Strip Keras' `_N` scope suffix when that yields a real layer name.
+    """The layer name of one name-scope segment: strip an `_N` suffix only where the format adds it.
 
-    Keras 3 traces every layer call in a uniquified name scope (`conv1_1`, a second call of a
-    shared layer `conv1_3`), so for its traces the suffix is stripped unless the suffixed name
-    is itself a known layer. Elsewhere it is stripped only when the base is a known layer.
+    Keras 3 opens every layer call's name scope twice (once to build, once to call), so TensorFlow
+    uniquifies the second, which holds the ops: layer `conv1` computes in `conv1_1`, a second
+    call of it in `conv1_3`, layer `dense_1` in `dense_1_1` or `dense_1_2`. In a Keras 3 trace
+    exactly one suffix is stripped. tf-keras and TF1 keep a layer's scope as its name (`dense`,
+    `dense_1` are two layers); there a suffix is stripped only when the suffixed name is no
+    layer the model knows and the base is one (a TF1 variable scope re-entered for shared weights).
     """
     match = _SCOPE_SUFFIX.match(segment)
     if not match:
         return segment
     base = match.group("base")
-    if base in known:
-        return base
-    if keras3 and segment not in known:
+    if keras3 or (segment not in known and base in known):
         return base
     return segment
 
@@ -188,15 +221,21 @@ def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence
     graph = _Graph(meta_graph)
     namer = _LayerNamer(meta_graph)
     top_nodes, functions = graph.reachable(output_tensors)
-    sites = [
-        Site("", name, graph.top[name].op, namer.path("", name))
-        for name in sorted(top_nodes)
-        if graph.top[name].op in ACTIVATION_OP_TYPES
-    ]
+    sites = []
+    if top_nodes:
+        composite = lowered_activations.composite_activations(graph.top.values())
+        sites = [
+            Site("", name, graph.top[name].op, namer.path("", name), composite.get(name, ""))
+            for name in sorted(top_nodes)
+            if graph.top[name].op in ACTIVATION_OP_TYPES
+        ]
     for function in functions:
-        for node in graph.functions[function].node_def:
+        nodes = graph.functions[function].node_def
+        composite = lowered_activations.composite_activations(nodes)
+        for node in nodes:
             if node.op in ACTIVATION_OP_TYPES:
-                sites.append(Site(function, node.name, node.op, namer.path(function, node.name)))
+                path = namer.path(function, node.name)
+                sites.append(Site(function, node.name, node.op, path, composite.get(node.name, "")))
     return sites
 
 
@@ -256,8 +295,9 @@ def layers_with_relu(sites: Iterable[Site]) -> list[str]:
 
 
 def activation_summary(sites: Iterable[Site]) -> str:
-    """'Relu x3, Sigmoid x1' (op types by count), or 'none'."""
-    counts = collections.Counter(s.op_type for s in sites)
+    """'Relu x3, Sigmoid x1, hard_silu x1' (op types, or the activation a ReLU op is part of, by
+    count), or 'none'."""
+    counts = collections.Counter(s.kind for s in sites)
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
 
 
