@@ -60,6 +60,17 @@ class Zoo:
             "no_relu": lambda: model_zoo.no_relu_keras3(keras).export(str(path), verbose=False),
             "int_input": lambda: model_zoo.int_input_module(path),
             "shapes_cnn": lambda: shutil.copytree(REPO / "testdata" / "shapes_cnn", path),  # the shipped model
+            "default_names_tf_keras": lambda: model_zoo.default_names_tf_keras(path),
+            "default_names_tf1": lambda: model_zoo.default_names_tf1(path),
+            "default_names_keras3": lambda: model_zoo.default_names_keras3(keras).export(str(path), verbose=False),
+            "default_names_keras3.keras": lambda: model_zoo.default_names_keras3(keras).save(str(path)),
+            "nested_default_names_keras3": lambda: model_zoo.nested_default_names_keras3(keras).export(
+                str(path), verbose=False),
+            "nested_default_names_keras3.keras": lambda: model_zoo.nested_default_names_keras3(keras).save(str(path)),
+            "hard_mix": lambda: model_zoo.hard_mix_keras3(keras).export(str(path), verbose=False),
+            "hard_mix.keras": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
+            "hard_mix.h5": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
+            "mobilenet_v3_gate": lambda: model_zoo.mobilenet_v3_gate_module(path),
         }
         builders[name]()
         return path
@@ -197,16 +208,28 @@ def _completed(process: subprocess.Popen, deadline: float) -> subprocess.Complet
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32):
+def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32, input_shape=INPUT_SHAPE):
     """`batch` inputs of `dtype` whose ReLU masks and max-pool choices are the same in float64 as
     in `dtype`: their kink margin (numpy_reference.kink_margin) exceeds `margin`."""
     for attempt in range(REFERENCE_INPUT_TRIES):
-        x = ref.random_inputs(INPUT_SHAPE, batch=batch * 4, seed=seed + 1000 * attempt).astype(dtype)
+        x = ref.random_inputs(input_shape, batch=batch * 4, seed=seed + 1000 * attempt).astype(dtype)
         good = x[ref.kink_margin(spec, x) > margin]
         if len(good) >= batch:
             return good[:batch]
     raise AssertionError(f"fewer than {batch} of {batch * 4} inputs have a kink margin above {margin} "
                          f"in each of {REFERENCE_INPUT_TRIES} tries: lower the margin or the batch")
+
+
+def assert_close_per_example(actual, expected, rtol=1e-5):
+    """assert_close_relative over the batch, and each example against its own scale: an example
+    whose saliency is small beside the others' cannot hide a wrong map."""
+    assert_close_relative(actual, expected, rtol)
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        scale = np.max(np.abs(e))
+        worst = np.max(np.abs(a - e))
+        assert worst <= rtol * scale or (scale == 0 and worst == 0), (
+            f"example {i}: max abs difference {worst:.3g} > {rtol} * its own scale {scale:.3g}")
 
 
 def assert_close_relative(actual, expected, rtol=1e-5):

@@ -35,11 +35,14 @@ def _activation(x, name):
     return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax}[name](x)
 
 
-def _apply(layers, x, weights):
-    """Apply spec layers with tf ops; `weights(layer, key)` returns the tensor for a weight."""
+def _apply(layers, x, weights, *, default_scopes=False):
+    """Apply spec layers with tf ops; `weights(layer, key)` returns the tensor for a weight.
+
+    An unnamed layer's scope is `<type>_<position>`, or with `default_scopes` its type, which
+    TensorFlow uniquifies as TF1 code gets it (`dense`, `dense_1`, ...)."""
     for i, layer in enumerate(layers):
         kind = layer["type"]
-        name = layer.get("name") or f"{kind}_{i}"
+        name = layer.get("name") or (kind if default_scopes else f"{kind}_{i}")
         with tf.name_scope(name):
             if kind == "conv2d":
                 x = _activation(_conv(x, layer, weights(layer, "kernel"), weights(layer, "bias")), layer.get("activation"))
@@ -103,7 +106,7 @@ def spec_tf_keras(spec, input_shape, path: Path) -> Path:
     return path
 
 
-def spec_tf1(spec, input_shape, path: Path) -> Path:
+def spec_tf1(spec, input_shape, path: Path, *, default_scopes=False) -> Path:
     graph = tf.Graph()
     with graph.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, *input_shape], name="image")
@@ -117,7 +120,7 @@ def spec_tf1(spec, input_shape, path: Path) -> Path:
                     np.asarray(layer[key], np.float32), name=key, use_resource=False)
             return variables[ident]
 
-        y = _apply(spec, x, weights)
+        y = _apply(spec, x, weights, default_scopes=default_scopes)
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
             builder = tf.compat.v1.saved_model.Builder(str(path))
@@ -392,3 +395,120 @@ def _keras_layer_spec(layer):
     if kind == "Flatten":
         return {"type": "flatten", "name": layer.name}
     raise ValueError(f"no spec for layer {layer.name} ({kind})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Default layer names (issue 11 item 1) and activations that use a ReLU op inside (item 2)
+
+
+def default_names_spec(*, seed=11, features=6, num_classes=3):
+    """Three Dense+relu layers and a Dense head, unnamed: Keras and TF1 call them dense, dense_1,
+    dense_2, dense_3. `name_default_layers` gives the reference the same names."""
+    rng = np.random.default_rng(seed)
+    sizes = [features, 8, 8, 8]
+    layers = [ref._random_dense(rng, None, sizes[i], sizes[i + 1], activation="relu") for i in range(3)]
+    return layers + [ref._random_dense(rng, None, sizes[-1], num_classes)]
+
+
+def name_default_layers(spec):
+    """The spec with the names Keras and TF1 give its unnamed Dense layers: dense, dense_1, ..."""
+    return [dict(layer, name="dense" if i == 0 else f"dense_{i}") for i, layer in enumerate(spec)]
+
+
+def default_names_tf_keras(path: Path) -> Path:
+    """A tf-keras Sequential of default-named layers (dense, dense_1, dense_2, dense_3)."""
+    import tf_keras
+
+    tf_keras.backend.clear_session()  # default names count from zero again
+    spec = default_names_spec()
+    model = tf_keras.Sequential([tf_keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")])
+    for layer in spec:
+        dense = tf_keras.layers.Dense(layer["kernel"].shape[1], activation=layer.get("activation"))
+        model.add(dense)
+        dense.set_weights([np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)])
+    assert [l.name for l in model.layers] == [l["name"] for l in name_default_layers(spec)]
+    model.save(str(path), save_format="tf")
+    return path
+
+
+def default_names_tf1(path: Path) -> Path:
+    """A TF1 SavedModelBuilder graph whose scopes TensorFlow names dense, dense_1, ..."""
+    spec = default_names_spec()
+    return spec_tf1(spec, (spec[0]["kernel"].shape[0],), path, default_scopes=True)
+
+
+def default_names_keras3(keras):
+    """A Keras 3 Sequential whose layers carry Keras' default names dense, dense_1, ... (given
+    explicitly: Keras 3 numbers default names across the session), so the call scopes Keras 3
+    adds make dense_1 (layer dense) and dense_1_2 (layer dense_1)."""
+    spec = name_default_layers(default_names_spec())
+    model = keras.Sequential([keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")], name="sequential")
+    for layer in spec:
+        dense = keras.layers.Dense(layer["kernel"].shape[1], activation=layer.get("activation"), name=layer["name"])
+        model.add(dense)
+        dense.set_weights([np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)])
+    return model
+
+
+def nested_default_names_keras3(keras):
+    """default_names_keras3 inside a functional model, after a layer named like its first one."""
+    inner = default_names_keras3(keras)
+    spec = name_default_layers(default_names_spec())
+    inputs = keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")
+    return keras.Model(inputs, inner(inputs), name="outer")
+
+
+def hard_mix_spec(*, seed=5, input_shape=(8, 8, 3), num_classes=4):
+    """hard_silu, relu, ReLU(max_value=3), hard_sigmoid, ReLU(threshold=0.5) and a softmax head,
+    weights scaled so every activation sees both sides of each of its kinks."""
+    rng = np.random.default_rng(seed)
+    head = [
+        ref._random_conv(rng, "conv_hs", input_shape[-1], 4, gain=2.0, activation="hard_silu"),
+        ref._random_conv(rng, "conv_relu", 4, 4, strides=2, gain=2.0, activation="relu"),
+        ref._random_conv(rng, "conv_cap", 4, 4, gain=3.0),
+        {"type": "relu", "name": "cap3", "max_value": 3.0},
+        {"type": "flatten", "name": "flatten"},
+    ]
+    features = int(np.prod(ref.output_shape(head, input_shape)))
+    return head + [
+        ref._random_dense(rng, "fc_hsig", features, 12, gain=3.0, activation="hard_sigmoid"),
+        ref._random_dense(rng, "fc_thr", 12, 10, gain=3.0),
+        {"type": "relu", "name": "thr", "threshold": 0.5},
+        ref._random_dense(rng, "logits", 10, num_classes, activation="softmax"),
+    ]
+
+
+def hard_mix_keras3(keras):
+    return ref.keras_model(hard_mix_spec(), (8, 8, 3), name="hard_mix")
+
+
+def mobilenet_v3_gate_module(path: Path) -> Path:
+    """MobileNetV3's hard_sigmoid and hard_swish as tf-keras writes them (ReLU(6.)(x + 3.) * (1/6),
+    then x * that), a plain ReLU6 on x + 3 without the scaling, and a relu, as a TF2 module:
+        score = sum(W2 . hard_swish(W1 x)) + sum(relu6(x + 3)) + sum(relu(x))
+    The first Relu6 is part of hard_swish (kept), the second and the Relu are ReLU units."""
+
+    class Gate(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(2)
+            self.w1 = tf.Variable(rng.normal(0.0, 2.0, (4, 6)).astype(np.float32))
+            self.w2 = tf.Variable(rng.normal(0.0, 1.0, (6, 2)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x):
+            with tf.name_scope("expand"):
+                h = tf.matmul(x, self.w1)
+            with tf.name_scope("hard_swish"):
+                gate = tf.nn.relu6(h + 3.0) * (1.0 / 6.0)
+                h = h * gate
+            with tf.name_scope("shifted_relu6"):
+                shifted = tf.nn.relu6(x + 3.0)
+            with tf.name_scope("plain_relu"):
+                plain = tf.nn.relu(x)
+            extra = tf.reduce_sum(shifted, axis=1, keepdims=True) + tf.reduce_sum(plain, axis=1, keepdims=True)
+            return {"scores": tf.matmul(h, self.w2) + extra}
+
+    module = Gate()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path

@@ -11,6 +11,14 @@ ReLU family are replaced according to a rule (Springenberg et al. 2014):
 * ``"vanilla"``:   the true gradient (Relu dx = dy * [x > 0],
                    Relu6 dx = dy * [0 < x < 6]), matching TF's ReluGrad/Relu6Grad.
 
+A capped ReLU (``max_value=k``) is a Relu followed by a clip at ``k``: the
+rule applies at the Relu to the gradient the clip passes, ``dy * [x < k]``
+(guided: ``dy * [0 < x < k] * [dy > 0]``).  Activations that are not ReLU
+units keep their true gradient under every rule: ``hard_sigmoid(x) =
+clip(x / 6 + 1/2, 0, 1)`` (derivative 1/6 on (-3, 3)), ``hard_silu(x) = x *
+hard_sigmoid(x)`` (derivative (2x + 3) / 6 on (-3, 3), 1 above), and the
+thresholded ReLU ``x * [x > t]`` (derivative ``[x > t]``).
+
 Every other op keeps its true gradient.  Max-pooling routes the gradient to
 the first arg-max (row-major) of each window, like TensorFlow's MaxPoolGrad.
 
@@ -24,6 +32,8 @@ A model is a list of layer dicts (layout NHWC, like TensorFlow)::
     {"type": "dense", "name": "fc", "kernel": W[cin, cout], "bias": b[cout],
      "activation": None | "relu" | "relu6" | "softmax"}
     {"type": "relu"}            {"type": "relu6"}
+    {"type": "relu", "max_value": k}   # ReLU capped at k (Keras: Relu + Minimum)
+    {"type": "relu", "threshold": t}   # x if x > t else 0 (Keras: Greater + Select)
     {"type": "maxpool", "pool": 2, "strides": 2}        # valid padding
     {"type": "flatten"}         {"type": "gap"}          # global avg pooling
     {"type": "batchnorm", "gamma", "beta", "mean", "var", "epsilon"}
@@ -50,7 +60,8 @@ SCORES = ("logit", "probability")
 SPEC_KINDS = ("mlp", "cnn", "residual_bn")
 DEFAULT_INPUT_SHAPE = (8, 8, 3)
 RELU6_CAP = 6.0
-ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax")
+ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "hard_sigmoid", "hard_silu")
+HARD_KINK = 3.0  # hard_sigmoid and hard_silu bend at -3 and 3
 
 
 # --------------------------------------------------------------------------
@@ -123,6 +134,10 @@ def _activation_forward(name, z):
         return np.clip(z, 0.0, RELU6_CAP)
     if name == "softmax":
         return _softmax(z)
+    if name == "hard_sigmoid":
+        return np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if name == "hard_silu":
+        return z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -158,6 +173,11 @@ def _activation_backward(name, z, y, dy, ctx):
         return _relu_family_backward(z, dy, ctx["rule"], RELU6_CAP)
     if name == "softmax":
         return _softmax_backward(y, dy, ctx["score"])
+    if name == "hard_sigmoid":  # not a ReLU unit: the true gradient under every rule
+        return dy * np.where(np.abs(z) < HARD_KINK, 1.0 / 6.0, 0.0)
+    if name == "hard_silu":
+        inside = np.abs(z) < HARD_KINK
+        return dy * np.where(inside, (2.0 * z + 3.0) / 6.0, (z >= HARD_KINK).astype(np.float64))
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -237,13 +257,25 @@ def _dense_backward(layer, cache, dy, ctx):
 
 
 def _relu_forward(layer, x):
-    """Standalone ReLU."""
-    return np.maximum(x, 0.0), {"z": x}
+    """Standalone ReLU, optionally capped at ``max_value`` or thresholded at ``threshold``."""
+    threshold = layer.get("threshold")
+    if threshold:
+        return np.where(x > threshold, x, 0.0), {"z": x}
+    y = np.maximum(x, 0.0)
+    if layer.get("max_value") is not None:
+        y = np.minimum(y, float(layer["max_value"]))
+    return y, {"z": x}
 
 
 def _relu_backward(layer, cache, dy, ctx):
-    """Standalone ReLU backward under the rule."""
-    return _relu_family_backward(cache["z"], dy, ctx["rule"], None)
+    """Standalone ReLU backward under the rule; a threshold keeps its true gradient."""
+    z = cache["z"]
+    threshold = layer.get("threshold")
+    if threshold:  # not a ReLU op: Greater + Select pass dy where x > t
+        return dy * (z > threshold)
+    if layer.get("max_value") is not None:  # the clip's own gradient, then the rule at the Relu
+        dy = dy * (z < float(layer["max_value"]))
+    return _relu_family_backward(z, dy, ctx["rule"], None)
 
 
 def _relu6_forward(layer, x):
@@ -506,11 +538,15 @@ def _tape_margins(tape, margins):
     for layer, cache in tape:
         kind = layer["type"]
         activation = layer.get("activation")
-        if kind in ("relu", "relu6") or activation in ("relu", "relu6"):
+        if kind in ("relu", "relu6") or activation in ("relu", "relu6", "hard_sigmoid", "hard_silu"):
             z = cache["z"].reshape(len(cache["z"]), -1)
-            distance = np.abs(z)
+            distance = np.abs(z - (layer.get("threshold") or 0.0))
             if "relu6" in (kind, activation):
                 distance = np.minimum(distance, np.abs(z - RELU6_CAP))
+            if kind == "relu" and layer.get("max_value") is not None:
+                distance = np.minimum(distance, np.abs(z - float(layer["max_value"])))
+            if activation in ("hard_sigmoid", "hard_silu"):
+                distance = np.abs(np.abs(z) - HARD_KINK)
             margins.append(distance.min(axis=1))
         elif kind == "maxpool":
             top_two = -np.sort(-cache["flat"], axis=-1)[..., :2]
@@ -601,7 +637,8 @@ def _keras_layer(keras, layer, x):
     if kind == "batchnorm":
         return _keras_batchnorm(keras, layer, x)
     if kind == "relu":
-        return keras.layers.ReLU(name=name)(x)
+        return keras.layers.ReLU(max_value=layer.get("max_value"), threshold=layer.get("threshold") or 0.0,
+                                 name=name)(x)
     if kind == "relu6":
         return keras.layers.ReLU(max_value=6.0, name=name)(x)
     if kind == "maxpool":
