@@ -47,7 +47,8 @@ def convert(
         or a Keras model: a keras.Model object or a .keras/.h5 file, which goes the Keras path
         (gbp_rewrite.keras_path: a clone with custom-gradient ReLUs, the same export and report).
       destination: the directory to create; written atomically, never half-written.
-      layers: names or glob patterns of the layers whose ReLUs get the rule (default: all).
+      layers: names or glob patterns of the layers whose ReLUs get the rule (default: all),
+        matched against the layer path (as `inspect` prints it) or any tail of it.
       exclude_layers: names or glob patterns of layers to leave alone.
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
       signature: the signature key to explain (default 'serving_default').

@@ -106,9 +106,9 @@ class ConversionReport:
               for key, saliency in self.saliency_maps.items()),
             f"  ReLU-family sites: {len(self.sites)} found, {len(self.rewritten)} rewritten",
         ]
-        width = max([len(s.layer) for s in self.sites] + [5])
+        width = max([len(s.path) for s in self.sites] + [5])  # the layer path, as inspect names it
         for site in self.sites:
-            lines.append(f"    {site.layer:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
+            lines.append(f"    {site.path:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
         lines.append("  exported signatures:")
         for key, outputs in self.signatures.items():
             lines.append(f"    {key}: {', '.join(outputs)}")

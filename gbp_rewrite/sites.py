@@ -301,9 +301,26 @@ def activation_summary(sites: Iterable[Site]) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
 
 
+def path_suffixes(path: Sequence[str]) -> list[str]:
+    """Every tail of a layer path, longest first: ('m', 'b', 'c') -> ['m/b/c', 'b/c', 'c']."""
+    return ["/".join(path[i:]) for i in range(len(path))]
+
+
 def _matches(site: Site, pattern: str) -> bool:
-    candidates = (site.layer_path, *site.path, site.node)
+    """A name or glob matches the full layer path or any tail of it (`block_1*`,
+    `mobilenetv2_1.00_96/block_1*`), an enclosing layer or model by name, or the op's name."""
+    candidates = (*path_suffixes(site.path), *site.path, site.node)
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
+
+
+_NAMES_IN_MESSAGE = 10
+
+
+def _some(names: Sequence[str]) -> str:
+    """At most ten names, then 'and N more (see inspect)'."""
+    shown = ", ".join(names[:_NAMES_IN_MESSAGE])
+    hidden = len(names) - _NAMES_IN_MESSAGE
+    return shown + (f", and {hidden} more (see inspect)" if hidden > 0 else "")
 
 
 def select(
@@ -314,8 +331,8 @@ def select(
 ) -> Selection:
     """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
 
-    A name or glob matches a site when it matches the layer's name, any enclosing layer (a nested
-    model), the full layer path or the op name. One that matches nothing is an error listing the
+    A name or glob matches a site when it matches the full layer path or any tail of it (the
+    layer's own name is the shortest), any enclosing layer (a nested model), or the op name. One that matches nothing is an error listing the
     layers that hold ReLUs, and so is a selection that rewrites nothing.
     """
     rewritable = [s for s in sites if s.rewritable]
@@ -332,7 +349,7 @@ def select(
             if not any(_matches(s, pattern) for s in rewritable):
                 raise SelectionError(
                     f"{option} {pattern!r} matches no layer holding a ReLU; layers with ReLUs: "
-                    f"{', '.join(layers_with_relu(rewritable))}"
+                    f"{_some(layers_with_relu(rewritable))}"
                 )
     chosen = [s for s in rewritable if not layers or any(_matches(s, p) for p in layers)]
     excluded = {s.key for s in chosen if any(_matches(s, p) for p in exclude_layers)}

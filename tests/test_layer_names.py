@@ -8,6 +8,8 @@ layer alone, and the map equals the numpy reference with the rule at that layer 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -139,3 +141,43 @@ def test_keras3_model_saved_by_tf_saved_model_save_is_named_as_keras3(tmp_path):
     tf.saved_model.save(wrapper, str(tmp_path / "m"), signatures={"serving_default": wrapper.serve})
     info = gbp_rewrite.inspect(tmp_path / "m")
     assert [s.layer_path for s in info.sites] == ["sequential/" + name for name in DENSE_RELUS]
+
+
+# One naming everywhere (issue 13 item 6): inspect, errors and the report say the layer path, and
+# any tail of the path selects.
+
+NESTED = [sites.Site("f", f"outer_1/sequential_1/{n}/Relu", "Relu", ("outer", "sequential", n)) for n in DENSE_RELUS]
+
+
+@pytest.mark.parametrize("pattern,expected", [
+    ("dense_1", ["dense_1"]),
+    ("sequential/dense_1", ["dense_1"]),
+    ("outer/sequential/dense_1", ["dense_1"]),
+    ("sequential/dense_*", ["dense_1", "dense_2"]),
+    ("dense*", DENSE_RELUS),
+    ("sequential", DENSE_RELUS),
+    ("outer/seq*", DENSE_RELUS),
+])
+def test_any_tail_of_the_layer_path_selects(pattern, expected):
+    selection = sites.select(NESTED, layers=[pattern])
+    assert [s.layer for s in selection.selected_sites] == expected
+
+
+def test_a_tail_is_whole_names():
+    with pytest.raises(SelectionError, match="'uter/sequential/dense' matches no layer"):
+        sites.select(NESTED, layers=["uter/sequential/dense"])
+
+
+def test_errors_list_at_most_ten_layers():
+    many = [sites.Site("f", f"m/l{i}/Relu", "Relu", ("m", f"l{i}")) for i in range(13)]
+    with pytest.raises(SelectionError) as error:
+        sites.select(many, layers=["nope"])
+    assert str(error.value).endswith("m/l0, m/l1, m/l2, m/l3, m/l4, m/l5, m/l6, m/l7, m/l8, m/l9, and 3 more (see inspect)")
+
+
+def test_report_names_layers_as_inspect_does(zoo):
+    _, report = zoo.converted("default_names_tf_keras", layers=["dense_1"])
+    info = gbp_rewrite.inspect(zoo.model("default_names_tf_keras"))
+    text = report.to_text()
+    for site in info.sites:
+        assert re.search(rf"^\s+{re.escape(site.layer_path)}\s+Relu\s", text, flags=re.M), text

@@ -18,7 +18,8 @@ FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score"
               "fold_batchnorms"}
 
 flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
-                  "rule (default: every ReLU). A nested model's name selects all its layers.")
+                  "rule (default: every ReLU), matched against the layer path inspect prints or any tail of it "
+                  "(block_1*, model/block_1*). A nested model's name selects all its layers.")
 flags.DEFINE_list("exclude_layers", None, "convert: names or glob patterns of layers to leave alone.")
 flags.DEFINE_enum("rule", "guided", ("guided", "deconvnet", "vanilla"),
                   "convert: the gradient rule: guided (dy*[x>0]*[dy>0]), deconvnet (dy*[dy>0]) or "
