@@ -33,7 +33,7 @@ from gbp_rewrite.errors import OptionError
 REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 
 # Activation op types that are reported but left alone: no agreed guided rule exists for them.
-REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh")
+REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Erf", "Erfc")
 
 SOFTMAX_PASS_THROUGH = "GbpRewrite_Softmax_pass_through"
 

@@ -71,6 +71,7 @@ class Zoo:
             "hard_mix.keras": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
             "hard_mix.h5": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
             "mobilenet_v3_gate": lambda: model_zoo.mobilenet_v3_gate_module(path),
+            "smooth_activations": lambda: model_zoo.smooth_activations_keras3(keras).export(str(path), verbose=False),
         }
         builders[name]()
         return path

@@ -512,3 +512,20 @@ def mobilenet_v3_gate_module(path: Path) -> Path:
     module = Gate()
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return path
+
+
+def smooth_activations_keras3(keras):
+    """One Dense per activation that has no guided rule, in the lowered forms Keras 3 writes:
+    GELU exact (Erfc) and tanh-approximated, swish, mish, ELU, SELU, softplus, sigmoid, tanh,
+    and one relu so the model converts."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,), name="x")
+    x = inputs
+    activations = {
+        "gelu": "gelu", "gelu_tanh": lambda t: keras.activations.gelu(t, approximate=True),
+        "swish": "swish", "mish": "mish", "elu": "elu", "selu": "selu", "softplus": "softplus",
+        "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
+    }
+    for name, activation in activations.items():
+        x = keras.layers.Dense(4, activation=activation, name=f"d_{name}")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="smooth")
