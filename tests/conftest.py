@@ -66,6 +66,13 @@ class Zoo:
 
     @staticmethod
     def spec(kind: str):
+        """A numpy_reference spec: one of ref.SPEC_KINDS, or a sigmoid classifier: "binary" (one
+        unit, its dense layer's activation sigmoid) or "multilabel" (5 units, a sigmoid layer)."""
+        if kind == "binary":
+            spec = ref.random_spec("mlp", seed=1, input_shape=INPUT_SHAPE, num_classes=1)
+            return spec[:-1] + [dict(spec[-1], activation="sigmoid")]
+        if kind == "multilabel":
+            return ref.random_spec("mlp", seed=1, input_shape=INPUT_SHAPE) + [{"type": "sigmoid", "name": "sigmoid"}]
         return ref.random_spec(kind, seed=1, input_shape=INPUT_SHAPE)
 
     def converted(self, name: str, **options):
