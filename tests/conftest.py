@@ -217,10 +217,20 @@ def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32):
 
 
 def assert_close_relative(actual, expected, rtol=1e-5):
-    """|actual - expected| <= rtol * max|expected|, elementwise over the whole batch."""
+    """|actual - expected| <= rtol * scale, with the scale of the whole batch (max|expected|) and,
+    for a batch (leading axis), of each example alone: a small example's map is not hidden by a
+    large one. An example whose reference is all zeros must be all zeros (to 1e-12 of the batch)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape
     scale = np.max(np.abs(expected))
     assert scale > 0, "the reference is all zeros: the test would prove nothing"
     worst = np.max(np.abs(actual - expected))
     assert worst <= rtol * scale, f"max abs difference {worst:.3g} > {rtol} * {scale:.3g}"
+    if expected.ndim < 2:
+        return
+    per_example = lambda a: np.max(np.abs(a).reshape(len(a), -1), axis=1)  # noqa: E731
+    own, errors = per_example(expected), per_example(actual - expected)
+    bad = np.flatnonzero(errors > rtol * own + 1e-12 * scale)
+    assert not bad.size, (
+        f"example {bad[0]}: max abs difference {errors[bad[0]]:.3g} > {rtol} * {own[bad[0]]:.3g} "
+        f"(its own scale; {len(bad)} of {len(own)} examples off)")
