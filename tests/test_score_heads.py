@@ -78,11 +78,14 @@ def heads(tmp_path_factory, body):
 
 
 def _run(loaded, x, class_index=None):
+    serving = loaded.signatures["serving_default"]
+    (input_key,) = serving.structured_input_signature[1]
+    inputs = {input_key: tf.constant(x)}
     if class_index is None:
-        outputs = loaded.signatures["serving_default"](image=tf.constant(x))
+        outputs = serving(**inputs)
     else:
         outputs = loaded.signatures["explain_class"](
-            image=tf.constant(x), class_index=tf.constant(np.broadcast_to(class_index, [len(x)]), tf.int64))
+            **inputs, class_index=tf.constant(np.broadcast_to(class_index, [len(x)]), tf.int64))
     return {k: v.numpy() for k, v in outputs.items()}
 
 
@@ -239,7 +242,6 @@ def test_binary_sigmoid_explains_the_predicted_class(zoo, family):
     x = reference_inputs(spec)
     export_dir, report = zoo.converted(f"{family}@binary")
     assert report.score_plan == "binary sigmoid logit"
-    signatures = zoo.loaded(export_dir).signatures
     outputs = _run(zoo.loaded(export_dir), x)
     expected, classes = ref.saliency(spec, x, rule="guided")
     assert 0 < classes.sum() < len(x), "the batch should hold both classes"
@@ -250,7 +252,7 @@ def test_binary_sigmoid_explains_the_predicted_class(zoo, family):
         np.testing.assert_array_equal(forced["explained_class"], np.full(len(x), cls))
         assert_close_relative(forced["saliency"], ref.saliency(spec, x, rule="guided", class_index=cls)[0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="class_index must be < 2"):
-        signatures["explain_class"](image=tf.constant(x), class_index=tf.constant([2] * len(x), tf.int64))
+        _run(zoo.loaded(export_dir), x, 2)
 
 
 def test_binary_class_zero_is_not_a_sign_flip_under_the_guided_rule(zoo):
