@@ -379,8 +379,9 @@ def mixed_float16_keras3(keras, *, seed=0, batchnorm=False, float16_output=False
 
 
 def keras_spec(model):
-    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, Flatten and Dense
-    layers (such as mixed_float16_keras3's), from the model's float32 weights."""
+    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, MaxPooling2D (valid),
+    Flatten and Dense layers (such as mixed_float16_keras3's, or the shipped shapes_cnn), from the
+    model's float32 weights."""
     return [_keras_layer_spec(layer) for layer in model.layers[1:]]  # layers[0]: the InputLayer
 
 
@@ -401,6 +402,8 @@ def _keras_layer_spec(layer):
         return {"type": "relu" if layer.max_value is None else "relu6", "name": layer.name}
     if kind == "Flatten":
         return {"type": "flatten", "name": layer.name}
+    if kind == "MaxPooling2D" and layer.padding == "valid":
+        return {"type": "maxpool", "name": layer.name, "pool": tuple(layer.pool_size), "strides": tuple(layer.strides)}
     raise ValueError(f"no spec for layer {layer.name} ({kind})")
 
 
