@@ -104,7 +104,7 @@ def convert(
     plan = scoring.plan
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
-    for head in scoring.pass_through:
+    for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
         patches[head.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
     phase = _PhaseTimer()

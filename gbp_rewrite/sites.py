@@ -238,21 +238,9 @@ class OutputHeads:
         return tuple(s for s in self.ends if s.op_type not in SQUASHING_OP_TYPES)
 
 
-def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> Site | None:
-    """The op that computes a signature output, looking through identities, casts and calls.
-
-    Returns it as a Site (its op type may be anything; its path is just the op's name) or None
-    when the trail is lost.
-    """
-    heads = find_output_heads(meta_graph, tensor_name, shape_ops=False)
-    return heads.ends[0] if heads.ends and not heads.lost else None
-
-
-def find_output_heads(
-    meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str, *, shape_ops: bool = True,
-) -> OutputHeads:
-    """The ops that end a signature output: walks back through identities, casts, calls and (with
-    `shape_ops`) reshapes, squeezes, expand_dims and concatenations (each input a branch)."""
+def find_output_heads(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> OutputHeads:
+    """The ops that end a signature output: walks back through identities, casts, calls, reshapes,
+    squeezes, expand_dims, transposes, slices and concatenations (each input a branch)."""
     graph = _Graph(meta_graph)
     ends: list[Site] = []
     lost = False
@@ -263,7 +251,7 @@ def find_output_heads(
         if (function, ref) in seen:
             continue
         seen.add((function, ref))
-        step = _step_back(graph, function, ref, shape_ops=shape_ops)
+        step = _step_back(graph, function, ref)
         if step is None:
             lost = True
         elif isinstance(step, Site):
@@ -280,7 +268,7 @@ def find_output_heads(
     return OutputHeads(tuple(ends), hidden, lost)
 
 
-def _step_back(graph: "_Graph", function: str, ref: str, *, shape_ops: bool):
+def _step_back(graph: "_Graph", function: str, ref: str):
     """One step from a tensor towards its producer: the producing op as a Site when it ends the
     walk, the [(function, ref)] to follow instead, or None when the trail is lost."""
     node_name, index = _split_ref(ref, in_function=bool(function))
@@ -298,10 +286,10 @@ def _step_back(graph: "_Graph", function: str, ref: str, *, shape_ops: bool):
         inner = fdef.ret.get(fdef.signature.output_arg[index].name)  # .get: never add a key
         return None if inner is None else [(callee, inner)]
     inputs = [i for i in node.input if not i.startswith("^")]
-    if node.op in _PASS_THROUGH_OPS or (shape_ops and node.op in _SHAPE_OPS):
+    if node.op in _PASS_THROUGH_OPS or node.op in _SHAPE_OPS:
         position = index if node.op == "IdentityN" else 0
         followed = inputs[position:position + 1]
-    elif shape_ops and node.op in _CONCAT_OPS:
+    elif node.op in _CONCAT_OPS:
         followed = inputs[:-1] if node.op == "ConcatV2" else inputs  # ConcatV2's last input is the axis
     else:
         return Site(function, node.name, node.op, (node.name,))
@@ -313,9 +301,12 @@ def _step_back(graph: "_Graph", function: str, ref: str, *, shape_ops: bool):
 def _squashing_behind(graph: "_Graph", end: Site) -> Site | None:
     """A Softmax/Sigmoid feeding `end` through elementwise arithmetic and shape-only ops, if any.
 
-    Matrix products, convolutions and the like stop the search: a squashing op before those is a
-    hidden layer's activation (swish, gating), not the output's.
+    Matrix products, convolutions and the like stop the search (an `end` of that kind has nothing
+    behind it): a squashing op before those is a hidden layer's activation (swish, gating), not the
+    output's.
     """
+    if end.op_type not in _ELEMENTWISE_OPS:
+        return None
     nodes = graph.function_nodes(end.function) if end.function else graph.top
     stack, seen = [end.node], set()
     while stack and len(seen) < 1_000:
@@ -326,7 +317,7 @@ def _squashing_behind(graph: "_Graph", end: Site) -> Site | None:
         node = nodes[name]
         if node.op in SQUASHING_OP_TYPES and name != end.node:
             return Site(end.function, node.name, node.op, (node.name,))
-        if name == end.node or node.op in _ELEMENTWISE_OPS | _PASS_THROUGH_OPS | _SHAPE_OPS | _CONCAT_OPS:
+        if node.op in _ELEMENTWISE_OPS | _PASS_THROUGH_OPS | _SHAPE_OPS | _CONCAT_OPS:
             stack.extend(_split_ref(i.lstrip("^"), in_function=bool(end.function))[0]
                          for i in node.input if not i.startswith("^"))
     return None

@@ -428,10 +428,12 @@ def _softmax_heads(z, head: str):
         return tf.concat([tf.nn.softmax(z[:, :2]), tf.nn.softmax(z[:, 2:])], axis=-1)
     if head == "scaled":  # a softmax inside arithmetic: no logit can be explained
         return tf.nn.softmax(z) * 2.0 + 1.0
+    if head == "swish_dense":  # a sigmoid inside the network (swish) before a matrix product: logits
+        return tf.matmul(z * tf.nn.sigmoid(z), tf.eye(k) * 0.5 + 0.1)
     raise ValueError(head)
 
 
-HEADS = ("reshape", "squeeze", "expand_dims", "identity", "cast", "concat", "scaled", "two_heads")
+HEADS = ("reshape", "squeeze", "expand_dims", "identity", "cast", "concat", "scaled", "swish_dense", "two_heads")
 
 
 class _HeadModule(tf.Module):

@@ -190,6 +190,19 @@ def test_softmax_inside_arithmetic_cli_exit_1_no_destination(heads, tmp_path):
     assert not destination.exists()
 
 
+def test_a_sigmoid_inside_the_network_leaves_the_logit_alone(heads, x):
+    """swish(z) then a matrix product: the output is a logit; its Sigmoid is no output activation.
+    Under the vanilla rule the saliency is TensorFlow's own gradient of the source's output."""
+    _, report, loaded = heads.converted("tf2_module", "swish_dense", rule="vanilla")
+    assert report.score_plan == "output value (a logit)"
+    restored = tf.saved_model.load(str(heads.source("tf2_module", "swish_dense")))  # kept: owns the variables
+    tensor = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(tensor)
+        score = tf.reduce_max(restored.signatures["serving_default"](image=tensor)["scores"], axis=-1)
+    assert_close_relative(_run(loaded, x)["saliency"], tape.gradient(score, tensor).numpy())
+
+
 def test_plain_logits_are_explained_as_they_are(zoo):
     """An output with no final activation is the logit: score logit works, probability is refused."""
     import gbp_rewrite
