@@ -15,6 +15,9 @@ clients; only for image inputs ([batch, H, W, C]).
 
 One forward pass feeds both the predictions and the gradient, and the score's gradient is seeded
 with a one-hot vector of the explained class, so there is no gather/scatter plumbing in the graph.
+A binary sigmoid output (one unit p) has classes 1 and 0: the seed is +1 or -1 (score z or -z, p
+or 1 - p). What the score is (logit or value) is decided by `choose_score` from the ops that end
+the output (sites.find_output_heads); see the README's "What is explained".
 """
 
 from __future__ import annotations
