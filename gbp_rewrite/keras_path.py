@@ -3,7 +3,7 @@
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (sites.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax a pass-through gradient, weights copied -> trace the explainable
+    explained output's softmax/sigmoid a pass-through gradient, weights copied -> trace the explainable
     signatures over the clone (explainable.build_signatures) -> save, self-check, report.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
@@ -65,8 +65,8 @@ def guided_model(
 
     The clone computes bit-identical predictions with copies of the weights; the ReLUs of the
     selected layers (default: all) pass gradients by the rule, and with score 'logit' the softmax
-    that ends the explained output passes its gradient through, so d(output[:, c])/d(input) is the
-    saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
+    or sigmoid that ends the explained output passes its gradient through, so
+    d(output[:, c])/d(input) is the saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
     (its activations are Python closures); to serve it, use `gbp_rewrite.convert(model, DST)`.
 
     Args:
@@ -74,8 +74,8 @@ def guided_model(
         .keras/.h5 file (loaded in Keras' safe mode).
       layers, exclude_layers: names or glob patterns, as for `convert`.
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
-      score: 'logit' (default) or 'probability' (keep the softmax's true gradient).
-      output: the output whose softmax is explained, when the model has several outputs.
+      score: 'logit' (default) or 'probability' (keep the softmax's/sigmoid's true gradient).
+      output: the output whose softmax/sigmoid is explained, when the model has several outputs.
 
     Raises:
       GbpError: a one-line reason (subclassed model, unknown layer name, ...).
