@@ -53,8 +53,10 @@ def convert(
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
       signature: the signature key to explain (default 'serving_default').
       output: the output to explain when the signature has several.
-      score: 'logit' (default; the pre-softmax logit when the output ends in Softmax) or
-        'probability' (the softmax value itself).
+      score: 'logit' (default: the pre-activation logit when the output ends in Softmax or
+        Sigmoid, possibly behind reshapes or a concatenation of heads; refused when a
+        Softmax/Sigmoid is followed by arithmetic) or 'probability' (the output's value; for a
+        binary sigmoid, p for class 1 and 1 - p for class 0). See the README's "What is explained".
       overwrite: replace `destination` if it exists.
       saliency_map: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the
         channels scaled per example to [0, 1] (image inputs [batch, H, W, C] only).
@@ -99,11 +101,12 @@ def convert(
                                  saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
-    softmax, score_note = _softmax_plan(model, plan, score)
+    scoring = _score_plan(model, plan, score)
+    plan = scoring.plan
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
-    if softmax is not None:
-        patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
+    for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
+        patches[head.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
     phase = _PhaseTimer()
     fold_signature = signature if fold_batchnorms else None
@@ -126,7 +129,7 @@ def convert(
                 signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
             with phase("probe (rest)"):
                 expected = probed.result()
-        checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
+        checks = {"rule applied": _check_applied(selection, scoring.pass_through, applied, rule)}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
                 f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "
@@ -140,7 +143,7 @@ def convert(
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
             report = ConversionReport.build(
                 source=str(source), source_format=model.format, destination=destination, plan=plan,
-                rule=rule_obj, score=score, score_note=score_note,
+                rule=rule_obj, score=score, score_note=scoring.note, score_plan=scoring.name,
                 signatures={
                     signature: plan.output_keys(),
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
@@ -167,21 +170,10 @@ class _PhaseTimer:
             log.info("%s: %.1f s", name, time.perf_counter() - started)
 
 
-def _softmax_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPlan, score: str):
-    """The Softmax to give a pass-through gradient (score 'logit'), and a note for the report."""
-    producer = sites.find_output_producer(model.meta_graph, plan.explained.tensor_name)
-    ends_in_softmax = producer is not None and producer.op_type == "Softmax"
-    last_op = producer.op_type if producer is not None else "an op that could not be traced"
-    if score == "logit":
-        if ends_in_softmax:
-            return producer, f"pre-softmax logit: Softmax '{producer.node}' passes the gradient through"
-        return None, f"the output ends in {last_op}, not Softmax: its value is the score"
-    if not ends_in_softmax:
-        raise OptionError(
-            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
-            f"in {last_op}; its value already is the score, use --score logit"
-        )
-    return None, "softmax probability with the true softmax gradient"
+def _score_plan(model: savedmodel.SavedModelFile, plan: explainable.ExplainPlan, score: str) -> explainable.ScorePlan:
+    """What the score is, from the ops that end the explained output (explainable.choose_score)."""
+    heads = sites.find_output_heads(model.meta_graph, plan.explained.tensor_name)
+    return explainable.choose_score(plan, heads, score)
 
 
 def _site_key(site: sites.Site) -> str:
@@ -189,12 +181,11 @@ def _site_key(site: sites.Site) -> str:
     return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
+def _check_applied(selection: sites.Selection, pass_through, applied: set[str], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
-    return verify.check_applied(
-        selection.selected_sites, _site_key, applied, rule,
-        softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
-    )
+    text = verify.check_applied(selection.selected_sites, _site_key, applied, rule)
+    verify.check_pass_through([(_site_key(s), f"{s.op_type} '{s.node}'") for s in pass_through], applied)
+    return text
 
 
 def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:

@@ -3,7 +3,7 @@
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (sites.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax a pass-through gradient, weights copied -> trace the explainable
+    explained output's softmax/sigmoid a pass-through gradient, weights copied -> trace the explainable
     signatures over the clone (explainable.build_signatures) -> save, self-check, report.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
@@ -43,8 +43,8 @@ class Rewrite:
     selection: sites.Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
     tokens: dict[tuple[str, str], str]  # selected site key -> name its gradient records
-    softmax_token: str | None
-    score_note: str
+    pass_through_tokens: dict[str, str]  # token -> how to name the output Softmax/Sigmoid
+    score: explainable.ScorePlan
     warnings: list[str]
 
 
@@ -65,8 +65,8 @@ def guided_model(
 
     The clone computes bit-identical predictions with copies of the weights; the ReLUs of the
     selected layers (default: all) pass gradients by the rule, and with score 'logit' the softmax
-    that ends the explained output passes its gradient through, so d(output[:, c])/d(input) is the
-    saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
+    or sigmoid that ends the explained output passes its gradient through, so
+    d(output[:, c])/d(input) is the saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
     (its activations are Python closures); to serve it, use `gbp_rewrite.convert(model, DST)`.
 
     Args:
@@ -74,8 +74,8 @@ def guided_model(
         .keras/.h5 file (loaded in Keras' safe mode).
       layers, exclude_layers: names or glob patterns, as for `convert`.
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
-      score: 'logit' (default) or 'probability' (keep the softmax's true gradient).
-      output: the output whose softmax is explained, when the model has several outputs.
+      score: 'logit' (default) or 'probability' (keep the softmax's/sigmoid's true gradient).
+      output: the output whose softmax/sigmoid is explained, when the model has several outputs.
 
     Raises:
       GbpError: a one-line reason (subclassed model, unknown layer name, ...).
@@ -127,7 +127,8 @@ def convert(
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
         report = ConversionReport.build(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
-            rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
+            rule=rules.get_rule(rule), score=score, score_note=rewrite.score.note,
+            score_plan=rewrite.score.name,
             signatures={key: plan.output_keys() for key in signatures},
             sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
             warnings=rewrite.warnings, started=started,
@@ -199,18 +200,19 @@ def plan_rewrite(
     signature = keras_signature.describe(model)
     plan = explainable.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
-    found = keras_sites.find_sites(model, signature)
+    graph = keras_sites.trace(model, signature)
+    found = keras_sites.find_sites(model, signature, graph=graph)
     selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
     chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
     selection = sites.Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
-    softmax, score_note = _softmax_replacement(signature, plan, score)
-    softmax_token = None
-    if softmax is not None:
-        # Never a chosen ReLU layer too: a layer that ends in a softmax has no ReLU lowering.
-        layer, softmax_token, replacement = softmax
+    scoring = explainable.choose_score(plan, _output_heads(graph, plan.output_key), score)
+    pass_through = _pass_through_replacements(model, scoring)
+    for layer, token, replacement, _ in pass_through:
+        # Never a chosen ReLU layer too: a layer that ends in a softmax/sigmoid has no ReLU lowering.
         replacements[id(layer)] = replacement
-    return Rewrite(signature, plan, found, selection, replacements, tokens, softmax_token, score_note, warnings)
+    return Rewrite(signature, scoring.plan, found, selection, replacements, tokens,
+                   {token: name for _, token, _, name in pass_through}, scoring, warnings)
 
 
 def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
@@ -281,37 +283,56 @@ def _with_activation(layer, activation) -> Replacement:
     return replace
 
 
-def _softmax_replacement(signature: keras_signature.KerasSignature, plan: explainable.ExplainPlan, score: str):
-    """((layer, token, replacement) or None, note): the output softmax's pass-through, as the graph path."""
-    layer, path = _output_producer(signature, plan.output_key)
-    where = "/".join(path)
-    ends_in_softmax = _ends_in_softmax(layer)
-    if score == "logit":
-        if not ends_in_softmax:
-            return None, f"the output ends in layer '{where}' ({_describe_layer(layer)}), not Softmax: its value is the score"
-        token = f"keras-softmax:{where}#{id(layer)}"
-        return (layer, token, _pass_through_replacement(layer, token)), (
-            f"pre-softmax logit: the softmax of layer '{where}' passes the gradient through")
-    if not ends_in_softmax:
-        raise OptionError(
-            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
-            f"in layer '{where}' ({_describe_layer(layer)}); its value already is the score, use --score logit"
-        )
-    return None, "softmax probability with the true softmax gradient"
+def _output_heads(graph, output_key: str) -> sites.OutputHeads:
+    """The ops that end the output in the trace of the model's call (sites.find_output_heads)."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    tensor = graph.structured_outputs[output_key]
+    return sites.find_output_heads(meta_graph_pb2.MetaGraphDef(graph_def=graph.as_graph_def()), tensor.name)
 
 
-def _ends_in_softmax(layer) -> bool:
-    """True when the layer ends in one Softmax op (a Softmax layer over several axes does not)."""
+def _pass_through_replacements(model, scoring: explainable.ScorePlan):
+    """[(layer, token, replacement, name)] for each Softmax/Sigmoid op of the score plan: the layer
+    that applies it, rebuilt with a pass-through gradient, as the graph path patches the op."""
+    if not scoring.pass_through:
+        return []
+    tree = keras_sites.layer_tree(model)
+    known = {name for path in tree for name in path}
+    found = {}
+    for head in scoring.pass_through:
+        path = sites.layer_path(head.node, known, keras3=True)
+        layer = tree.get(path)
+        where = "/".join(path)
+        if layer is None or not _ends_in(layer, head.op_type):
+            raise OptionError(
+                f"the output's {head.op_type} '{head.node}' is computed by code the Keras path cannot "
+                f"rebuild ({'layer ' + repr(where) if layer is not None else 'outside any layer'}), so "
+                "its gradient cannot pass through to the logit; use --score probability, or "
+                f"{keras_loading.SAVEDMODEL_ROUTE}"
+            )
+        token = f"keras-{head.op_type.lower()}:{where}#{id(layer)}"
+        found.setdefault(id(layer), (layer, token, _pass_through_replacement(layer, token),
+                                     f"{head.op_type.lower()} of layer '{where}'"))
+    return list(found.values())
+
+
+def _ends_in(layer, op_type: str) -> bool:
+    """True when the layer ends in one `op_type` (Softmax or Sigmoid) op that its activation (or,
+    for a Softmax layer, its call) applies; a Softmax layer over several axes does not."""
     import keras
 
-    if isinstance(layer, keras.layers.Softmax):
+    if op_type == "Softmax" and isinstance(layer, keras.layers.Softmax):
         return not isinstance(layer.axis, (list, tuple)) or len(layer.axis) == 1
     activation = vars(layer).get("activation")
-    return activation is not None and keras_sites.is_softmax_function(activation)
+    if activation is None:
+        return False
+    if op_type == "Softmax":
+        return keras_sites.is_softmax_function(activation)
+    return op_type == "Sigmoid" and keras_sites.is_sigmoid_function(activation)
 
 
 def _pass_through_replacement(layer, token: str) -> Replacement:
-    """The fresh layer with its softmax wrapped in rules.pass_through (values unchanged)."""
+    """The fresh layer with its softmax/sigmoid wrapped in rules.pass_through (values unchanged)."""
     import keras
 
     if isinstance(layer, keras.layers.Softmax):
@@ -331,32 +352,6 @@ def _pass_through_replacement(layer, token: str) -> Replacement:
         return fresh
 
     return replace_activation
-
-
-def _describe_layer(layer) -> str:
-    activation = vars(layer).get("activation")
-    name = getattr(activation, "__name__", None) if activation is not None else None
-    return f"{type(layer).__name__}, activation {name}" if name else type(layer).__name__
-
-
-def _output_producer(signature: keras_signature.KerasSignature, output_key: str):
-    """The layer that computes the output, looking into nested models, and its path."""
-    import keras
-    from keras.src.models.functional import Functional
-
-    tensor = dict(keras_signature.keyed_outputs(signature.output_structure))[output_key]
-    path: list[str] = [signature.model_name]
-    for _ in range(10_000):  # a bound against malformed, cyclic graphs
-        history = tensor._keras_history
-        layer = history.operation
-        path.append(layer.name)
-        if isinstance(layer, keras.Sequential):
-            tensor = layer.outputs[history.tensor_index]
-        elif isinstance(layer, Functional):
-            tensor = keras.tree.flatten(layer.output)[history.tensor_index]
-        else:
-            return layer, tuple(path)
-    raise SourceModelError(f"cannot find the layer that computes output {output_key!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,9 +437,10 @@ def _check_signature_key(signature: str) -> None:
 
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
-    softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token, "softmax")
-    return verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
-                                applied, rule, softmax=softmax)
+    text = verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
+                                applied, rule)
+    verify.check_pass_through(list(rewrite.pass_through_tokens.items()), applied)
+    return text
 
 
 def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -> SiteEntry:

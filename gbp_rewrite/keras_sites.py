@@ -126,6 +126,15 @@ def _lookup(function) -> Lowering | None:
         return None
 
 
+def is_sigmoid_function(function) -> bool:
+    import keras
+
+    try:
+        return function in (keras.activations.sigmoid, keras.ops.sigmoid, tf.nn.sigmoid, tf.math.sigmoid)
+    except TypeError:
+        return False
+
+
 def is_softmax_function(function) -> bool:
     import keras
 
@@ -177,9 +186,10 @@ def _sublayers(layer) -> list:
     return []
 
 
-def find_sites(model, signature: KerasSignature) -> list[KerasSite]:
-    """Every ReLU-family op the serving call computes, with the layer that computes it."""
-    graph = trace(model, signature)
+def find_sites(model, signature: KerasSignature, *, graph: tf.Graph | None = None) -> list[KerasSite]:
+    """Every ReLU-family op the serving call computes, with the layer that computes it
+    (`graph`: the call's trace(), when the caller has it already)."""
+    graph = trace(model, signature) if graph is None else graph
     tree = layer_tree(model)
     known = {name for path in tree for name in path}
     graph_def = graph.as_graph_def()

@@ -54,11 +54,12 @@ class ConversionReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
+    score_plan: str = ""  # e.g. "softmax logit", "binary sigmoid logit" (explainable.ScorePlan.name)
 
     @classmethod
     def build(
         cls, *, source: str, source_format: str, destination: Path, plan, rule, score: str,
-        score_note: str, signatures: dict[str, list[str]], sites: list[SiteEntry],
+        score_note: str, score_plan: str = "", signatures: dict[str, list[str]], sites: list[SiteEntry],
         checks: dict[str, str], warnings: Iterable[str] = (), started: float,
     ) -> "ConversionReport":
         """The report of a finished conversion (both paths); `plan` is the ExplainPlan written,
@@ -69,7 +70,7 @@ class ConversionReport:
             tool_version=__version__, source=source, source_format=source_format,
             destination=str(destination), signature=plan.signature_key, rule=rule.name,
             rule_description=rule.description, score=score, explained_output=plan.output_key,
-            score_note=score_note, inputs=[d.describe() for d in plan.inputs.values()],
+            score_note=score_note, score_plan=score_plan, inputs=[d.describe() for d in plan.inputs.values()],
             saliency_outputs=dict(plan.saliency_outputs), saliency_maps=dict(plan.saliency_maps),
             signatures=signatures, sites=sites, checks=checks, warnings=list(warnings),
             seconds=time.perf_counter() - started,
@@ -100,6 +101,7 @@ class ConversionReport:
             f"  rule          : {self.rule} - {self.rule_description}",
             f"  score         : {self.score} of the top class of output '{self.explained_output}' "
             f"({self.score_note})",
+            *([f"  score plan    : {self.score_plan}"] if self.score_plan else []),
             "  saliency      : "
             + ", ".join(f"{out} = d(score)/d({inp})" for out, inp in self.saliency_outputs.items()),
             *(f"  saliency map  : {key} = max |{saliency}| over channels, scaled per example to [0, 1]"

@@ -13,7 +13,8 @@ extra elementwise kernel over the plain gradient.
 
 Two mechanisms use the same math: `register_graph_gradients` registers each (rule, op type) under a
 name that the graph path writes into a NodeDef's `_gradient_op_type` attr, and `activation` builds
-a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output softmax).
+a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output's
+Softmax/Sigmoid).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 # Activation op types that are reported but left alone: no agreed guided rule exists for them.
 REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Erf", "Erfc")
 
+# dx = dy: given to each Softmax or Sigmoid that ends the explained output (score 'logit').
 SOFTMAX_PASS_THROUGH = "GbpRewrite_Softmax_pass_through"
 
 GradientFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -255,9 +257,9 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
 
 
 def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
-    """`forward` (a softmax) unchanged, with a gradient that passes straight through: dx = dy.
+    """`forward` (a softmax or sigmoid) unchanged, with a gradient that passes straight through: dx = dy.
 
-    On the explained output's softmax this makes d(score)/dx the gradient of the pre-softmax logit.
+    On the explained output's softmax/sigmoid this makes d(score)/dx the gradient of the logit.
     `name` is recorded by `record_applications` when the gradient is built.
     """
 

@@ -239,42 +239,126 @@ def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence
     return sites
 
 
-def find_output_producer(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> Site | None:
-    """The op that computes a signature output, looking through identities, casts and calls.
+# Ops that only move values (shape, dtype, which head): a squashing op before them still ends
+# the output, and its pass-through gradient reaches the output unchanged.
+# (Their other inputs are shapes, axes and indices.)
+_SHAPE_OPS = frozenset({"Reshape", "Squeeze", "ExpandDims", "Transpose", "StridedSlice", "Slice", "GatherV2"})
+_CONCAT_OPS = frozenset({"ConcatV2", "Pack"})
+# Output activations whose gradient can pass straight through, making the score the logit.
+SQUASHING_OP_TYPES = ("Softmax", "Sigmoid")
+# Arithmetic looked through when deciding whether a squashing op hides inside the output's last ops.
+_ELEMENTWISE_OPS = frozenset({
+    "Add", "AddV2", "BiasAdd", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
+    "ClipByValue", "Neg", "Log", "Log1p", "Exp", "Square", "Sqrt", "Pow", "Abs", "LogSoftmax",
+    "Select", "SelectV2", "Mean", "Sum", "Max", "Min", "Prod", "Tile", "Unpack", "Split", "SplitV",
+})
 
-    Returns it as a Site (its op type may be anything; its path is just the op's name) or None
-    when the trail is lost.
+
+@dataclasses.dataclass(frozen=True)
+class OutputHeads:
+    """How an output was computed, seen from its end (through shape-only ops and concatenations).
+
+    `ends`: the op ending each branch (a Softmax or Sigmoid to pass through, or any other op whose
+    value is the score); `hidden`: a Softmax/Sigmoid found behind arithmetic at the end of a branch
+    (its gradient cannot pass through: the score cannot be the logit); `lost`: a branch could not
+    be traced (a function argument, a damaged graph).
     """
+
+    ends: tuple[Site, ...]
+    hidden: Site | None = None
+    lost: bool = False
+
+    @property
+    def squashing(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.ends if s.op_type in SQUASHING_OP_TYPES)
+
+    @property
+    def plain(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.ends if s.op_type not in SQUASHING_OP_TYPES)
+
+
+def find_output_heads(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> OutputHeads:
+    """The ops that end a signature output: walks back through identities, casts, calls, reshapes,
+    squeezes, expand_dims, transposes, slices and concatenations (each input a branch)."""
     graph = _Graph(meta_graph)
-    function, ref = "", tensor_name
-    for _ in range(10_000):  # a bound against malformed, cyclic graphs
-        node_name, index = _split_ref(ref, in_function=bool(function))
-        nodes = graph.function_nodes(function) if function else graph.top
-        node = nodes.get(node_name)
-        if node is None or index < 0:
+    ends: list[Site] = []
+    lost = False
+    pending = [("", tensor_name)]
+    seen: set[tuple[str, str]] = set()
+    while pending and len(seen) < 10_000:  # a bound against malformed, cyclic graphs
+        function, ref = pending.pop()
+        if (function, ref) in seen:
+            continue
+        seen.add((function, ref))
+        step = _step_back(graph, function, ref)
+        if step is None:
+            lost = True
+        elif isinstance(step, Site):
+            if step not in ends:
+                ends.append(step)
+        else:
+            pending.extend(reversed(step))
+    if pending:
+        lost = True
+    hidden = None
+    for end in ends:
+        if end.op_type not in SQUASHING_OP_TYPES and hidden is None:
+            hidden = _squashing_behind(graph, end)
+    return OutputHeads(tuple(ends), hidden, lost)
+
+
+def _step_back(graph: "_Graph", function: str, ref: str):
+    """One step from a tensor towards its producer: the producing op as a Site when it ends the
+    walk, the [(function, ref)] to follow instead, or None when the trail is lost."""
+    node_name, index = _split_ref(ref, in_function=bool(function))
+    nodes = graph.function_nodes(function) if function else graph.top
+    node = nodes.get(node_name)
+    if node is None or index < 0:
+        return None
+    if node.op in _CALL_OPS:
+        callee = node.attr["f"].func.name
+        if callee not in graph.functions:
             return None
-        if node.op in _CALL_OPS:
-            callee = node.attr["f"].func.name
-            if callee not in graph.functions:
-                return None
-            fdef = graph.functions[callee]
-            if index >= len(fdef.signature.output_arg):
-                return None
-            ref = fdef.ret.get(fdef.signature.output_arg[index].name)  # .get: never add a key
-            if ref is None:
-                return None
-            function = callee
-            continue
-        if node.op in _PASS_THROUGH_OPS:
-            inputs = [i for i in node.input if not i.startswith("^")]
-            position = index if node.op == "IdentityN" else 0
-            if position >= len(inputs):
-                return None
-            ref = inputs[position]
-            if function and ":" not in ref:  # a function argument: the caller's business
-                return None
-            continue
+        fdef = graph.functions[callee]
+        if index >= len(fdef.signature.output_arg):
+            return None
+        inner = fdef.ret.get(fdef.signature.output_arg[index].name)  # .get: never add a key
+        return None if inner is None else [(callee, inner)]
+    inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op in _PASS_THROUGH_OPS or node.op in _SHAPE_OPS:
+        position = index if node.op == "IdentityN" else 0
+        followed = inputs[position:position + 1]
+    elif node.op in _CONCAT_OPS:
+        followed = inputs[:-1] if node.op == "ConcatV2" else inputs  # ConcatV2's last input is the axis
+    else:
         return Site(function, node.name, node.op, (node.name,))
+    if not followed or (function and any(":" not in i for i in followed)):
+        return None  # a function argument: the caller's business
+    return [(function, i) for i in followed]
+
+
+def _squashing_behind(graph: "_Graph", end: Site) -> Site | None:
+    """A Softmax/Sigmoid feeding `end` through elementwise arithmetic and shape-only ops, if any.
+
+    Matrix products, convolutions and the like stop the search (an `end` of that kind has nothing
+    behind it): a squashing op before those is a hidden layer's activation (swish, gating), not the
+    output's.
+    """
+    if end.op_type not in _ELEMENTWISE_OPS:
+        return None
+    nodes = graph.function_nodes(end.function) if end.function else graph.top
+    stack, seen = [end.node], set()
+    while stack and len(seen) < 1_000:
+        name = stack.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        node = nodes[name]
+        if node.op in SQUASHING_OP_TYPES and name != end.node:
+            return Site(end.function, node.name, node.op, (node.name,))
+        if node.op in _ELEMENTWISE_OPS | _PASS_THROUGH_OPS | _SHAPE_OPS | _CONCAT_OPS:
+            stack.extend(_split_ref(i.lstrip("^"), in_function=bool(end.function))[0]
+                         for i in node.input if not i.startswith("^"))
     return None
 
 

@@ -76,6 +76,14 @@ def check_applied(
     return text
 
 
+def check_pass_through(heads: Sequence[tuple[str, str]], applied: set[str]) -> None:
+    """Prove each output Softmax/Sigmoid (key, how to name it) passed the gradient through: one
+    that kept its true gradient would explain the probability while the report says logit."""
+    for key, name in heads:
+        if key not in applied:
+            raise VerificationError(f"the output {name} is not on the gradient path")
+
+
 def self_check(
     export_dir: Path,
     *,

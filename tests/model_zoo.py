@@ -32,7 +32,7 @@ def _conv(x, layer, kernel, bias):
 def _activation(x, name):
     if name in (None, "linear"):
         return x
-    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax}[name](x)
+    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax, "sigmoid": tf.nn.sigmoid}[name](x)
 
 
 def _apply(layers, x, weights, *, default_scopes=False):
@@ -68,6 +68,8 @@ def _apply(layers, x, weights, *, default_scopes=False):
                     weights(layer, "gamma"), float(layer.get("epsilon", 1e-3)))
             elif kind == "softmax":
                 x = tf.nn.softmax(x)
+            elif kind == "sigmoid":
+                x = tf.nn.sigmoid(x)
             elif kind == "residual":
                 x = x + _apply(layer["layers"], x, weights)
             else:
@@ -171,8 +173,16 @@ def spec_tf2_module(spec, input_shape, path: Path) -> Path:
     return path
 
 
+def spec_keras_file(spec, input_shape, path: Path) -> Path:
+    """The spec as a .keras file: converting it goes the Keras path."""
+    path = path.with_suffix(".keras")
+    ref.keras_model(spec, input_shape).save(str(path))
+    return path
+
+
 FAMILIES = {
     "keras3": spec_keras3,
+    "keras_file": spec_keras_file,
     "tf_keras": spec_tf_keras,
     "tf1": spec_tf1,
     "tf2_module": spec_tf2_module,
@@ -372,8 +382,9 @@ def mixed_float16_keras3(keras, *, seed=0, batchnorm=False, float16_output=False
 
 
 def keras_spec(model):
-    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, Flatten and Dense
-    layers (such as mixed_float16_keras3's), from the model's float32 weights."""
+    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, MaxPooling2D (valid),
+    Flatten and Dense layers (such as mixed_float16_keras3's, or the shipped shapes_cnn), from the
+    model's float32 weights."""
     return [_keras_layer_spec(layer) for layer in model.layers[1:]]  # layers[0]: the InputLayer
 
 
@@ -394,6 +405,8 @@ def _keras_layer_spec(layer):
         return {"type": "relu" if layer.max_value is None else "relu6", "name": layer.name}
     if kind == "Flatten":
         return {"type": "flatten", "name": layer.name}
+    if kind == "MaxPooling2D" and layer.padding == "valid":
+        return {"type": "maxpool", "name": layer.name, "pool": tuple(layer.pool_size), "strides": tuple(layer.strides)}
     raise ValueError(f"no spec for layer {layer.name} ({kind})")
 
 
@@ -510,6 +523,51 @@ def mobilenet_v3_gate_module(path: Path) -> Path:
             return {"scores": tf.matmul(h, self.w2) + extra}
 
     module = Gate()
+# Output heads: a logits body (a numpy_reference spec without softmax) and what follows it
+
+
+def _softmax_heads(z, head: str):
+    """The spec's logits z [batch, K] through a softmax `head` (TensorFlow ops, graph path)."""
+    k = int(z.shape[-1])
+    if head == "reshape":
+        return tf.reshape(tf.nn.softmax(z), [-1, k])
+    if head == "squeeze":
+        return tf.squeeze(tf.nn.softmax(tf.expand_dims(z, 1)), axis=1)
+    if head == "expand_dims":
+        return tf.reshape(tf.expand_dims(tf.nn.softmax(z), 1), [-1, k])
+    if head == "identity":
+        return tf.identity(tf.nn.softmax(z))
+    if head == "cast":
+        return tf.cast(tf.nn.softmax(z), tf.float64)
+    if head == "concat":  # two softmax heads: classes [0, 2) and [2, K)
+        return tf.concat([tf.nn.softmax(z[:, :2]), tf.nn.softmax(z[:, 2:])], axis=-1)
+    if head == "scaled":  # a softmax inside arithmetic: no logit can be explained
+        return tf.nn.softmax(z) * 2.0 + 1.0
+    if head == "swish_dense":  # a sigmoid inside the network (swish) before a matrix product: logits
+        return tf.matmul(z * tf.nn.sigmoid(z), tf.eye(k) * 0.5 + 0.1)
+    raise ValueError(head)
+
+
+HEADS = ("reshape", "squeeze", "expand_dims", "identity", "cast", "concat", "scaled", "swish_dense", "two_heads")
+
+
+class _HeadModule(tf.Module):
+    def __init__(self, spec, input_shape, head):
+        super().__init__(name="head_module")
+        self.body = _SpecModule(spec, input_shape)
+        self.head = head
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
+
+    def _serve(self, image):
+        z = self.body._serve(image)["scores"]
+        if self.head == "two_heads":  # a softmax over classes [0, 3) and a binary sigmoid on unit 3
+            return {"cls": tf.nn.softmax(z[:, :3]), "flag": tf.nn.sigmoid(z[:, 3:4])}
+        return {"scores": _softmax_heads(z, self.head)}
+
+
+def head_module(spec, input_shape, head: str, path: Path) -> Path:
+    """A TF2 SavedModel: the logits of `spec` through `head` (one of HEADS)."""
+    module = _HeadModule(spec, input_shape, head)
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return path
 
@@ -529,3 +587,33 @@ def smooth_activations_keras3(keras):
     for name, activation in activations.items():
         x = keras.layers.Dense(4, activation=activation, name=f"d_{name}")(x)
     return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="smooth")
+KERAS_HEADS = ("reshape", "squeeze", "identity", "concat", "scaled", "two_heads")
+
+
+def head_keras3(keras, spec, input_shape, head: str):
+    """A Keras 3 model: the logits of `spec` through `head` (one of KERAS_HEADS), with layers."""
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    z = ref._keras_layers(keras, spec, inputs)
+    k = int(z.shape[-1])
+    layers = keras.layers
+    if head == "reshape":
+        outputs = layers.Reshape((k,), name="reshape_head")(layers.Softmax(name="probs")(z))
+    elif head == "squeeze":
+        expanded = layers.Reshape((1, k), name="expand")(z)
+        outputs = layers.Lambda(lambda t: keras.ops.squeeze(t, axis=1), name="squeeze")(
+            layers.Softmax(name="probs")(expanded))
+    elif head == "identity":
+        outputs = layers.Identity(name="same")(layers.Activation("softmax", name="probs")(z))
+    elif head == "concat":
+        first = layers.Softmax(name="probs_a")(layers.Lambda(lambda t: t[:, :2], name="take_a")(z))
+        second = layers.Softmax(name="probs_b")(layers.Lambda(lambda t: t[:, 2:], name="take_b")(z))
+        outputs = layers.Concatenate(name="heads")([first, second])
+    elif head == "scaled":
+        outputs = layers.Rescaling(2.0, offset=1.0, name="scale")(layers.Softmax(name="probs")(z))
+    elif head == "two_heads":
+        cls = layers.Softmax(name="cls")(layers.Lambda(lambda t: t[:, :3], name="take_cls")(z))
+        flag = layers.Activation("sigmoid", name="flag")(layers.Lambda(lambda t: t[:, 3:4], name="take_flag")(z))
+        outputs = {"cls": cls, "flag": flag}
+    else:
+        raise ValueError(head)
+    return keras.Model(inputs, outputs, name=f"head_{head}")

@@ -30,14 +30,14 @@ A model is a list of layer dicts (layout NHWC, like TensorFlow)::
      "bias": b[cout] or None, "strides": 1 | 2 | (sh, sw),
      "padding": "valid" | "same", "activation": None | "relu" | "relu6"}
     {"type": "dense", "name": "fc", "kernel": W[cin, cout], "bias": b[cout],
-     "activation": None | "relu" | "relu6" | "softmax"}
+     "activation": None | "relu" | "relu6" | "softmax" | "sigmoid"}
     {"type": "relu"}            {"type": "relu6"}
     {"type": "relu", "max_value": k}   # ReLU capped at k (Keras: Relu + Minimum)
     {"type": "relu", "threshold": t}   # x if x > t else 0 (Keras: Greater + Select)
     {"type": "maxpool", "pool": 2, "strides": 2}        # valid padding
     {"type": "flatten"}         {"type": "gap"}          # global avg pooling
     {"type": "batchnorm", "gamma", "beta", "mean", "var", "epsilon"}
-    {"type": "softmax"}                                  # last layer only
+    {"type": "softmax"}   {"type": "sigmoid"}            # last layer only
     {"type": "residual", "layers": [...]}                # y = x + f(x)
 
 ``"name"`` is optional on every layer; ``keras_model`` passes it to Keras.
@@ -50,6 +50,13 @@ by default, the arg-max of the model output.  If the model ends in softmax,
 replaced by the identity, i.e. the seed is one-hot(c) on the logits) and
 ``score="probability"`` uses ``softmax(z)_c`` with its true gradient.  Without
 a softmax both scores are the output unit ``c``.
+
+A model ending in sigmoid is scored the same way per unit (``z_c`` or
+``sigmoid(z)_c``; the default class is the arg-max), except a *binary* one
+(one output unit, p = sigmoid(z)): its classes are 1 (score ``z``, or ``p``)
+and 0 (score ``-z``, or ``1 - p``), the default class is 1 where p > 0.5,
+and the seed on the output is +1 or -1, so under the guided rule class 0's
+map is the gated backprop of a negative seed, not the negated map of class 1.
 """
 
 import numpy as np
@@ -60,8 +67,9 @@ SCORES = ("logit", "probability")
 SPEC_KINDS = ("mlp", "cnn", "residual_bn")
 DEFAULT_INPUT_SHAPE = (8, 8, 3)
 RELU6_CAP = 6.0
-ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "hard_sigmoid", "hard_silu")
+ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "sigmoid", "hard_sigmoid", "hard_silu")
 HARD_KINK = 3.0  # hard_sigmoid and hard_silu bend at -3 and 3
+SQUASHING = ("softmax", "sigmoid")
 
 
 # --------------------------------------------------------------------------
@@ -124,6 +132,19 @@ def _softmax(z):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def _sigmoid(z):
+    """Numerically stable logistic function."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _sigmoid_backward(y, dy, score):
+    """Sigmoid backward: identity for ``score="logit"``, y (1 - y) dy else."""
+    if score == "logit":
+        return dy
+    return dy * y * (1.0 - y)
+
+
 def _activation_forward(name, z):
     """Apply activation ``name`` to pre-activation ``z``."""
     if name in (None, "linear"):
@@ -138,6 +159,8 @@ def _activation_forward(name, z):
         return np.clip(z / 6.0 + 0.5, 0.0, 1.0)
     if name == "hard_silu":
         return z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if name == "sigmoid":
+        return _sigmoid(z)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -178,6 +201,8 @@ def _activation_backward(name, z, y, dy, ctx):
     if name == "hard_silu":
         inside = np.abs(z) < HARD_KINK
         return dy * np.where(inside, (2.0 * z + 3.0) / 6.0, (z >= HARD_KINK).astype(np.float64))
+    if name == "sigmoid":
+        return _sigmoid_backward(y, dy, ctx["score"])
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -377,6 +402,17 @@ def _softmax_layer_backward(layer, cache, dy, ctx):
     return _softmax_backward(cache["y"], dy, ctx["score"])
 
 
+def _sigmoid_layer_forward(layer, x):
+    """Elementwise logistic function."""
+    y = _sigmoid(x)
+    return y, {"y": y}
+
+
+def _sigmoid_layer_backward(layer, cache, dy, ctx):
+    """Sigmoid backward (identity when ``score="logit"``)."""
+    return _sigmoid_backward(cache["y"], dy, ctx["score"])
+
+
 def _residual_forward(layer, x):
     """``y = x + f(x)`` with ``f`` the inner layer list."""
     fx, tape = _forward_layers(layer["layers"], x)
@@ -400,6 +436,7 @@ _LAYER_OPS = {
     "gap": (_gap_forward, _gap_backward),
     "batchnorm": (_batchnorm_forward, _batchnorm_backward),
     "softmax": (_softmax_forward, _softmax_layer_backward),
+    "sigmoid": (_sigmoid_layer_forward, _sigmoid_layer_backward),
     "residual": (_residual_forward, _residual_backward),
 }
 
@@ -451,25 +488,43 @@ def ends_in_softmax(spec):
     """True if the last layer is a softmax (standalone or fused in dense)."""
     if not spec:
         return False
+    return ends_in(spec, "softmax")
+
+
+def ends_in(spec, squashing):
+    """True if the last layer is ``squashing`` ("softmax" or "sigmoid"),
+    standalone or fused in a dense layer."""
+    if not spec:
+        return False
     last = spec[-1]
-    return last["type"] == "softmax" or last.get("activation") == "softmax"
+    return last["type"] == squashing or last.get("activation") == squashing
+
+
+def is_binary_sigmoid(spec, output):
+    """True for a sigmoid model with one output unit (classes 0 and 1)."""
+    return ends_in(spec, "sigmoid") and output.shape[-1] == 1
 
 
 def _check_softmax_placement(layers, top_level=True):
-    """Softmax is only allowed as the very last top-level layer."""
+    """Softmax and sigmoid are only allowed as the very last top-level layer."""
     for index, layer in enumerate(layers):
         is_last = top_level and index == len(layers) - 1
-        has_softmax = (layer["type"] == "softmax"
-                       or layer.get("activation") == "softmax")
+        has_softmax = (layer["type"] in SQUASHING
+                       or layer.get("activation") in SQUASHING)
         if has_softmax and not is_last:
-            raise ValueError("softmax is only supported as the last layer")
+            raise ValueError("softmax/sigmoid is only supported as the last layer")
         if layer["type"] == "residual":
             _check_softmax_placement(layer["layers"], top_level=False)
 
 
-def _resolve_classes(output, class_index):
-    """Per-example class indices: arg-max by default, else broadcast."""
+def _resolve_classes(output, class_index, binary=False):
+    """Per-example class indices: arg-max by default (binary: p > 0.5), else
+    broadcast."""
     batch, num_classes = output.shape
+    if binary:
+        num_classes = 2
+        if class_index is None:
+            return (output[:, 0] > 0.5).astype(np.int64)
     if class_index is None:
         return output.argmax(axis=-1)
     classes = np.broadcast_to(np.asarray(class_index, np.int64), (batch,))
@@ -487,7 +542,7 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
       x: inputs, shape [batch, ...].
       rule: "guided", "deconvnet" or "vanilla".
       score: "logit" or "probability" (only differ if the model ends in
-        softmax, see the module docstring).
+        softmax or sigmoid, see the module docstring).
       class_index: None (top class per example), an int, or one int per
         example.
       layer_rules: optional {layer name: rule} overriding ``rule`` for the
@@ -507,9 +562,13 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
     if output.ndim != 2:
         raise ValueError(f"model output must be [batch, classes], got "
                          f"{output.shape}")
-    classes = _resolve_classes(output, class_index)
+    binary = is_binary_sigmoid(spec, output)
+    classes = _resolve_classes(output, class_index, binary)
     seed = np.zeros_like(output)
-    seed[np.arange(len(classes)), classes] = 1.0
+    if binary:
+        seed[:, 0] = np.where(classes == 1, 1.0, -1.0)
+    else:
+        seed[np.arange(len(classes)), classes] = 1.0
     ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {})}
     return _backward_layers(tape, seed, ctx), classes
 
@@ -522,14 +581,20 @@ def score_value(spec, x, *, score="logit", class_index=None):
     """
     x = np.asarray(x, np.float64)
     output = forward(spec, x)
-    classes = _resolve_classes(output, class_index)
-    if score == "logit" and ends_in_softmax(spec):
+    binary = is_binary_sigmoid(spec, output)
+    classes = _resolve_classes(output, class_index, binary)
+    squashing = next((name for name in SQUASHING if ends_in(spec, name)), None)
+    if score == "logit" and squashing is not None:
         last = spec[-1]
-        if last["type"] == "softmax":
+        if last["type"] == squashing:
             output = forward(spec[:-1], x)
         else:
             logits_layer = dict(last, activation=None)
             output = forward(list(spec[:-1]) + [logits_layer], x)
+    if binary:  # class 1: z or p; class 0: -z or 1 - p
+        unit = output[:, 0]
+        other = -unit if score == "logit" else 1.0 - unit
+        return np.where(classes == 1, unit, other), classes
     return output[np.arange(len(classes)), classes], classes
 
 
@@ -651,6 +716,8 @@ def _keras_layer(keras, layer, x):
         return keras.layers.GlobalAveragePooling2D(name=name)(x)
     if kind == "softmax":
         return keras.layers.Softmax(name=name)(x)
+    if kind == "sigmoid":
+        return keras.layers.Activation("sigmoid", name=name)(x)
     if kind == "residual":
         branch = _keras_layers(keras, layer["layers"], x)
         return keras.layers.Add(name=name)([x, branch])

@@ -26,8 +26,10 @@ flags.DEFINE_enum("rule", "guided", ("guided", "deconvnet", "vanilla"),
                   "vanilla (the true gradient).")
 flags.DEFINE_string("output", None, "convert: the output to explain when the signature has several.")
 flags.DEFINE_enum("score", "logit", ("logit", "probability"),
-                  "convert: what is explained for the top class: the pre-softmax logit (default) or "
-                  "the softmax probability.")
+                  "convert: what is explained: the logit before the output's Softmax/Sigmoid "
+                  "(default; refused when arithmetic follows it) or the output's value (the "
+                  "probability; 1 - p for a binary sigmoid's class 0). See the README's "
+                  "'What is explained'.")
 flags.DEFINE_bool("saliency_map", False,
                   "convert: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the "
                   "channels, scaled per example to [0, 1], a ready heat map (image inputs only).")
