@@ -98,6 +98,7 @@ def convert(
                                  saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
+    on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
     softmax, score_note = _softmax_plan(model, plan, score)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
@@ -125,7 +126,8 @@ def convert(
                 signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
             with phase("probe (rest)"):
                 expected = probed.result()
-        checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
+        reached = _reached_sites(selection, applied, on_path)
+        checks = {"rule applied": _check_applied(selection, softmax, applied, reached, rule)}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
                 f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "
@@ -145,7 +147,7 @@ def convert(
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
                     **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
                 },
-                sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], checks=checks,
+                sites=[SiteEntry.from_site(s, selection.status(s, reached=s.key in reached)) for s in found], checks=checks,
                 warnings=file_op_warnings, started=started,
             )
             report.write(tmp)
@@ -188,11 +190,19 @@ def _site_key(site: sites.Site) -> str:
     return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
+def _reached_sites(selection: sites.Selection, applied: set[str], on_path: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Keys of the selected sites the explained score's gradient really runs through: the rule's
+    gradient was built for the op (the recorder), and the op is on the explained output's gradient
+    path (a restored function's gradient is built for all its outputs at once, other heads too)."""
+    return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
+
+
+def _check_applied(selection: sites.Selection, softmax: sites.Site | None, applied: set[str],
+                   reached: set[tuple[str, str]], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
     return verify.check_applied(
-        selection.selected_sites, _site_key, applied, rule,
-        softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
+        selection.selected_sites, [s for s in selection.selected_sites if s.key in reached], rule,
+        softmax=None if softmax is None else (_site_key(softmax) in applied, f"Softmax '{softmax.node}'"),
     )
 
 

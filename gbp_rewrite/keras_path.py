@@ -42,7 +42,7 @@ class Rewrite:
     found: list[keras_sites.KerasSite]
     selection: sites.Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
-    tokens: dict[tuple[str, str], str]  # selected site key -> name its gradient records
+    tokens: dict[tuple[str, str], str]  # selected site key -> what its gradient records (rules.op_token)
     softmax_token: str | None
     score_note: str
     warnings: list[str]
@@ -129,7 +129,7 @@ def convert(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
             rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
             signatures={key: plan.output_keys() for key in signatures},
-            sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
+            sites=[_site_entry(s, rewrite.selection, _reached_sites(rewrite, applied)) for s in rewrite.found], checks=checks,
             warnings=rewrite.warnings, started=started,
         )
         report.write(tmp)
@@ -258,9 +258,11 @@ def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[
     replacements: dict[int, Replacement] = {}
     tokens: dict[tuple[str, str], str] = {}
     for site in chosen:
-        # One token per layer object: its activation is one function, whichever call reaches it.
+        # One activation function per layer object, whichever call reaches it; it records the
+        # forward op too, so each op is proven on its own (a layer's own ReLU next to its
+        # activation is never counted as its activation).
         token = f"keras:{site.layer.name}#{id(site.layer)}"
-        tokens[site.site.key] = token
+        tokens[site.site.key] = f"{token}@{site.site.node}"
         if id(site.layer) not in replacements:
             relu = rules.activation(rule, site.lowering.op_type, name=token)
             replacements[id(site.layer)] = _with_activation(site.layer, site.lowering.build(relu))
@@ -442,15 +444,21 @@ def _check_signature_key(signature: str) -> None:
 
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
-    softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token, "softmax")
-    return verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
-                                applied, rule, softmax=softmax)
+    softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token in applied, "softmax")
+    selected = rewrite.selection.selected_sites
+    return verify.check_applied(selected, [s for s in selected if s.key in _reached_sites(rewrite, applied)],
+                                rule, softmax=softmax)
 
 
-def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -> SiteEntry:
+def _reached_sites(rewrite: Rewrite, applied: set[str]) -> set[tuple[str, str]]:
+    """Keys of the selected sites whose rule gradient ran, op by op, for the explained score."""
+    return {key for key, token in rewrite.tokens.items() if token in applied}
+
+
+def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection, reached: set[tuple[str, str]]) -> SiteEntry:
     """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
     site = keras_site.site
-    status = selection.status(site)
+    status = selection.status(site, reached=site.key in reached)
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
     return SiteEntry.from_site(site, status)

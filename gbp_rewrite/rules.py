@@ -235,8 +235,9 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
     """A ReLU or ReLU6 activation whose gradient is `rule_name`'s, for the Keras path.
 
     The forward pass is TensorFlow's own Relu/Relu6 kernel, so values are bit-identical to Keras'
-    `relu`/`relu6`. `name`, when given, is recorded by `record_applications` each time the gradient
-    is built, so the Keras path can prove the rule was reached.
+    `relu`/`relu6`. When `name` is given, `op_token(name, y)` is recorded by `record_applications`
+    each time the gradient is built for a forward op y, so the Keras path can prove, op by op, that
+    the rule was reached.
     """
     rule = get_rule(rule_name)
     forward = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6}[op_type]
@@ -246,12 +247,26 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
         y = forward(x)
 
         def _gradient(dy):
-            _note_name(name)
+            _note_name(op_token(name, y))
             return rule.gradient(op_type, dy, y)
 
         return y, _gradient
 
     return _activation
+
+
+def op_token(name: str | None, y) -> str | None:
+    """What `activation` records for one traced forward op: 'name@op name' ('name' when eager).
+
+    One activation function serves every call of a layer, so `name` alone would not say which of a
+    layer's ReLU ops got the rule; the forward op's name does (the Keras path's traces name ops as
+    its site search does).
+    """
+    if name is None:
+        return None
+    op = getattr(y, "op", None)
+    op_name = getattr(op, "name", None) if not tf.executing_eagerly() else None
+    return f"{name}@{op_name}" if op_name else name
 
 
 def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
