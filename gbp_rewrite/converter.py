@@ -97,7 +97,7 @@ def convert(
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
                                  saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
+    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers, rule=rule)
     on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
     softmax, score_note = _softmax_plan(model, plan, score)
 

@@ -122,6 +122,14 @@ def convert(
     with rules.record_applications() as applied:
         signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
+    entries = [_site_entry(s, rewrite, applied) for s in rewrite.found]
+    own_code = [e for e, s in zip(entries, rewrite.found) if e.status == _OWN_CODE and s.site.key in rewrite.tokens]
+    if own_code:
+        rewrite.warnings.append(
+            f"{len(own_code)} ReLU op(s) keep their true gradient because their layer computes them in its "
+            f"own code next to its activation ({', '.join(dict.fromkeys(e.path for e in own_code))}); "
+            f"to rewrite every ReLU op, {keras_loading.SAVEDMODEL_ROUTE}"
+        )
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
@@ -129,7 +137,7 @@ def convert(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
             rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
             signatures={key: plan.output_keys() for key in signatures},
-            sites=[_site_entry(s, rewrite.selection, _reached_sites(rewrite, applied)) for s in rewrite.found], checks=checks,
+            sites=entries, checks=checks,
             warnings=rewrite.warnings, started=started,
         )
         report.write(tmp)
@@ -200,8 +208,8 @@ def plan_rewrite(
     plan = explainable.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
     found = keras_sites.find_sites(model, signature)
-    selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
-    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
+    selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule)
+    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)), rule=rule)
     selection = sites.Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
     softmax, score_note = _softmax_replacement(signature, plan, score)
@@ -213,7 +221,7 @@ def plan_rewrite(
     return Rewrite(signature, plan, found, selection, replacements, tokens, softmax_token, score_note, warnings)
 
 
-def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
+def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool, rule: str):
     """The selected sites the clone can rewrite; refuse selections it cannot honour."""
     selected = [s for s in found if s.site.key in selection.selected]
     custom = [s for s in selected if not s.rewritable]
@@ -225,7 +233,9 @@ def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
             f"rewrite; select other layers, or {keras_loading.SAVEDMODEL_ROUTE}"
         )
     chosen = [s for s in selected if s.rewritable]
-    if not chosen:  # then every selected site is custom: sites.select never selects nothing
+    if not chosen and rule == rules.VANILLA:  # the true gradient: nothing needs rewriting
+        return chosen, warnings
+    if not chosen:  # then every selected site is custom: sites.select selects something
         raise SelectionError(
             f"none of the {len(selected)} selected ReLU ops can be rewritten by the Keras path "
             f"({custom[0].reason}); {keras_loading.SAVEDMODEL_ROUTE}"
@@ -455,10 +465,20 @@ def _reached_sites(rewrite: Rewrite, applied: set[str]) -> set[tuple[str, str]]:
     return {key for key, token in rewrite.tokens.items() if token in applied}
 
 
-def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection, reached: set[tuple[str, str]]) -> SiteEntry:
-    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
+_OWN_CODE = "kept: computed in its layer's own code, not by the activation the Keras path rewrites"
+
+
+def _site_entry(keras_site: keras_sites.KerasSite, rewrite: Rewrite, applied: set[str]) -> SiteEntry:
+    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite.
+
+    A selected op the clone's activation never computed (a ReLU in a layer's own `call` next to
+    its activation) keeps its true gradient; one it computed but whose rule gradient never ran for
+    the explained score is off the explained path.
+    """
     site = keras_site.site
-    status = selection.status(site, reached=site.key in reached)
+    status = rewrite.selection.status(site, reached=site.key in _reached_sites(rewrite, applied))
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
+    elif site.key in rewrite.tokens and rules.forward_token(rewrite.tokens[site.key]) not in applied:
+        status = _OWN_CODE
     return SiteEntry.from_site(site, status)

@@ -35,6 +35,9 @@ REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 # Activation op types that are reported but left alone: no agreed guided rule exists for them.
 REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh")
 
+# The rule that is the true gradient: it needs no ReLU to reach (any differentiable model works).
+VANILLA = "vanilla"
+
 SOFTMAX_PASS_THROUGH = "GbpRewrite_Softmax_pass_through"
 
 GradientFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -245,6 +248,7 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
     @tf.custom_gradient
     def _activation(x):
         y = forward(x)
+        _note_name(forward_token(op_token(name, y)))
 
         def _gradient(dy):
             _note_name(op_token(name, y))
@@ -267,6 +271,13 @@ def op_token(name: str | None, y) -> str | None:
     op = getattr(y, "op", None)
     op_name = getattr(op, "name", None) if not tf.executing_eagerly() else None
     return f"{name}@{op_name}" if op_name else name
+
+
+def forward_token(token: str | None) -> str | None:
+    """What `activation` records when it computes a forward op (`token` is its op_token): so the
+    Keras path tells a ReLU its clone computes (then rewritten, or off the explained path) from a
+    ReLU the layer computes in its own code (kept)."""
+    return None if token is None else f"forward:{token}"
 
 
 def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:

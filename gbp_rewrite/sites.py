@@ -277,20 +277,25 @@ def select(
     *,
     layers: Sequence[str] | None = None,
     exclude_layers: Sequence[str] | None = None,
+    rule: str = "guided",
 ) -> Selection:
     """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
 
     A name or glob matches a site when it matches the layer's name, any enclosing layer (a nested
     model), the full layer path or the op name. One that matches nothing is an error listing the
-    layers that hold ReLUs, and so is a selection that rewrites nothing.
+    layers that hold ReLUs, and so is a selection that rewrites nothing. A model without a ReLU is
+    an error naming `--rule vanilla`, except for `rule` 'vanilla' (the plain gradient needs no
+    ReLU), which then selects nothing.
     """
     rewritable = [s for s in sites if s.rewritable]
-    if not rewritable:
+    if not rewritable and not (rule == rules.VANILLA and not patterns(layers)):
         found = activation_summary(sites)
         raise SelectionError(
-            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
-            "backpropagation only changes ReLU-family gradients"
+            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); the {rule} "
+            f"rule only changes ReLU-family gradients; use --rule {rules.VANILLA} for the plain gradient"
         )
+    if not rewritable:
+        return Selection(tuple(sites), frozenset(), frozenset())
     layers = patterns(layers)
     exclude_layers = patterns(exclude_layers)
     for option, given in (("--layers", layers), ("--exclude_layers", exclude_layers)):

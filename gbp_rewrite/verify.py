@@ -12,6 +12,7 @@ import tensorflow as tf
 from gbp_rewrite import standalone_check
 from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.explainable import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
+from gbp_rewrite.rules import VANILLA
 from gbp_rewrite.savedmodel import TensorDesc, python_loader_view
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,17 @@ def check_applied(selected: Sequence, reached: Sequence, rule: str, *, softmax: 
     is (reached, how to name it) for the output softmax that must pass the gradient through.
     Returns the check's text.
     """
+    if softmax is not None and not softmax[0]:
+        raise VerificationError(f"the output {softmax[1]} is not on the gradient path")
+    if rule == VANILLA:  # the true gradient needs no ReLU on the path
+        return (f"{rule} rule: the plain gradient, no ReLU needed ({len(reached)} of {len(selected)} "
+                "selected ReLU ops on the explained path)")
     if not reached:
         raise VerificationError(
             f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
-            "explained output, so the saliency would be the plain gradient; select other layers"
+            f"explained output, so the saliency would be the plain gradient; select other layers, or "
+            f"use --rule {VANILLA} for the plain gradient"
         )
-    if softmax is not None and not softmax[0]:
-        raise VerificationError(f"the output {softmax[1]} is not on the gradient path")
     text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
     if len(reached) < len(selected):
         text += " (the others are off the explained path: no gradient of the explained score runs through them)"
