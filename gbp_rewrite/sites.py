@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import functools
 import json
 import re
 from typing import Iterable, Sequence
@@ -328,8 +329,6 @@ def patterns(value: Sequence[str] | str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The explained output's gradient path
 
-# Ops that run functions in ways a walk cannot map output by output (branches, loop bodies,
-# datasets): every function they reference counts as reached.
 _MAX_PATH_STEPS = 5_000_000  # a bound against malformed graphs; beyond it, everything counts
 
 
@@ -408,6 +407,7 @@ def _returned_ref(fdef, node, ref: str, index: int, *, in_function: bool) -> str
     return fdef.ret.get(outputs[position])
 
 
+@functools.lru_cache(maxsize=None)
 def _not_differentiable(op_type: str) -> bool:
     """True for op types TensorFlow registers with no gradient (tf.no_gradient / NotDifferentiable)."""
     from tensorflow.python.framework import ops as tf_ops
