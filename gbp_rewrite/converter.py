@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
-from gbp_rewrite.errors import OptionError, SignatureError
+from gbp_rewrite.errors import SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,10 @@ def convert(
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
                                  saliency_map=saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
+    selection = sites.select(found, layers=layers, exclude_layers=exclude_layers, rule=rule)
     scoring = _score_plan(model, plan, score)
     plan = scoring.plan
+    on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
     for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
@@ -129,7 +130,8 @@ def convert(
                 signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
             with phase("probe (rest)"):
                 expected = probed.result()
-        checks = {"rule applied": _check_applied(selection, scoring.pass_through, applied, rule)}
+        reached = _reached_sites(selection, applied, on_path)
+        checks = {"rule applied": _check_applied(selection, scoring.pass_through, applied, reached, rule)}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
                 f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "
@@ -149,7 +151,7 @@ def convert(
                     explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
                     **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
                 },
-                sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], checks=checks,
+                sites=[SiteEntry.from_site(s, selection.status(s, reached=s.key in reached)) for s in found], checks=checks,
                 warnings=file_op_warnings, started=started,
             )
             report.write(tmp)
@@ -181,11 +183,19 @@ def _site_key(site: sites.Site) -> str:
     return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: sites.Selection, pass_through, applied: set[str], rule: str) -> str:
+def _reached_sites(selection: sites.Selection, applied: set[str], on_path: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Keys of the selected sites the explained score's gradient really runs through: the rule's
+    gradient was built for the op (the recorder), and the op is on the explained output's gradient
+    path (a restored function's gradient is built for all its outputs at once, other heads too)."""
+    return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
+
+
+def _check_applied(selection: sites.Selection, pass_through, applied: set[str],
+                   reached: set[tuple[str, str]], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
-    text = verify.check_applied(selection.selected_sites, _site_key, applied, rule)
     verify.check_pass_through([(_site_key(s), f"{s.op_type} '{s.node}'") for s in pass_through], applied)
-    return text
+    return verify.check_applied(selection.selected_sites,
+                                [s for s in selection.selected_sites if s.key in reached], rule)
 
 
 def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:

@@ -42,7 +42,7 @@ class Rewrite:
     found: list[keras_sites.KerasSite]
     selection: sites.Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
-    tokens: dict[tuple[str, str], str]  # selected site key -> name its gradient records
+    tokens: dict[tuple[str, str], str]  # selected site key -> what its gradient records (rules.op_token)
     pass_through_tokens: dict[str, str]  # token -> how to name the output Softmax/Sigmoid
     score: explainable.ScorePlan
     warnings: list[str]
@@ -122,6 +122,14 @@ def convert(
     with rules.record_applications() as applied:
         signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
+    entries = [_site_entry(s, rewrite, applied) for s in rewrite.found]
+    own_code = [e for e, s in zip(entries, rewrite.found) if e.status == _OWN_CODE and s.site.key in rewrite.tokens]
+    if own_code:
+        rewrite.warnings.append(
+            f"{len(own_code)} ReLU op(s) keep their true gradient because their layer computes them in its "
+            f"own code next to its activation ({', '.join(dict.fromkeys(e.path for e in own_code))}); "
+            f"to rewrite every ReLU op, {keras_loading.SAVEDMODEL_ROUTE}"
+        )
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
@@ -130,7 +138,7 @@ def convert(
             rule=rules.get_rule(rule), score=score, score_note=rewrite.score.note,
             score_plan=rewrite.score.name,
             signatures={key: plan.output_keys() for key in signatures},
-            sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
+            sites=entries, checks=checks,
             warnings=rewrite.warnings, started=started,
         )
         report.write(tmp)
@@ -202,8 +210,8 @@ def plan_rewrite(
                                  saliency_map=saliency_map)
     graph = keras_sites.trace(model, signature)
     found = keras_sites.find_sites(model, signature, graph=graph)
-    selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
-    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
+    selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule)
+    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)), rule=rule)
     selection = sites.Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
     scoring = explainable.choose_score(plan, _output_heads(graph, plan.output_key), score)
@@ -215,7 +223,7 @@ def plan_rewrite(
                    {token: name for _, token, _, name in pass_through}, scoring, warnings)
 
 
-def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
+def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool, rule: str):
     """The selected sites the clone can rewrite; refuse selections it cannot honour."""
     selected = [s for s in found if s.site.key in selection.selected]
     custom = [s for s in selected if not s.rewritable]
@@ -227,7 +235,9 @@ def _rewritable_choice(found, selection: sites.Selection, *, explicit: bool):
             f"rewrite; select other layers, or {keras_loading.SAVEDMODEL_ROUTE}"
         )
     chosen = [s for s in selected if s.rewritable]
-    if not chosen:  # then every selected site is custom: sites.select never selects nothing
+    if not chosen and rule == rules.VANILLA:  # the true gradient: nothing needs rewriting
+        return chosen, warnings
+    if not chosen:  # then every selected site is custom: sites.select selects something
         raise SelectionError(
             f"none of the {len(selected)} selected ReLU ops can be rewritten by the Keras path "
             f"({custom[0].reason}); {keras_loading.SAVEDMODEL_ROUTE}"
@@ -260,9 +270,11 @@ def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[
     replacements: dict[int, Replacement] = {}
     tokens: dict[tuple[str, str], str] = {}
     for site in chosen:
-        # One token per layer object: its activation is one function, whichever call reaches it.
+        # One activation function per layer object, whichever call reaches it; it records the
+        # forward op too, so each op is proven on its own (a layer's own ReLU next to its
+        # activation is never counted as its activation).
         token = f"keras:{site.layer.name}#{id(site.layer)}"
-        tokens[site.site.key] = token
+        tokens[site.site.key] = f"{token}@{site.site.node}"
         if id(site.layer) not in replacements:
             relu = rules.activation(rule, site.lowering.op_type, name=token)
             replacements[id(site.layer)] = _with_activation(site.layer, site.lowering.build(relu))
@@ -437,16 +449,30 @@ def _check_signature_key(signature: str) -> None:
 
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
-    text = verify.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
-                                applied, rule)
     verify.check_pass_through(list(rewrite.pass_through_tokens.items()), applied)
-    return text
+    selected = rewrite.selection.selected_sites
+    return verify.check_applied(selected, [s for s in selected if s.key in _reached_sites(rewrite, applied)], rule)
 
 
-def _site_entry(keras_site: keras_sites.KerasSite, selection: sites.Selection) -> SiteEntry:
-    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
+def _reached_sites(rewrite: Rewrite, applied: set[str]) -> set[tuple[str, str]]:
+    """Keys of the selected sites whose rule gradient ran, op by op, for the explained score."""
+    return {key for key, token in rewrite.tokens.items() if token in applied}
+
+
+_OWN_CODE = "kept: computed in its layer's own code, not by the activation the Keras path rewrites"
+
+
+def _site_entry(keras_site: keras_sites.KerasSite, rewrite: Rewrite, applied: set[str]) -> SiteEntry:
+    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite.
+
+    A selected op the clone's activation never computed (a ReLU in a layer's own `call` next to
+    its activation) keeps its true gradient; one it computed but whose rule gradient never ran for
+    the explained score is off the explained path.
+    """
     site = keras_site.site
-    status = selection.status(site)
+    status = rewrite.selection.status(site, reached=site.key in _reached_sites(rewrite, applied))
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
+    elif site.key in rewrite.tokens and rules.forward_token(rewrite.tokens[site.key]) not in applied:
+        status = _OWN_CODE
     return SiteEntry.from_site(site, status)

@@ -23,7 +23,8 @@ class SiteEntry:
 
     @classmethod
     def from_site(cls, site, status: str) -> "SiteEntry":
-        """The entry of a sites.Site whose fate is `status` ('rewritten', 'kept: why')."""
+        """The entry of a sites.Site whose fate is `status` ('rewritten', 'off the explained path',
+        'kept: why')."""
         return cls(layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
                    status=status, function=site.function)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import functools
 import json
 import re
 from typing import Iterable, Sequence
@@ -69,6 +70,9 @@ class Site:
         return self.activation or self.op_type
 
 
+OFF_PATH = "off the explained path"
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The outcome of a layer selection: every site, and the ones to rewrite with why."""
@@ -77,9 +81,12 @@ class Selection:
     selected: frozenset[tuple[str, str]]
     excluded: frozenset[tuple[str, str]]
 
-    def status(self, site: Site) -> str:
+    def status(self, site: Site, *, reached: bool = True) -> str:
+        """What happened to the site's gradient: 'rewritten', 'off the explained path' (selected,
+        but the explained score's gradient never runs through it, as recorded while tracing) or
+        'kept: <reason>'."""
         if site.key in self.selected:
-            return "rewritten"
+            return "rewritten" if reached else OFF_PATH
         if site.activation:
             return f"kept: part of {site.activation}, not a ReLU activation"
         if not site.rewritable:
@@ -412,20 +419,25 @@ def select(
     *,
     layers: Sequence[str] | None = None,
     exclude_layers: Sequence[str] | None = None,
+    rule: str = "guided",
 ) -> Selection:
     """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
 
     A name or glob matches a site when it matches the full layer path or any tail of it (the
-    layer's own name is the shortest), any enclosing layer (a nested model), or the op name. One that matches nothing is an error listing the
-    layers that hold ReLUs, and so is a selection that rewrites nothing.
+    layer's own name is the shortest), any enclosing layer (a nested model), or the op name. One
+    that matches nothing is an error listing the layers that hold ReLUs, and so is a selection
+    that rewrites nothing. A model without a ReLU is an error naming `--rule vanilla`, except for
+    `rule` 'vanilla' (the plain gradient needs no ReLU), which then selects nothing.
     """
     rewritable = [s for s in sites if s.rewritable]
-    if not rewritable:
+    if not rewritable and not (rule == rules.VANILLA and not patterns(layers)):
         found = activation_summary(sites)
         raise SelectionError(
-            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
-            "backpropagation only changes ReLU-family gradients"
+            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); the {rule} "
+            f"rule only changes ReLU-family gradients; use --rule {rules.VANILLA} for the plain gradient"
         )
+    if not rewritable:
+        return Selection(tuple(sites), frozenset(), frozenset())
     layers = patterns(layers)
     exclude_layers = patterns(exclude_layers)
     for option, given in (("--layers", layers), ("--exclude_layers", exclude_layers)):
@@ -453,3 +465,102 @@ def patterns(value: Sequence[str] | str | None) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     return [p.strip() for p in value if p and p.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The explained output's gradient path
+
+_MAX_PATH_STEPS = 5_000_000  # a bound against malformed graphs; beyond it, everything counts
+
+
+def gradient_path(meta_graph: meta_graph_pb2.MetaGraphDef, tensor_name: str) -> set[tuple[str, str]]:
+    """Keys (function, node) of the ops a gradient of `tensor_name` can flow back through.
+
+    Walks back from the output tensor by tensor: into a called function through the output it
+    returns (not the whole function, so a ReLU of another head is not on the path), back out
+    through the argument it reads, and never past an op TensorFlow marks NotDifferentiable
+    (StopGradient, Shape, ArgMax, ...). The gradient TensorFlow builds through a restored function
+    call covers all its outputs at once, so the gradient recorder alone cannot tell the heads of a
+    multi-output model apart; this walk can.
+    """
+    graph = _Graph(meta_graph)
+    reached: set[tuple[str, str]] = set()
+    seen: set[tuple] = set()
+    stack: list[tuple[tuple, str, str]] = [((), "", tensor_name)]  # (callers, function, ref)
+    steps = 0
+    while stack:
+        state = stack.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        steps += 1
+        if steps > _MAX_PATH_STEPS:
+            return _everything(graph)
+        callers, function, ref = state
+        nodes = graph.function_nodes(function) if function else graph.top
+        node_name, index = _split_ref(ref, in_function=bool(function))
+        if function and ":" not in ref:  # a function argument: continue at the caller's input
+            stack.extend(_argument_source(graph, callers, function, ref))
+            continue
+        node = nodes.get(node_name)
+        if node is None:
+            continue
+        reached.add((function, node_name))
+        if _not_differentiable(node.op):
+            continue
+        callee = node.attr["f"].func.name if node.op in _CALL_OPS else (node.op if node.op in graph.functions else None)
+        if callee is not None and callee in graph.functions:
+            returned = _returned_ref(graph.functions[callee], node, ref, index, in_function=bool(function))
+            if returned is not None:
+                stack.append((callers + ((function, node_name),), callee, returned))
+                continue
+        for func_ref in graph_walk.func_refs(node):  # control flow, datasets: the whole function
+            for name in graph_walk.reachable_functions(graph.functions, [func_ref.name]):
+                reached.update((name, n.name) for n in graph.functions[name].node_def)
+        stack.extend((callers, function, i) for i in node.input if not i.startswith("^"))
+    return reached
+
+
+def _argument_source(graph: _Graph, callers: tuple, function: str, arg: str) -> list[tuple[tuple, str, str]]:
+    """The caller's input that feeds argument `arg` of `function`; [] at the walk's root."""
+    if not callers:
+        return []
+    names = [a.name for a in graph.functions[function].signature.input_arg]
+    if arg not in names:
+        return []
+    caller_function, call_node = callers[-1]
+    nodes = graph.function_nodes(caller_function) if caller_function else graph.top
+    inputs = [i for i in nodes[call_node].input if not i.startswith("^")]
+    position = names.index(arg)
+    return [(callers[:-1], caller_function, inputs[position])] if position < len(inputs) else []
+
+
+def _returned_ref(fdef, node, ref: str, index: int, *, in_function: bool) -> str | None:
+    """The callee's tensor a call node's output `ref` returns, or None when it cannot be told."""
+    outputs = [a.name for a in fdef.signature.output_arg]
+    if in_function and node.op not in _CALL_OPS:  # a direct call: 'node:<output arg>:<i>'
+        parts = ref.split(":")
+        position = outputs.index(parts[1]) if len(parts) == 3 and parts[1] in outputs else -1
+    else:
+        position = index
+    if not 0 <= position < len(outputs):
+        return None
+    return fdef.ret.get(outputs[position])
+
+
+@functools.lru_cache(maxsize=None)
+def _not_differentiable(op_type: str) -> bool:
+    """True for op types TensorFlow registers with no gradient (tf.no_gradient / NotDifferentiable)."""
+    from tensorflow.python.framework import ops as tf_ops
+
+    try:
+        return tf_ops.gradient_registry.lookup(op_type) is None
+    except LookupError:
+        return False
+
+
+def _everything(graph: _Graph) -> set[tuple[str, str]]:
+    keys = {("", name) for name in graph.top}
+    for name, function in graph.functions.items():
+        keys.update((name, n.name) for n in function.node_def)
+    return keys

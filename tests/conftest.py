@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 import shutil
@@ -156,20 +155,27 @@ def _sources_are_never_changed():
         yield
 
 
-@functools.cache
 def serving_check_build():
-    """tools/serving_check/build.py as a module, loaded once. Loaded under its own name: "build" is
-    also the name of pypa's build package."""
-    spec = importlib.util.spec_from_file_location(
-        "serving_check_build", REPO / "tools" / "serving_check" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """gbp_rewrite.serving_check_build: builds the C++ serving check into the user cache."""
+    from gbp_rewrite import serving_check_build as module
+
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _serving_check_cache(tmp_path_factory):
+    """The whole session builds the C++ serving check into its own XDG_CACHE_HOME (once, on first
+    use, shared by every test, subprocesses included), never into the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        patch.delenv("GBP_REWRITE_CACHE_DIR", raising=False)
+        patch.delenv("GBP_REWRITE_SERVING_CHECK", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
-def serving_check_binary() -> Path:
-    """tools/serving_check, built once per session (a stat() when it is up to date).
+def serving_check_binary(_serving_check_cache) -> Path:
+    """The C++ serving check, built once per session into the session's cache (about 35 s).
 
     Without a C++ compiler the tests that need it fail (a CI without g++ must not pass by skipping
     them), unless GBP_REWRITE_ALLOW_NO_CXX=1 says so on purpose: then they skip. A failing
@@ -177,7 +183,7 @@ def serving_check_binary() -> Path:
     """
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        reason = f"no C++ compiler ({compiler}) on PATH: cannot build tools/serving_check"
+        reason = f"no C++ compiler ({compiler}) on PATH: cannot build the C++ serving check"
         if os.environ.get(ALLOW_NO_CXX) == "1":
             pytest.skip(reason)
         pytest.fail(f"{reason} (set {ALLOW_NO_CXX}=1 to skip the tests that need it)")

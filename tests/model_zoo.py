@@ -523,6 +523,11 @@ def mobilenet_v3_gate_module(path: Path) -> Path:
             return {"scores": tf.matmul(h, self.w2) + extra}
 
     module = Gate()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Output heads: a logits body (a numpy_reference spec without softmax) and what follows it
 
 
@@ -617,3 +622,85 @@ def head_keras3(keras, spec, input_shape, head: str):
     else:
         raise ValueError(head)
     return keras.Model(inputs, outputs, name=f"head_{head}")
+# Models whose ReLUs are not all between the explained input and output (issue 11 item 5)
+
+
+def _random_weights(model, seed):
+    """Normal weights (kernels scaled by 1/sqrt(fan-in)) and biases, so ReLUs cut both ways."""
+    rng = np.random.default_rng(seed)
+    for layer in _leaf_layers(model):
+        weights = layer.get_weights()
+        if weights:
+            kernel, bias = weights
+            layer.set_weights([rng.normal(0, 1.5 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32),
+                               rng.normal(0, 0.5, bias.shape).astype(np.float32)])
+
+
+def two_head_keras3(keras, *, input_shape, seed=0):
+    """Two heads on one flattened input: head `a` = softmax(a_logits(trunk) + a_frozen(stop_gradient(
+    frozen))), head `b` = b(b_hidden). ReLUs: trunk (on a's path), frozen (behind stop_gradient),
+    b_hidden (on b's path only)."""
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    flat = layers.Flatten(name="flatten")(inputs)
+    trunk = layers.Dense(6, activation="relu", name="trunk")(flat)
+    frozen = layers.Dense(3, activation="relu", name="frozen")(flat)
+    logits = layers.Add(name="a_sum")([
+        layers.Dense(3, name="a_logits")(trunk),
+        layers.Dense(3, name="a_frozen")(keras.ops.stop_gradient(frozen)),
+    ])
+    a = layers.Softmax(name="a")(logits)
+    b = layers.Dense(2, name="b")(layers.Dense(4, activation="relu", name="b_hidden")(flat))
+    model = keras.Model(inputs, {"a": a, "b": b}, name="two_heads")
+    _random_weights(model, seed)
+    return model
+
+
+def other_head_relu_keras3(keras, *, input_shape, seed=0):
+    """Head `a` is linear (no ReLU); the only ReLU is in head `b`."""
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    flat = layers.Flatten(name="flatten")(inputs)
+    a = layers.Dense(3, name="a")(flat)
+    b = layers.Dense(2, name="b")(layers.Dense(4, activation="relu", name="b_hidden")(flat))
+    model = keras.Model(inputs, {"a": a, "b": b}, name="other_head")
+    _random_weights(model, seed)
+    return model
+
+
+def relu_in_call_keras3(keras, *, input_shape, seed=0):
+    """A custom layer that applies a ReLU in its own call() and then its `activation` (relu):
+    flatten -> pre (dense) -> custom: activation(relu(x) @ kernel + bias) -> logits."""
+
+    class ReluThenDense(keras.layers.Layer):
+        def __init__(self, units, activation=None, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.activation = keras.activations.get(activation)
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+            self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+        def call(self, x):
+            return self.activation(keras.ops.matmul(keras.ops.relu(x), self.kernel) + self.bias)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units,
+                    "activation": keras.activations.serialize(self.activation)}
+
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    x = layers.Flatten(name="flatten")(inputs)
+    x = layers.Dense(6, name="pre")(x)
+    x = ReluThenDense(5, activation="relu", name="custom")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="relu_in_call")
+    _random_weights(model, seed)
+    return model
+
+
+def dense_spec(layer, *, activation=None, name=None):
+    """A numpy_reference dense layer with a Keras layer's weights (float64)."""
+    kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+    return {"type": "dense", "name": name or layer.name, "kernel": kernel, "bias": bias, "activation": activation}
