@@ -161,8 +161,8 @@ def _scales_by_one_sixth(node, relu6_name: str, by_name: Mapping) -> bool:
 
 
 def _is_constant(ref: str, value: float, by_name: Mapping) -> bool:
-    """True when `ref` is a Const (possibly behind Identity/Cast) whose every element is `value`
-    to float32 rounding (1/6 is stored as 0.16666667)."""
+    """True when `ref` is a one-element Const (possibly behind Identity/Cast) equal to `value` to
+    float16 rounding (1/6 is stored as 0.16666667 in float32, 0.1666 in float16)."""
     node = by_name.get(node_of(ref))
     for _ in range(8):
         if node is None or node.op not in _CONST_PASS_THROUGH:
