@@ -313,3 +313,26 @@ def test_report_names_the_score_plan(zoo):
     _, report = zoo.converted("keras_file@binary")
     assert "score plan    : binary sigmoid logit" in report.to_text()
     assert report.to_dict()["score_plan"] == "binary sigmoid logit"
+
+
+def test_explain_scores_a_binary_classifier_by_class(zoo, tmp_path):
+    """`explain` on a binary sigmoid export: --class 1 and 0 are accepted (2 is not), and the
+    recorded score is p for class 1 and 1 - p for class 0."""
+    import json
+
+    import gbp_rewrite
+    from conftest import REPO
+    from gbp_rewrite.errors import OptionError
+
+    export_dir, _ = zoo.converted("tf2_module@binary")
+    image = sorted((REPO / "testdata" / "images").glob("*.png"))[:1]
+    probabilities = {}
+    for cls in (1, 0):
+        out = tmp_path / f"class{cls}"
+        gbp_rewrite.explain(export_dir, image, out_dir=out, class_index=cls)
+        (record,) = json.loads((out / "summary.json").read_text())["images"]
+        assert record["class"] == cls
+        probabilities[cls] = record["score"]
+    assert probabilities[0] == pytest.approx(1.0 - probabilities[1], abs=1e-6)
+    with pytest.raises(OptionError, match="2 classes"):
+        gbp_rewrite.explain(export_dir, image, out_dir=tmp_path / "class2", class_index=2)
