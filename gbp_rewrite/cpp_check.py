@@ -61,8 +61,8 @@ def resolve_binary(binary: str | os.PathLike | bool | None = None) -> tuple[Path
     if binary or os.environ.get(BINARY_ENV):
         found = find_binary(binary)
         if found is None:
-            return None, (f"{binary_candidate(binary)} is not built; unset {BINARY_ENV} to build the "
-                          "serving check into the cache on first use")
+            return None, (f"{binary_candidate(binary)} is not built; name no binary (serving_check, "
+                          f"${BINARY_ENV}) to build the serving check into the cache on first use")
         return found, ""
     try:
         return serving_check_build.build(), ""
