@@ -48,7 +48,8 @@ class ModelInfo:
             },
             "signature": self.signature,
             "sites": [
-                {"layer": s.layer_path, "op_name": s.node, "op_type": s.op_type, "function": s.function}
+                {"layer": s.layer_path, "op_name": s.node, "op_type": s.op_type, "function": s.function,
+                 **({"activation": s.activation, "rewritable": False} if s.activation else {})}
                 for s in self.sites
             ],
             "file_ops": [op.to_dict() for op in self.file_ops],
@@ -72,7 +73,8 @@ class ModelInfo:
             f"({rewritable} ReLU/ReLU6 that a rule can rewrite)"
         )
         for layer, layer_sites in self.layers().items():
-            ops = ", ".join(f"{s.op_type} {s.node}" for s in layer_sites)
+            ops = ", ".join(f"{s.op_type} {s.node}" + (f" (part of {s.activation}: kept)" if s.activation else "")
+                            for s in layer_sites)
             lines.append(f"    {layer}: {ops}")
         return "\n".join(lines)
 

@@ -51,13 +51,17 @@ def convert(
         or a Keras model: a keras.Model object or a .keras/.h5 file, which goes the Keras path
         (gbp_rewrite.keras.front_end: a clone with custom-gradient ReLUs, the same export and report).
       destination: the directory to create; written atomically, never half-written.
-      layers: names or glob patterns of the layers whose ReLUs get the rule (default: all).
+      layers: names or glob patterns of the layers whose ReLUs get the rule (default: all),
+        matched against the layer path (as `inspect` prints it) or any tail of it.
       exclude_layers: names or glob patterns of layers to leave alone.
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
       signature: the signature key to explain (default 'serving_default').
       output: the output to explain when the signature has several.
-      score: 'logit' (default; the pre-softmax logit when the output ends in Softmax) or
-        'probability' (the softmax value itself).
+      score: 'logit' (default: the pre-activation logit when the output ends in Softmax or
+        Sigmoid, possibly behind reshapes or a concatenation of heads; refused when a
+        Softmax/Sigmoid is followed by arithmetic) or 'probability' (the output's value; for a
+        binary sigmoid, p for class 1 and 1 - p for class 0). See docs/signatures.md, "What is
+        explained".
       overwrite: replace `destination` if it exists.
       saliency_map: also return `saliency_map`, [batch, H, W] float32: max |saliency| over the
         channels scaled per example to [0, 1] (image inputs [batch, H, W, C] only).
@@ -133,6 +137,7 @@ def write_explainable(
         report = ConversionReport.build(
             source=prepared.source, source_format=prepared.source_format, destination=destination,
             plan=plan, rule=rules.get_rule(rule), score=score, score_note=prepared.score_note,
+            score_plan=prepared.score_plan,
             signatures={
                 **{key: plan.output_keys() for key in explainable},
                 **{k: sorted(fn.structured_outputs) for k, fn in prepared.kept_signatures.items()},

@@ -44,6 +44,7 @@ class Prepared:
     source_format: str
     plan: ExplainPlan
     score_note: str
+    score_plan: str  # the report's name for what the score is (signatures.ScorePlan.name)
     # The report's site entries, from the keys of the rule gradients built while tracing
     # (rules.record_applications): whether each site was reached is known only then.
     sites: Callable[[set[str]], list[SiteEntry]]

@@ -25,7 +25,8 @@ class SiteEntry:
 
     @classmethod
     def from_site(cls, site, status: str) -> "SiteEntry":
-        """The entry of a sites.Site whose fate is `status` ('rewritten', 'kept: why')."""
+        """The entry of a sites.Site whose fate is `status` ('rewritten', 'off the explained path',
+        'kept: why')."""
         return cls(layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
                    status=status, function=site.function)
 
@@ -56,11 +57,12 @@ class ConversionReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
+    score_plan: str = ""  # e.g. "softmax logit", "binary sigmoid logit" (explainable.ScorePlan.name)
 
     @classmethod
     def build(
         cls, *, source: str, source_format: str, destination: Path, plan, rule, score: str,
-        score_note: str, signatures: dict[str, list[str]], sites: list[SiteEntry],
+        score_note: str, score_plan: str = "", signatures: dict[str, list[str]], sites: list[SiteEntry],
         checks: dict[str, str], warnings: Iterable[str] = (), started: float,
     ) -> "ConversionReport":
         """The report of a finished conversion (both paths); `plan` is the ExplainPlan written,
@@ -69,7 +71,7 @@ class ConversionReport:
             tool_version=__version__, source=source, source_format=source_format,
             destination=str(destination), signature=plan.signature_key, rule=rule.name,
             rule_description=rule.description, score=score, explained_output=plan.output_key,
-            score_note=score_note, inputs=[d.describe() for d in plan.inputs.values()],
+            score_note=score_note, score_plan=score_plan, inputs=[d.describe() for d in plan.inputs.values()],
             saliency_outputs=dict(plan.saliency_outputs), saliency_maps=dict(plan.saliency_maps),
             signatures=signatures, sites=sites, checks=checks, warnings=list(warnings),
             seconds=time.perf_counter() - started,
@@ -100,15 +102,16 @@ class ConversionReport:
             f"  rule          : {self.rule} - {self.rule_description}",
             f"  score         : {self.score} of the top class of output '{self.explained_output}' "
             f"({self.score_note})",
+            *([f"  score plan    : {self.score_plan}"] if self.score_plan else []),
             "  saliency      : "
             + ", ".join(f"{out} = d(score)/d({inp})" for out, inp in self.saliency_outputs.items()),
             *(f"  saliency map  : {key} = max |{saliency}| over channels, scaled per example to [0, 1]"
               for key, saliency in self.saliency_maps.items()),
             f"  ReLU-family sites: {len(self.sites)} found, {len(self.rewritten)} rewritten",
         ]
-        width = max([len(s.layer) for s in self.sites] + [5])
+        width = max([len(s.path) for s in self.sites] + [5])  # the layer path, as inspect names it
         for site in self.sites:
-            lines.append(f"    {site.layer:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
+            lines.append(f"    {site.path:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
         lines.append("  exported signatures:")
         for key, outputs in self.signatures.items():
             lines.append(f"    {key}: {', '.join(outputs)}")

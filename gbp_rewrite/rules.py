@@ -13,7 +13,8 @@ extra elementwise kernel over the plain gradient.
 
 Two mechanisms use the same math: `register_graph_gradients` registers each (rule, op type) under a
 name that the graph path writes into a NodeDef's `_gradient_op_type` attr, and `activation` builds
-a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output softmax).
+a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output's
+Softmax/Sigmoid).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from gbp_rewrite.tf_internals import gen_nn_ops
 REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 
 # Activation op types that are reported but left alone: no agreed guided rule exists for them.
-REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh")
+REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Erf", "Erfc")
 
+# The rule that is the true gradient: it needs no ReLU to reach (any differentiable model works).
+VANILLA = "vanilla"
+
+# dx = dy: given to each Softmax or Sigmoid that ends the explained output (score 'logit').
 SOFTMAX_PASS_THROUGH = "GbpRewrite_Softmax_pass_through"
 
 GradientFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -236,8 +241,9 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
     """A ReLU or ReLU6 activation whose gradient is `rule_name`'s, for the Keras path.
 
     The forward pass is TensorFlow's own Relu/Relu6 kernel, so values are bit-identical to Keras'
-    `relu`/`relu6`. `name`, when given, is recorded by `record_applications` each time the gradient
-    is built, so the Keras path can prove the rule was reached.
+    `relu`/`relu6`. When `name` is given, `op_token(name, y)` is recorded by `record_applications`
+    each time the gradient is built for a forward op y, so the Keras path can prove, op by op, that
+    the rule was reached.
     """
     rule = get_rule(rule_name)
     forward = {"Relu": tf.nn.relu, "Relu6": tf.nn.relu6}[op_type]
@@ -245,9 +251,10 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
     @tf.custom_gradient
     def _activation(x):
         y = forward(x)
+        _note_name(forward_token(op_token(name, y)))
 
         def _gradient(dy):
-            _note_name(name)
+            _note_name(op_token(name, y))
             return rule.gradient(op_type, dy, y)
 
         return y, _gradient
@@ -255,10 +262,31 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
     return _activation
 
 
-def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
-    """`forward` (a softmax) unchanged, with a gradient that passes straight through: dx = dy.
+def op_token(name: str | None, y) -> str | None:
+    """What `activation` records for one traced forward op: 'name@op name' ('name' when eager).
 
-    On the explained output's softmax this makes d(score)/dx the gradient of the pre-softmax logit.
+    One activation function serves every call of a layer, so `name` alone would not say which of a
+    layer's ReLU ops got the rule; the forward op's name does (the Keras path's traces name ops as
+    its site search does).
+    """
+    if name is None:
+        return None
+    op = getattr(y, "op", None)
+    op_name = getattr(op, "name", None) if not tf.executing_eagerly() else None
+    return f"{name}@{op_name}" if op_name else name
+
+
+def forward_token(token: str | None) -> str | None:
+    """What `activation` records when it computes a forward op (`token` is its op_token): so the
+    Keras path tells a ReLU its clone computes (then rewritten, or off the explained path) from a
+    ReLU the layer computes in its own code (kept)."""
+    return None if token is None else f"forward:{token}"
+
+
+def pass_through(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`forward` (a softmax or sigmoid) unchanged, with a gradient that passes straight through: dx = dy.
+
+    On the explained output's softmax/sigmoid this makes d(score)/dx the gradient of the logit.
     `name` is recorded by `record_applications` when the gradient is built.
     """
 

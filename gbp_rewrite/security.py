@@ -24,6 +24,7 @@ ShardedFilename only builds names, and GetSessionTensor/DeleteSessionTensor touc
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Collection, Mapping
 
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -168,12 +169,15 @@ def find_file_ops(meta_graph: meta_graph_pb2.MetaGraphDef) -> list[FileOp]:
     saver_nodes = saver_subgraph(meta_graph)
     saver_functions = saver_only_functions(meta_graph, saver_nodes)
     asset_tensors = {node_of(a.tensor_info.name) for a in meta_graph.asset_file_def}
-    found = _scan("", meta_graph.graph_def.node, asset_tensors, saver_nodes)
+    top_filename = {node_of(meta_graph.saver_def.filename_tensor_name)} - {""}
+    found = _scan("", meta_graph.graph_def.node, asset_tensors, saver_nodes, top_filename)
+    filename_args = _saver_filename_arguments(meta_graph, saver_nodes, top_filename)
     for function in meta_graph.graph_def.library.function:
         name = function.signature.name
         # Every node of a function only the saver calls is the saver's.
         in_saver = {node.name for node in function.node_def} if name in saver_functions else set()
-        found.extend(_scan(name, function.node_def, _asset_arguments(meta_graph, function), in_saver))
+        found.extend(_scan(name, function.node_def, _asset_arguments(meta_graph, function), in_saver,
+                           filename_args.get(name, set())))
     return found
 
 
@@ -210,17 +214,22 @@ def summary(file_ops: list[FileOp]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _scan(function: str, nodes, asset_tensors: set[str], saver_nodes: Collection[str]) -> list[FileOp]:
+def _scan(function: str, nodes, asset_tensors: set[str], saver_nodes: Collection[str],
+          saver_filename: set[str]) -> list[FileOp]:
     """The file ops of one graph (`function` '' = the top-level graph), less the checkpoint ops of
-    the standard savers (`saver_nodes`) and text-file initializers that read one of `asset_tensors`."""
+    the standard savers (`saver_nodes`) whose path is the saver's filename input (`saver_filename`:
+    the node or argument names that hold it) and text-file initializers that read one of
+    `asset_tensors`."""
     found = []
-    by_name = None  # built at the first text-file initializer: most graphs have none
+    by_name = None  # built at the first node that needs it: most graphs need none
     for node in nodes:
         effect = _effect(node)
         if effect is None:
             continue
         if node.op in CHECKPOINT_OPS and node.name in saver_nodes:
-            continue
+            by_name = by_name if by_name is not None else {n.name: n for n in nodes}
+            if _paths_are_saver_filename(node, by_name, saver_filename):
+                continue
         if node.op in _TEXT_FILE_INITIALIZERS:
             by_name = by_name if by_name is not None else {n.name: n for n in nodes}
             if _reads_asset(node, by_name, asset_tensors):
@@ -267,4 +276,95 @@ def _reads_asset(node, by_name: Mapping[str, object], asset_tensors: set[str]) -
         if producer is None or producer.op not in _PASS_THROUGH or not producer.input:
             return False
         name = node_of(producer.input[0])
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The savers' paths: a checkpoint op is the saver's only when its path is the saver's filename.
+
+# op type -> the positions of its path inputs (a prefix, a file pattern, the merged prefixes and
+# the destination).
+_PATH_INPUTS = {"Save": (0,), "SaveSlices": (0,), "SaveV2": (0,), "Restore": (0,), "RestoreSlice": (0,),
+                "RestoreV2": (0,), "MergeV2Checkpoints": (0, 1)}
+# The suffixes TensorFlow's savers append to the filename for the temporary shards.
+_SHARD_SUFFIX = re.compile(r"^(?:\.part|_temp[A-Za-z0-9_-]*/part)$")
+_MAX_DEPTH = 64  # the savers' chains are a few ops long; deeper is not a saver
+
+
+def _paths_are_saver_filename(node, by_name: Mapping[str, object], filename: set[str]) -> bool:
+    """True when every path input of the checkpoint op `node` is built from the saver's filename
+    as TensorFlow's savers build it: the filename itself (through Identity), or filename + a shard
+    suffix ('.part', '_temp/part') made into shard names (StringJoin, ShardedFilename, Pack)."""
+    inputs = [i for i in node.input if not i.startswith("^")]
+    positions = _PATH_INPUTS.get(node.op, ())
+    return bool(filename) and all(
+        p < len(inputs) and _is_filename(inputs[p], by_name, filename, _MAX_DEPTH) for p in positions
+    )
+
+
+def _is_filename(ref: str, by_name: Mapping[str, object], filename: set[str], depth: int) -> bool:
+    """True when tensor `ref` is the saver's filename or a shard name TensorFlow derives from it."""
+    name = node_of(ref)
+    if name in filename:
+        return True
+    node = by_name.get(name)
+    if node is None or depth <= 0:
+        return False
+    inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op in _PASS_THROUGH or node.op == "Pack":
+        return bool(inputs) and all(_is_filename(i, by_name, filename, depth - 1) for i in inputs)
+    if node.op == "ShardedFilename":  # basename-SSSSS-of-NNNNN; the shard numbers are integers
+        return bool(inputs) and _is_filename(inputs[0], by_name, filename, depth - 1)
+    if node.op == "StringJoin":  # the filename first, then only shard suffixes
+        return (len(inputs) >= 1 and not node.attr["separator"].s
+                and _is_filename(inputs[0], by_name, filename, depth - 1)
+                and all(_is_shard_suffix(i, by_name, depth - 1) for i in inputs[1:]))
+    return False
+
+
+def _is_shard_suffix(ref: str, by_name: Mapping[str, object], depth: int) -> bool:
+    """True for a string constant TensorFlow's savers append (or a Select between two of them)."""
+    node = by_name.get(node_of(ref))
+    if node is None or depth <= 0:
+        return False
+    if node.op == "Const":
+        values = node.attr["value"].tensor.string_val
+        return len(values) == 1 and bool(_SHARD_SUFFIX.match(values[0].decode("utf-8", "replace")))
+    if node.op in ("Select", "SelectV2"):  # Select(is the filename s3://..., '.part', '_temp/part')
+        inputs = [i for i in node.input if not i.startswith("^")]
+        return len(inputs) == 3 and all(_is_shard_suffix(i, by_name, depth - 1) for i in inputs[1:])
+    return node.op in _PASS_THROUGH and bool(node.input) and _is_shard_suffix(node.input[0], by_name, depth - 1)
+
+
+def _saver_filename_arguments(meta_graph, saver_nodes: set[str], top_filename: set[str]) -> dict[str, set[str]]:
+    """function -> the names of its arguments that every call by the saver feeds the saver's filename.
+
+    TF2 savers call `__inference__traced_save/restore_*(file_prefix, ...)` from the top-level graph
+    with the `saver_filename` placeholder as one input; only those arguments are the filename.
+    """
+    top = {node.name: node for node in meta_graph.graph_def.node}
+    functions = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    found: dict[str, set[str]] = {}
+    for name in sorted(saver_nodes):
+        node = top.get(name)
+        callee = node.attr["f"].func.name if node is not None and "f" in node.attr else ""
+        if callee not in functions:
+            continue
+        args = [a.name for a in functions[callee].signature.input_arg]
+        inputs = [i for i in node.input if not i.startswith("^")]
+        fed = {args[i] for i, ref in enumerate(inputs[:len(args)])
+               if _is_plain_filename(ref, top, top_filename)}
+        found[callee] = found[callee] & fed if callee in found else fed
+    return found
+
+
+def _is_plain_filename(ref: str, top: Mapping[str, object], filename: set[str]) -> bool:
+    """True when `ref` is the filename itself (possibly through Identity), not a name built from it."""
+    for _ in range(_MAX_DEPTH):
+        if node_of(ref) in filename:
+            return True
+        node = top.get(node_of(ref))
+        if node is None or node.op not in _PASS_THROUGH or not node.input:
+            return False
+        ref = node.input[0]
     return False

@@ -11,8 +11,12 @@ import dataclasses
 import fnmatch
 from typing import Iterable, Sequence
 
+from gbp_rewrite import rules
 from gbp_rewrite.errors import SelectionError
 from gbp_rewrite.graph.sites import Site
+
+
+OFF_PATH = "off the explained path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +27,14 @@ class Selection:
     selected: frozenset[tuple[str, str]]
     excluded: frozenset[tuple[str, str]]
 
-    def status(self, site: Site) -> str:
+    def status(self, site: Site, *, reached: bool = True) -> str:
+        """What happened to the site's gradient: 'rewritten', 'off the explained path' (selected,
+        but the explained score's gradient never runs through it, as recorded while tracing) or
+        'kept: <reason>'."""
         if site.key in self.selected:
-            return "rewritten"
+            return "rewritten" if reached else OFF_PATH
+        if site.activation:
+            return f"kept: part of {site.activation}, not a ReLU activation"
         if not site.rewritable:
             return f"kept: no guided rule for {site.op_type}"
         if site.key in self.excluded:
@@ -43,14 +52,32 @@ def layers_with_relu(sites: Iterable[Site]) -> list[str]:
 
 
 def activation_summary(sites: Iterable[Site]) -> str:
-    """'Relu x3, Sigmoid x1' (op types by count), or 'none'."""
-    counts = collections.Counter(s.op_type for s in sites)
+    """'Relu x3, Sigmoid x1, hard_silu x1' (op types, or the activation a ReLU op is part of, by
+    count), or 'none'."""
+    counts = collections.Counter(s.kind for s in sites)
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
 
 
+def path_suffixes(path: Sequence[str]) -> list[str]:
+    """Every tail of a layer path, longest first: ('m', 'b', 'c') -> ['m/b/c', 'b/c', 'c']."""
+    return ["/".join(path[i:]) for i in range(len(path))]
+
+
 def _matches(site: Site, pattern: str) -> bool:
-    candidates = (site.layer_path, *site.path, site.node)
+    """A name or glob matches the full layer path or any tail of it (`block_1*`,
+    `mobilenetv2_1.00_96/block_1*`), an enclosing layer or model by name, or the op's name."""
+    candidates = (*path_suffixes(site.path), *site.path, site.node)
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
+
+
+_NAMES_IN_MESSAGE = 10
+
+
+def _some(names: Sequence[str]) -> str:
+    """At most ten names, then 'and N more (see inspect)'."""
+    shown = ", ".join(names[:_NAMES_IN_MESSAGE])
+    hidden = len(names) - _NAMES_IN_MESSAGE
+    return shown + (f", and {hidden} more (see inspect)" if hidden > 0 else "")
 
 
 def select(
@@ -58,20 +85,25 @@ def select(
     *,
     layers: Sequence[str] | None = None,
     exclude_layers: Sequence[str] | None = None,
+    rule: str = "guided",
 ) -> Selection:
     """Select the ReLU sites to rewrite: all, or those of the named layers, minus the excluded.
 
-    A name or glob matches a site when it matches the layer's name, any enclosing layer (a nested
-    model), the full layer path or the op name. One that matches nothing is an error listing the
-    layers that hold ReLUs, and so is a selection that rewrites nothing.
+    A name or glob matches a site when it matches the full layer path or any tail of it (the
+    layer's own name is the shortest), any enclosing layer (a nested model), or the op name. One
+    that matches nothing is an error listing the layers that hold ReLUs, and so is a selection
+    that rewrites nothing. A model without a ReLU is an error naming `--rule vanilla`, except for
+    `rule` 'vanilla' (the plain gradient needs no ReLU), which then selects nothing.
     """
     rewritable = [s for s in sites if s.rewritable]
-    if not rewritable:
+    if not rewritable and not (rule == rules.VANILLA and not patterns(layers)):
         found = activation_summary(sites)
         raise SelectionError(
-            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); guided "
-            "backpropagation only changes ReLU-family gradients"
+            f"the model has no ReLU or ReLU6 op to rewrite (activations found: {found}); the {rule} "
+            f"rule only changes ReLU-family gradients; use --rule {rules.VANILLA} for the plain gradient"
         )
+    if not rewritable:
+        return Selection(tuple(sites), frozenset(), frozenset())
     layers = patterns(layers)
     exclude_layers = patterns(exclude_layers)
     for option, given in (("--layers", layers), ("--exclude_layers", exclude_layers)):
@@ -79,7 +111,7 @@ def select(
             if not any(_matches(s, pattern) for s in rewritable):
                 raise SelectionError(
                     f"{option} {pattern!r} matches no layer holding a ReLU; layers with ReLUs: "
-                    f"{', '.join(layers_with_relu(rewritable))}"
+                    f"{_some(layers_with_relu(rewritable))}"
                 )
     chosen = [s for s in rewritable if not layers or any(_matches(s, p) for p in layers)]
     excluded = {s.key for s in chosen if any(_matches(s, p) for p in exclude_layers)}

@@ -15,6 +15,7 @@ from gbp_rewrite.errors import SourceModelError, VerificationError, one_line
 from gbp_rewrite.signatures import EXPLAIN_CLASS_SIGNATURE, ExplainPlan
 from gbp_rewrite.graph.savedmodel import TensorDesc
 from gbp_rewrite.graph.staging import python_loader_view
+from gbp_rewrite.rules import VANILLA
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +49,35 @@ def run_probe(
         raise SourceModelError(f"the source model fails on a probe batch ({shapes}): {one_line(e)}") from None
 
 
-def check_applied(
-    selected: Sequence, key_of: Callable[[object], str], applied: set[str], rule: str,
-    *, softmax: tuple[str, str] | None = None,
-) -> str:
-    """Prove the rule reached the gradient: a selected site whose rule was never built keeps the
-    plain gradient, silently.
+def check_applied(selected: Sequence, reached: Sequence, rule: str) -> str:
+    """Prove the rule reached the gradient: a selected ReLU op whose rule never ran for the
+    explained score keeps the plain gradient, silently.
 
-    `applied` holds the keys rules.record_applications collected while the signatures were traced,
-    `key_of(site)` is the key of one of the `selected` sites, and `softmax` (key, how to name it)
-    the output softmax that must pass the gradient through. Returns the check's text.
+    `selected` are the selected ReLU ops, `reached` those whose rule gradient ran while the
+    explained score's gradient was traced (rules.record_applications), counted op by op (the
+    output Softmax/Sigmoid is check_pass_through's). Returns the check's text.
     """
-    reached = [s for s in selected if key_of(s) in applied]
+    if rule == VANILLA:  # the true gradient needs no ReLU on the path
+        return (f"{rule} rule: the plain gradient, no ReLU needed ({len(reached)} of {len(selected)} "
+                "selected ReLU ops on the explained path)")
     if not reached:
         raise VerificationError(
             f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
-            "explained output, so the saliency would be the plain gradient; select other layers"
+            f"explained output, so the saliency would be the plain gradient; select other layers, or "
+            f"use --rule {VANILLA} for the plain gradient"
         )
-    if softmax is not None and softmax[0] not in applied:
-        raise VerificationError(f"the output {softmax[1]} is not on the gradient path")
     text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
     if len(reached) < len(selected):
-        text += " (the others do not lie between the inputs and the explained output)"
+        text += " (the others are off the explained path: no gradient of the explained score runs through them)"
     return text
+
+
+def check_pass_through(heads: Sequence[tuple[str, str]], applied: set[str]) -> None:
+    """Prove each output Softmax/Sigmoid (key, how to name it) passed the gradient through: one
+    that kept its true gradient would explain the probability while the report says logit."""
+    for key, name in heads:
+        if key not in applied:
+            raise VerificationError(f"the output {name} is not on the gradient path")
 
 
 def self_check(

@@ -15,6 +15,9 @@ clients; only for image inputs ([batch, H, W, C]).
 
 One forward pass feeds both the predictions and the gradient, and the score's gradient is seeded
 with a one-hot vector of the explained class, so there is no gather/scatter plumbing in the graph.
+A binary sigmoid output (one unit p) has classes 1 and 0: the seed is +1 or -1 (score z or -z, p
+or 1 - p). What the score is (logit or value) is decided by `choose_score` from the ops that end
+the output (sites.find_output_heads); see the README's "What is explained".
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class ExplainPlan:
     saliency_outputs: dict[str, str]  # saliency output key -> input key
     output_key: str
     saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
+    # A binary sigmoid output ([batch] or [batch, 1] probability p of class 1): class 1 is explained
+    # where p > 0.5, else class 0, whose score is the negated one (-z, or 1 - p).
+    binary: bool = False
 
     @property
     def explained(self) -> TensorDesc:
@@ -60,8 +66,14 @@ class ExplainPlan:
 
     @property
     def num_classes(self) -> int:
+        """The number of output units of the explained output."""
         shape = self.explained.shape
         return 1 if len(shape) == 1 else shape[-1]
+
+    @property
+    def class_count(self) -> int:
+        """The number of classes `explain_class` accepts: 2 for a binary sigmoid output."""
+        return 2 if self.binary else self.num_classes
 
     def output_keys(self) -> list[str]:
         return list(self.outputs) + list(self.saliency_outputs) + list(self.saliency_maps) + [EXPLAINED_CLASS]
@@ -71,6 +83,68 @@ def check_score(score: str) -> None:
     """Raise an OptionError unless `score` is one of SCORES."""
     if score not in SCORES:
         raise OptionError(f"unknown score {score!r}; valid scores: {', '.join(SCORES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorePlan:
+    """What the score is: the ops to give a pass-through gradient, the plan, and the report's words."""
+
+    plan: ExplainPlan  # with `binary` set for a binary sigmoid output
+    pass_through: tuple  # the Softmax/Sigmoid sites (sites.Site) whose gradient passes straight through
+    name: str  # e.g. "softmax logit", "binary sigmoid probability", "output value"
+    note: str
+
+
+def choose_score(plan: ExplainPlan, heads, score: str) -> ScorePlan:
+    """Decide what is explained, from how the output ends (`heads`: a sites.OutputHeads).
+
+    score 'logit': every Softmax/Sigmoid that ends the output (behind shape-only ops and
+    concatenations) passes the gradient through; an output that ends in other ops is a logit
+    already. Refused when a Softmax/Sigmoid hides behind arithmetic at the output's end.
+    score 'probability': the output's value with its true gradient (1 - p for a binary sigmoid's
+    class 0); refused when the output ends in no Softmax/Sigmoid (its value is the logit).
+    """
+    check_score(score)
+    squashing, hidden = heads.squashing, heads.hidden
+    kinds = {s.op_type for s in squashing}
+    binary = kinds == {"Sigmoid"} and not heads.plain and plan.num_classes == 1
+    plan = dataclasses.replace(plan, binary=binary)
+    head = "binary sigmoid" if binary else "multi-label sigmoid" if kinds == {"Sigmoid"} else "softmax"
+    ops = ", ".join(f"{s.op_type} '{s.node}'" for s in squashing[:3]) + (
+        f" and {len(squashing) - 3} more" if len(squashing) > 3 else "")
+    passes = "passes" if len(squashing) == 1 else "pass"
+    ends = ", ".join(f"{s.op_type} '{s.node}'" for s in heads.plain[:3]) or "an op that could not be traced"
+    if score == "logit":
+        if hidden is not None:
+            raise OptionError(
+                f"output {plan.output_key!r} has no logit to explain: its {hidden.op_type} "
+                f"'{hidden.node}' is followed by arithmetic ({ends}), so its gradient cannot pass "
+                "through; explain the output's value with --score probability"
+            )
+        if not squashing:
+            return ScorePlan(plan, (), "output value (a logit)",
+                             f"the output ends in {ends}, not Softmax or Sigmoid: its value is the score")
+        if binary:
+            note = f"logit z for class 1 (where p > 0.5), -z for class 0; {ops} {passes} the gradient through"
+        elif head == "softmax":
+            note = f"pre-softmax logit: {ops} {passes} the gradient through"
+        else:
+            note = f"pre-sigmoid logit of the top class; {ops} {passes} the gradient through"
+        return ScorePlan(plan, tuple(squashing), f"{head} logit", note)
+    if hidden is not None:
+        return ScorePlan(plan, (), "output value",
+                         f"the output's value with its true gradient ({hidden.op_type} '{hidden.node}' "
+                         f"is followed by {ends})")
+    if not squashing:
+        raise OptionError(
+            f"--score probability needs an output that ends in Softmax or Sigmoid, but "
+            f"{plan.output_key!r} ends in {ends}; its value already is the score, use --score logit"
+        )
+    function = "softmax" if head == "softmax" else "sigmoid"
+    note = f"{function} probability with the true {function} gradient"
+    if binary:
+        note = "sigmoid probability p for class 1, 1 - p for class 0, with the true sigmoid gradient"
+    return ScorePlan(plan, (), f"{head} probability", note)
 
 
 def make_plan(
@@ -171,11 +245,14 @@ def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], 
         tape.watch(watched)
         outputs = dict(forward(inputs))
     explained = outputs[plan.output_key]
-    classes = _explained_classes(explained, plan.num_classes, class_index)
-    if plan.num_classes == 1 and len(plan.explained.shape) == 1:
-        seed = tf.ones_like(explained)
+    if plan.binary:
+        classes, seed = _binary_classes_and_seed(explained, class_index)
     else:
-        seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
+        classes = _explained_classes(explained, plan.num_classes, class_index)
+        if plan.num_classes == 1 and len(plan.explained.shape) == 1:
+            seed = tf.ones_like(explained)
+        else:
+            seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
     gradients = tape.gradient(
         explained, watched, output_gradients=seed,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -202,6 +279,20 @@ def _explained_classes(explained: tf.Tensor, num_classes: int, class_index: tf.T
     else:
         top = tf.argmax(explained, axis=-1, output_type=tf.int64)
     return tf.where(class_index < 0, top, class_index)
+
+
+def _binary_classes_and_seed(probability: tf.Tensor, class_index: tf.Tensor):
+    """A binary sigmoid output p: the class per example (`class_index`, or 1 where p > 0.5 and 0
+    where -1) and the seed: +1 for class 1 (score z, or p), -1 for class 0 (score -z, or 1 - p).
+
+    The seed's sign is the score's, not a flip of the map: the guided gate sees the negated
+    upstream gradient.
+    """
+    p = tf.reshape(probability, [-1])
+    predicted = tf.cast(p > tf.constant(0.5, p.dtype), tf.int64)
+    classes = tf.where(class_index < 0, predicted, class_index)
+    sign = tf.where(classes > 0, tf.ones_like(p), -tf.ones_like(p))
+    return classes, tf.reshape(sign, tf.shape(probability))
 
 
 def _checked_classes(class_index: tf.Tensor, batch_input: tf.Tensor, num_classes: int) -> tf.Tensor:
@@ -243,7 +334,7 @@ def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.
     @tf.function(autograph=False)
     def explain_class(**inputs):
         class_index = inputs.pop(CLASS_INDEX)
-        return core(inputs, _checked_classes(class_index, inputs[batch_source], plan.num_classes))
+        return core(inputs, _checked_classes(class_index, inputs[batch_source], plan.class_count))
 
     class_spec = tf.TensorSpec([None], tf.int64, name=CLASS_INDEX)
     return {

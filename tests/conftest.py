@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 import shutil
@@ -60,12 +59,31 @@ class Zoo:
             "no_relu": lambda: model_zoo.no_relu_keras3(keras).export(str(path), verbose=False),
             "int_input": lambda: model_zoo.int_input_module(path),
             "shapes_cnn": lambda: shutil.copytree(REPO / "testdata" / "shapes_cnn", path),  # the shipped model
+            "default_names_tf_keras": lambda: model_zoo.default_names_tf_keras(path),
+            "default_names_tf1": lambda: model_zoo.default_names_tf1(path),
+            "default_names_keras3": lambda: model_zoo.default_names_keras3(keras).export(str(path), verbose=False),
+            "default_names_keras3.keras": lambda: model_zoo.default_names_keras3(keras).save(str(path)),
+            "nested_default_names_keras3": lambda: model_zoo.nested_default_names_keras3(keras).export(
+                str(path), verbose=False),
+            "nested_default_names_keras3.keras": lambda: model_zoo.nested_default_names_keras3(keras).save(str(path)),
+            "hard_mix": lambda: model_zoo.hard_mix_keras3(keras).export(str(path), verbose=False),
+            "hard_mix.keras": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
+            "hard_mix.h5": lambda: model_zoo.hard_mix_keras3(keras).save(str(path)),
+            "mobilenet_v3_gate": lambda: model_zoo.mobilenet_v3_gate_module(path),
+            "smooth_activations": lambda: model_zoo.smooth_activations_keras3(keras).export(str(path), verbose=False),
         }
         builders[name]()
         return path
 
     @staticmethod
     def spec(kind: str):
+        """A numpy_reference spec: one of ref.SPEC_KINDS, or a sigmoid classifier: "binary" (one
+        unit, its dense layer's activation sigmoid) or "multilabel" (5 units, a sigmoid layer)."""
+        if kind == "binary":
+            spec = ref.random_spec("mlp", seed=1, input_shape=INPUT_SHAPE, num_classes=1)
+            return spec[:-1] + [dict(spec[-1], activation="sigmoid")]
+        if kind == "multilabel":
+            return ref.random_spec("mlp", seed=1, input_shape=INPUT_SHAPE) + [{"type": "sigmoid", "name": "sigmoid"}]
         return ref.random_spec(kind, seed=1, input_shape=INPUT_SHAPE)
 
     def converted(self, name: str, **options):
@@ -137,20 +155,27 @@ def _sources_are_never_changed():
         yield
 
 
-@functools.cache
 def serving_check_build():
-    """tools/serving_check/build.py as a module, loaded once. Loaded under its own name: "build" is
-    also the name of pypa's build package."""
-    spec = importlib.util.spec_from_file_location(
-        "serving_check_build", REPO / "tools" / "serving_check" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """gbp_rewrite.deploy.serving_check_build: builds the C++ serving check into the user cache."""
+    from gbp_rewrite.deploy import serving_check_build as module
+
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _serving_check_cache(tmp_path_factory):
+    """The whole session builds the C++ serving check into its own XDG_CACHE_HOME (once, on first
+    use, shared by every test, subprocesses included), never into the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        patch.delenv("GBP_REWRITE_CACHE_DIR", raising=False)
+        patch.delenv("GBP_REWRITE_SERVING_CHECK", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
-def serving_check_binary() -> Path:
-    """tools/serving_check, built once per session (a stat() when it is up to date).
+def serving_check_binary(_serving_check_cache) -> Path:
+    """The C++ serving check, built once per session into the session's cache (about 35 s).
 
     Without a C++ compiler the tests that need it fail (a CI without g++ must not pass by skipping
     them), unless GBP_REWRITE_ALLOW_NO_CXX=1 says so on purpose: then they skip. A failing
@@ -158,7 +183,7 @@ def serving_check_binary() -> Path:
     """
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        reason = f"no C++ compiler ({compiler}) on PATH: cannot build tools/serving_check"
+        reason = f"no C++ compiler ({compiler}) on PATH: cannot build the C++ serving check"
         if os.environ.get(ALLOW_NO_CXX) == "1":
             pytest.skip(reason)
         pytest.fail(f"{reason} (set {ALLOW_NO_CXX}=1 to skip the tests that need it)")
@@ -197,11 +222,11 @@ def _completed(process: subprocess.Popen, deadline: float) -> subprocess.Complet
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32):
+def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32, input_shape=INPUT_SHAPE):
     """`batch` inputs of `dtype` whose ReLU masks and max-pool choices are the same in float64 as
     in `dtype`: their kink margin (numpy_reference.kink_margin) exceeds `margin`."""
     for attempt in range(REFERENCE_INPUT_TRIES):
-        x = ref.random_inputs(INPUT_SHAPE, batch=batch * 4, seed=seed + 1000 * attempt).astype(dtype)
+        x = ref.random_inputs(input_shape, batch=batch * 4, seed=seed + 1000 * attempt).astype(dtype)
         good = x[ref.kink_margin(spec, x) > margin]
         if len(good) >= batch:
             return good[:batch]
@@ -209,11 +234,24 @@ def reference_inputs(spec, *, batch=6, seed=3, margin=1e-3, dtype=np.float32):
                          f"in each of {REFERENCE_INPUT_TRIES} tries: lower the margin or the batch")
 
 
-def assert_close_relative(actual, expected, rtol=1e-5):
-    """|actual - expected| <= rtol * max|expected|, elementwise over the whole batch."""
+def assert_close_relative(actual, expected, rtol=1e-5, *, example_floor=0.1):
+    """|actual - expected| <= rtol * scale, with the scale of the whole batch (max|expected|) and,
+    for a batch (leading axis), of each example alone: a small example's map is not hidden by a
+    large one. An example's own scale is floored at `example_floor` times the batch's: float32
+    cannot do better on an example whose map nearly vanishes (a saturated softmax's probability
+    gradient is a difference of nearly equal terms), and the batch check still holds it."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape
     scale = np.max(np.abs(expected))
     assert scale > 0, "the reference is all zeros: the test would prove nothing"
     worst = np.max(np.abs(actual - expected))
     assert worst <= rtol * scale, f"max abs difference {worst:.3g} > {rtol} * {scale:.3g}"
+    if expected.ndim < 2:
+        return
+    per_example = lambda a: np.max(np.abs(a).reshape(len(a), -1), axis=1)  # noqa: E731
+    own = np.maximum(per_example(expected), example_floor * scale)
+    errors = per_example(actual - expected)
+    bad = np.flatnonzero(errors > rtol * own)
+    assert not bad.size, (
+        f"example {bad[0]}: max abs difference {errors[bad[0]]:.3g} > {rtol} * {own[bad[0]]:.3g} "
+        f"(its own scale; {len(bad)} of {len(own)} examples off)")

@@ -32,14 +32,17 @@ def _conv(x, layer, kernel, bias):
 def _activation(x, name):
     if name in (None, "linear"):
         return x
-    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax}[name](x)
+    return {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "softmax": tf.nn.softmax, "sigmoid": tf.nn.sigmoid}[name](x)
 
 
-def _apply(layers, x, weights):
-    """Apply spec layers with tf ops; `weights(layer, key)` returns the tensor for a weight."""
+def _apply(layers, x, weights, *, default_scopes=False):
+    """Apply spec layers with tf ops; `weights(layer, key)` returns the tensor for a weight.
+
+    An unnamed layer's scope is `<type>_<position>`, or with `default_scopes` its type, which
+    TensorFlow uniquifies as TF1 code gets it (`dense`, `dense_1`, ...)."""
     for i, layer in enumerate(layers):
         kind = layer["type"]
-        name = layer.get("name") or f"{kind}_{i}"
+        name = layer.get("name") or (kind if default_scopes else f"{kind}_{i}")
         with tf.name_scope(name):
             if kind == "conv2d":
                 x = _activation(_conv(x, layer, weights(layer, "kernel"), weights(layer, "bias")), layer.get("activation"))
@@ -65,6 +68,8 @@ def _apply(layers, x, weights):
                     weights(layer, "gamma"), float(layer.get("epsilon", 1e-3)))
             elif kind == "softmax":
                 x = tf.nn.softmax(x)
+            elif kind == "sigmoid":
+                x = tf.nn.sigmoid(x)
             elif kind == "residual":
                 x = x + _apply(layer["layers"], x, weights)
             else:
@@ -103,7 +108,7 @@ def spec_tf_keras(spec, input_shape, path: Path) -> Path:
     return path
 
 
-def spec_tf1(spec, input_shape, path: Path) -> Path:
+def spec_tf1(spec, input_shape, path: Path, *, default_scopes=False) -> Path:
     graph = tf.Graph()
     with graph.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, *input_shape], name="image")
@@ -117,7 +122,7 @@ def spec_tf1(spec, input_shape, path: Path) -> Path:
                     np.asarray(layer[key], np.float32), name=key, use_resource=False)
             return variables[ident]
 
-        y = _apply(spec, x, weights)
+        y = _apply(spec, x, weights, default_scopes=default_scopes)
         with tf.compat.v1.Session(graph=graph) as session:
             session.run(tf.compat.v1.global_variables_initializer())
             builder = tf.compat.v1.saved_model.Builder(str(path))
@@ -168,8 +173,16 @@ def spec_tf2_module(spec, input_shape, path: Path) -> Path:
     return path
 
 
+def spec_keras_file(spec, input_shape, path: Path) -> Path:
+    """The spec as a .keras file: converting it goes the Keras path."""
+    path = path.with_suffix(".keras")
+    ref.keras_model(spec, input_shape).save(str(path))
+    return path
+
+
 FAMILIES = {
     "keras3": spec_keras3,
+    "keras_file": spec_keras_file,
     "tf_keras": spec_tf_keras,
     "tf1": spec_tf1,
     "tf2_module": spec_tf2_module,
@@ -369,8 +382,9 @@ def mixed_float16_keras3(keras, *, seed=0, batchnorm=False, float16_output=False
 
 
 def keras_spec(model):
-    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, Flatten and Dense
-    layers (such as mixed_float16_keras3's), from the model's float32 weights."""
+    """The numpy_reference spec of a chain of Conv2D, BatchNormalization, ReLU, MaxPooling2D (valid),
+    Flatten and Dense layers (such as mixed_float16_keras3's, or the shipped shapes_cnn), from the
+    model's float32 weights."""
     return [_keras_layer_spec(layer) for layer in model.layers[1:]]  # layers[0]: the InputLayer
 
 
@@ -391,4 +405,302 @@ def _keras_layer_spec(layer):
         return {"type": "relu" if layer.max_value is None else "relu6", "name": layer.name}
     if kind == "Flatten":
         return {"type": "flatten", "name": layer.name}
+    if kind == "MaxPooling2D" and layer.padding == "valid":
+        return {"type": "maxpool", "name": layer.name, "pool": tuple(layer.pool_size), "strides": tuple(layer.strides)}
     raise ValueError(f"no spec for layer {layer.name} ({kind})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Default layer names (issue 11 item 1) and activations that use a ReLU op inside (item 2)
+
+
+def default_names_spec(*, seed=11, features=6, num_classes=3):
+    """Three Dense+relu layers and a Dense head, unnamed: Keras and TF1 call them dense, dense_1,
+    dense_2, dense_3. `name_default_layers` gives the reference the same names."""
+    rng = np.random.default_rng(seed)
+    sizes = [features, 8, 8, 8]
+    layers = [ref._random_dense(rng, None, sizes[i], sizes[i + 1], activation="relu") for i in range(3)]
+    return layers + [ref._random_dense(rng, None, sizes[-1], num_classes)]
+
+
+def name_default_layers(spec):
+    """The spec with the names Keras and TF1 give its unnamed Dense layers: dense, dense_1, ..."""
+    return [dict(layer, name="dense" if i == 0 else f"dense_{i}") for i, layer in enumerate(spec)]
+
+
+def default_names_tf_keras(path: Path) -> Path:
+    """A tf-keras Sequential of default-named layers (dense, dense_1, dense_2, dense_3)."""
+    import tf_keras
+
+    tf_keras.backend.clear_session()  # default names count from zero again
+    spec = default_names_spec()
+    model = tf_keras.Sequential([tf_keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")])
+    for layer in spec:
+        dense = tf_keras.layers.Dense(layer["kernel"].shape[1], activation=layer.get("activation"))
+        model.add(dense)
+        dense.set_weights([np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)])
+    assert [l.name for l in model.layers] == [l["name"] for l in name_default_layers(spec)]
+    model.save(str(path), save_format="tf")
+    return path
+
+
+def default_names_tf1(path: Path) -> Path:
+    """A TF1 SavedModelBuilder graph whose scopes TensorFlow names dense, dense_1, ..."""
+    spec = default_names_spec()
+    return spec_tf1(spec, (spec[0]["kernel"].shape[0],), path, default_scopes=True)
+
+
+def default_names_keras3(keras):
+    """A Keras 3 Sequential whose layers carry Keras' default names dense, dense_1, ... (given
+    explicitly: Keras 3 numbers default names across the session), so the call scopes Keras 3
+    adds make dense_1 (layer dense) and dense_1_2 (layer dense_1)."""
+    spec = name_default_layers(default_names_spec())
+    model = keras.Sequential([keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")], name="sequential")
+    for layer in spec:
+        dense = keras.layers.Dense(layer["kernel"].shape[1], activation=layer.get("activation"), name=layer["name"])
+        model.add(dense)
+        dense.set_weights([np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"], np.float32)])
+    return model
+
+
+def nested_default_names_keras3(keras):
+    """default_names_keras3 inside a functional model, after a layer named like its first one."""
+    inner = default_names_keras3(keras)
+    spec = name_default_layers(default_names_spec())
+    inputs = keras.Input(shape=(spec[0]["kernel"].shape[0],), name="x")
+    return keras.Model(inputs, inner(inputs), name="outer")
+
+
+def hard_mix_spec(*, seed=5, input_shape=(8, 8, 3), num_classes=4):
+    """hard_silu, relu, ReLU(max_value=3), hard_sigmoid, ReLU(threshold=0.5) and a softmax head,
+    weights scaled so every activation sees both sides of each of its kinks."""
+    rng = np.random.default_rng(seed)
+    head = [
+        ref._random_conv(rng, "conv_hs", input_shape[-1], 4, gain=2.0, activation="hard_silu"),
+        ref._random_conv(rng, "conv_relu", 4, 4, strides=2, gain=2.0, activation="relu"),
+        ref._random_conv(rng, "conv_cap", 4, 4, gain=3.0),
+        {"type": "relu", "name": "cap3", "max_value": 3.0},
+        {"type": "flatten", "name": "flatten"},
+    ]
+    features = int(np.prod(ref.output_shape(head, input_shape)))
+    return head + [
+        ref._random_dense(rng, "fc_hsig", features, 12, gain=3.0, activation="hard_sigmoid"),
+        ref._random_dense(rng, "fc_thr", 12, 10, gain=3.0),
+        {"type": "relu", "name": "thr", "threshold": 0.5},
+        ref._random_dense(rng, "logits", 10, num_classes, activation="softmax"),
+    ]
+
+
+def hard_mix_keras3(keras):
+    return ref.keras_model(hard_mix_spec(), (8, 8, 3), name="hard_mix")
+
+
+def mobilenet_v3_gate_module(path: Path) -> Path:
+    """MobileNetV3's hard_sigmoid and hard_swish as tf-keras writes them (ReLU(6.)(x + 3.) * (1/6),
+    then x * that), a plain ReLU6 on x + 3 without the scaling, and a relu, as a TF2 module:
+        score = sum(W2 . hard_swish(W1 x)) + sum(relu6(x + 3)) + sum(relu(x))
+    The first Relu6 is part of hard_swish (kept), the second and the Relu are ReLU units."""
+
+    class Gate(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(2)
+            self.w1 = tf.Variable(rng.normal(0.0, 2.0, (4, 6)).astype(np.float32))
+            self.w2 = tf.Variable(rng.normal(0.0, 1.0, (6, 2)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x):
+            with tf.name_scope("expand"):
+                h = tf.matmul(x, self.w1)
+            with tf.name_scope("hard_swish"):
+                gate = tf.nn.relu6(h + 3.0) * (1.0 / 6.0)
+                h = h * gate
+            with tf.name_scope("shifted_relu6"):
+                shifted = tf.nn.relu6(x + 3.0)
+            with tf.name_scope("plain_relu"):
+                plain = tf.nn.relu(x)
+            extra = tf.reduce_sum(shifted, axis=1, keepdims=True) + tf.reduce_sum(plain, axis=1, keepdims=True)
+            return {"scores": tf.matmul(h, self.w2) + extra}
+
+    module = Gate()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Output heads: a logits body (a numpy_reference spec without softmax) and what follows it
+
+
+def _softmax_heads(z, head: str):
+    """The spec's logits z [batch, K] through a softmax `head` (TensorFlow ops, graph path)."""
+    k = int(z.shape[-1])
+    if head == "reshape":
+        return tf.reshape(tf.nn.softmax(z), [-1, k])
+    if head == "squeeze":
+        return tf.squeeze(tf.nn.softmax(tf.expand_dims(z, 1)), axis=1)
+    if head == "expand_dims":
+        return tf.reshape(tf.expand_dims(tf.nn.softmax(z), 1), [-1, k])
+    if head == "identity":
+        return tf.identity(tf.nn.softmax(z))
+    if head == "cast":
+        return tf.cast(tf.nn.softmax(z), tf.float64)
+    if head == "concat":  # two softmax heads: classes [0, 2) and [2, K)
+        return tf.concat([tf.nn.softmax(z[:, :2]), tf.nn.softmax(z[:, 2:])], axis=-1)
+    if head == "scaled":  # a softmax inside arithmetic: no logit can be explained
+        return tf.nn.softmax(z) * 2.0 + 1.0
+    if head == "swish_dense":  # a sigmoid inside the network (swish) before a matrix product: logits
+        return tf.matmul(z * tf.nn.sigmoid(z), tf.eye(k) * 0.5 + 0.1)
+    raise ValueError(head)
+
+
+HEADS = ("reshape", "squeeze", "expand_dims", "identity", "cast", "concat", "scaled", "swish_dense", "two_heads")
+
+
+class _HeadModule(tf.Module):
+    def __init__(self, spec, input_shape, head):
+        super().__init__(name="head_module")
+        self.body = _SpecModule(spec, input_shape)
+        self.head = head
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
+
+    def _serve(self, image):
+        z = self.body._serve(image)["scores"]
+        if self.head == "two_heads":  # a softmax over classes [0, 3) and a binary sigmoid on unit 3
+            return {"cls": tf.nn.softmax(z[:, :3]), "flag": tf.nn.sigmoid(z[:, 3:4])}
+        return {"scores": _softmax_heads(z, self.head)}
+
+
+def head_module(spec, input_shape, head: str, path: Path) -> Path:
+    """A TF2 SavedModel: the logits of `spec` through `head` (one of HEADS)."""
+    module = _HeadModule(spec, input_shape, head)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def smooth_activations_keras3(keras):
+    """One Dense per activation that has no guided rule, in the lowered forms Keras 3 writes:
+    GELU exact (Erfc) and tanh-approximated, swish, mish, ELU, SELU, softplus, sigmoid, tanh,
+    and one relu so the model converts."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,), name="x")
+    x = inputs
+    activations = {
+        "gelu": "gelu", "gelu_tanh": lambda t: keras.activations.gelu(t, approximate=True),
+        "swish": "swish", "mish": "mish", "elu": "elu", "selu": "selu", "softplus": "softplus",
+        "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
+    }
+    for name, activation in activations.items():
+        x = keras.layers.Dense(4, activation=activation, name=f"d_{name}")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="smooth")
+KERAS_HEADS = ("reshape", "squeeze", "identity", "concat", "scaled", "two_heads")
+
+
+def head_keras3(keras, spec, input_shape, head: str):
+    """A Keras 3 model: the logits of `spec` through `head` (one of KERAS_HEADS), with layers."""
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    z = ref._keras_layers(keras, spec, inputs)
+    k = int(z.shape[-1])
+    layers = keras.layers
+    if head == "reshape":
+        outputs = layers.Reshape((k,), name="reshape_head")(layers.Softmax(name="probs")(z))
+    elif head == "squeeze":
+        expanded = layers.Reshape((1, k), name="expand")(z)
+        outputs = layers.Lambda(lambda t: keras.ops.squeeze(t, axis=1), name="squeeze")(
+            layers.Softmax(name="probs")(expanded))
+    elif head == "identity":
+        outputs = layers.Identity(name="same")(layers.Activation("softmax", name="probs")(z))
+    elif head == "concat":
+        first = layers.Softmax(name="probs_a")(layers.Lambda(lambda t: t[:, :2], name="take_a")(z))
+        second = layers.Softmax(name="probs_b")(layers.Lambda(lambda t: t[:, 2:], name="take_b")(z))
+        outputs = layers.Concatenate(name="heads")([first, second])
+    elif head == "scaled":
+        outputs = layers.Rescaling(2.0, offset=1.0, name="scale")(layers.Softmax(name="probs")(z))
+    elif head == "two_heads":
+        cls = layers.Softmax(name="cls")(layers.Lambda(lambda t: t[:, :3], name="take_cls")(z))
+        flag = layers.Activation("sigmoid", name="flag")(layers.Lambda(lambda t: t[:, 3:4], name="take_flag")(z))
+        outputs = {"cls": cls, "flag": flag}
+    else:
+        raise ValueError(head)
+    return keras.Model(inputs, outputs, name=f"head_{head}")
+# Models whose ReLUs are not all between the explained input and output (issue 11 item 5)
+
+
+def _random_weights(model, seed):
+    """Normal weights (kernels scaled by 1/sqrt(fan-in)) and biases, so ReLUs cut both ways."""
+    rng = np.random.default_rng(seed)
+    for layer in _leaf_layers(model):
+        weights = layer.get_weights()
+        if weights:
+            kernel, bias = weights
+            layer.set_weights([rng.normal(0, 1.5 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32),
+                               rng.normal(0, 0.5, bias.shape).astype(np.float32)])
+
+
+def two_head_keras3(keras, *, input_shape, seed=0):
+    """Two heads on one flattened input: head `a` = softmax(a_logits(trunk) + a_frozen(stop_gradient(
+    frozen))), head `b` = b(b_hidden). ReLUs: trunk (on a's path), frozen (behind stop_gradient),
+    b_hidden (on b's path only)."""
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    flat = layers.Flatten(name="flatten")(inputs)
+    trunk = layers.Dense(6, activation="relu", name="trunk")(flat)
+    frozen = layers.Dense(3, activation="relu", name="frozen")(flat)
+    logits = layers.Add(name="a_sum")([
+        layers.Dense(3, name="a_logits")(trunk),
+        layers.Dense(3, name="a_frozen")(keras.ops.stop_gradient(frozen)),
+    ])
+    a = layers.Softmax(name="a")(logits)
+    b = layers.Dense(2, name="b")(layers.Dense(4, activation="relu", name="b_hidden")(flat))
+    model = keras.Model(inputs, {"a": a, "b": b}, name="two_heads")
+    _random_weights(model, seed)
+    return model
+
+
+def other_head_relu_keras3(keras, *, input_shape, seed=0):
+    """Head `a` is linear (no ReLU); the only ReLU is in head `b`."""
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    flat = layers.Flatten(name="flatten")(inputs)
+    a = layers.Dense(3, name="a")(flat)
+    b = layers.Dense(2, name="b")(layers.Dense(4, activation="relu", name="b_hidden")(flat))
+    model = keras.Model(inputs, {"a": a, "b": b}, name="other_head")
+    _random_weights(model, seed)
+    return model
+
+
+def relu_in_call_keras3(keras, *, input_shape, seed=0):
+    """A custom layer that applies a ReLU in its own call() and then its `activation` (relu):
+    flatten -> pre (dense) -> custom: activation(relu(x) @ kernel + bias) -> logits."""
+
+    class ReluThenDense(keras.layers.Layer):
+        def __init__(self, units, activation=None, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.activation = keras.activations.get(activation)
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+            self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+        def call(self, x):
+            return self.activation(keras.ops.matmul(keras.ops.relu(x), self.kernel) + self.bias)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units,
+                    "activation": keras.activations.serialize(self.activation)}
+
+    layers = keras.layers
+    inputs = keras.Input(input_shape, name="x")
+    x = layers.Flatten(name="flatten")(inputs)
+    x = layers.Dense(6, name="pre")(x)
+    x = ReluThenDense(5, activation="relu", name="custom")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="relu_in_call")
+    _random_weights(model, seed)
+    return model
+
+
+def dense_spec(layer, *, activation=None, name=None):
+    """A numpy_reference dense layer with a Keras layer's weights (float64)."""
+    kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+    return {"type": "dense", "name": name or layer.name, "kernel": kernel, "bias": bias, "activation": activation}

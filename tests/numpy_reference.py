@@ -11,6 +11,14 @@ ReLU family are replaced according to a rule (Springenberg et al. 2014):
 * ``"vanilla"``:   the true gradient (Relu dx = dy * [x > 0],
                    Relu6 dx = dy * [0 < x < 6]), matching TF's ReluGrad/Relu6Grad.
 
+A capped ReLU (``max_value=k``) is a Relu followed by a clip at ``k``: the
+rule applies at the Relu to the gradient the clip passes, ``dy * [x < k]``
+(guided: ``dy * [0 < x < k] * [dy > 0]``).  Activations that are not ReLU
+units keep their true gradient under every rule: ``hard_sigmoid(x) =
+clip(x / 6 + 1/2, 0, 1)`` (derivative 1/6 on (-3, 3)), ``hard_silu(x) = x *
+hard_sigmoid(x)`` (derivative (2x + 3) / 6 on (-3, 3), 1 above), and the
+thresholded ReLU ``x * [x > t]`` (derivative ``[x > t]``).
+
 Every other op keeps its true gradient.  Max-pooling routes the gradient to
 the first arg-max (row-major) of each window, like TensorFlow's MaxPoolGrad.
 
@@ -22,12 +30,14 @@ A model is a list of layer dicts (layout NHWC, like TensorFlow)::
      "bias": b[cout] or None, "strides": 1 | 2 | (sh, sw),
      "padding": "valid" | "same", "activation": None | "relu" | "relu6"}
     {"type": "dense", "name": "fc", "kernel": W[cin, cout], "bias": b[cout],
-     "activation": None | "relu" | "relu6" | "softmax"}
+     "activation": None | "relu" | "relu6" | "softmax" | "sigmoid"}
     {"type": "relu"}            {"type": "relu6"}
+    {"type": "relu", "max_value": k}   # ReLU capped at k (Keras: Relu + Minimum)
+    {"type": "relu", "threshold": t}   # x if x > t else 0 (Keras: Greater + Select)
     {"type": "maxpool", "pool": 2, "strides": 2}        # valid padding
     {"type": "flatten"}         {"type": "gap"}          # global avg pooling
     {"type": "batchnorm", "gamma", "beta", "mean", "var", "epsilon"}
-    {"type": "softmax"}                                  # last layer only
+    {"type": "softmax"}   {"type": "sigmoid"}            # last layer only
     {"type": "residual", "layers": [...]}                # y = x + f(x)
 
 ``"name"`` is optional on every layer; ``keras_model`` passes it to Keras.
@@ -40,6 +50,13 @@ by default, the arg-max of the model output.  If the model ends in softmax,
 replaced by the identity, i.e. the seed is one-hot(c) on the logits) and
 ``score="probability"`` uses ``softmax(z)_c`` with its true gradient.  Without
 a softmax both scores are the output unit ``c``.
+
+A model ending in sigmoid is scored the same way per unit (``z_c`` or
+``sigmoid(z)_c``; the default class is the arg-max), except a *binary* one
+(one output unit, p = sigmoid(z)): its classes are 1 (score ``z``, or ``p``)
+and 0 (score ``-z``, or ``1 - p``), the default class is 1 where p > 0.5,
+and the seed on the output is +1 or -1, so under the guided rule class 0's
+map is the gated backprop of a negative seed, not the negated map of class 1.
 """
 
 import numpy as np
@@ -50,7 +67,9 @@ SCORES = ("logit", "probability")
 SPEC_KINDS = ("mlp", "cnn", "residual_bn")
 DEFAULT_INPUT_SHAPE = (8, 8, 3)
 RELU6_CAP = 6.0
-ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax")
+ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "sigmoid", "hard_sigmoid", "hard_silu")
+HARD_KINK = 3.0  # hard_sigmoid and hard_silu bend at -3 and 3
+SQUASHING = ("softmax", "sigmoid")
 
 
 # --------------------------------------------------------------------------
@@ -113,6 +132,19 @@ def _softmax(z):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def _sigmoid(z):
+    """Numerically stable logistic function."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _sigmoid_backward(y, dy, score):
+    """Sigmoid backward: identity for ``score="logit"``, y (1 - y) dy else."""
+    if score == "logit":
+        return dy
+    return dy * y * (1.0 - y)
+
+
 def _activation_forward(name, z):
     """Apply activation ``name`` to pre-activation ``z``."""
     if name in (None, "linear"):
@@ -123,6 +155,12 @@ def _activation_forward(name, z):
         return np.clip(z, 0.0, RELU6_CAP)
     if name == "softmax":
         return _softmax(z)
+    if name == "hard_sigmoid":
+        return np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if name == "hard_silu":
+        return z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if name == "sigmoid":
+        return _sigmoid(z)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -158,6 +196,13 @@ def _activation_backward(name, z, y, dy, ctx):
         return _relu_family_backward(z, dy, ctx["rule"], RELU6_CAP)
     if name == "softmax":
         return _softmax_backward(y, dy, ctx["score"])
+    if name == "hard_sigmoid":  # not a ReLU unit: the true gradient under every rule
+        return dy * np.where(np.abs(z) < HARD_KINK, 1.0 / 6.0, 0.0)
+    if name == "hard_silu":
+        inside = np.abs(z) < HARD_KINK
+        return dy * np.where(inside, (2.0 * z + 3.0) / 6.0, (z >= HARD_KINK).astype(np.float64))
+    if name == "sigmoid":
+        return _sigmoid_backward(y, dy, ctx["score"])
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -237,13 +282,25 @@ def _dense_backward(layer, cache, dy, ctx):
 
 
 def _relu_forward(layer, x):
-    """Standalone ReLU."""
-    return np.maximum(x, 0.0), {"z": x}
+    """Standalone ReLU, optionally capped at ``max_value`` or thresholded at ``threshold``."""
+    threshold = layer.get("threshold")
+    if threshold:
+        return np.where(x > threshold, x, 0.0), {"z": x}
+    y = np.maximum(x, 0.0)
+    if layer.get("max_value") is not None:
+        y = np.minimum(y, float(layer["max_value"]))
+    return y, {"z": x}
 
 
 def _relu_backward(layer, cache, dy, ctx):
-    """Standalone ReLU backward under the rule."""
-    return _relu_family_backward(cache["z"], dy, ctx["rule"], None)
+    """Standalone ReLU backward under the rule; a threshold keeps its true gradient."""
+    z = cache["z"]
+    threshold = layer.get("threshold")
+    if threshold:  # not a ReLU op: Greater + Select pass dy where x > t
+        return dy * (z > threshold)
+    if layer.get("max_value") is not None:  # the clip's own gradient, then the rule at the Relu
+        dy = dy * (z < float(layer["max_value"]))
+    return _relu_family_backward(z, dy, ctx["rule"], None)
 
 
 def _relu6_forward(layer, x):
@@ -345,6 +402,17 @@ def _softmax_layer_backward(layer, cache, dy, ctx):
     return _softmax_backward(cache["y"], dy, ctx["score"])
 
 
+def _sigmoid_layer_forward(layer, x):
+    """Elementwise logistic function."""
+    y = _sigmoid(x)
+    return y, {"y": y}
+
+
+def _sigmoid_layer_backward(layer, cache, dy, ctx):
+    """Sigmoid backward (identity when ``score="logit"``)."""
+    return _sigmoid_backward(cache["y"], dy, ctx["score"])
+
+
 def _residual_forward(layer, x):
     """``y = x + f(x)`` with ``f`` the inner layer list."""
     fx, tape = _forward_layers(layer["layers"], x)
@@ -368,6 +436,7 @@ _LAYER_OPS = {
     "gap": (_gap_forward, _gap_backward),
     "batchnorm": (_batchnorm_forward, _batchnorm_backward),
     "softmax": (_softmax_forward, _softmax_layer_backward),
+    "sigmoid": (_sigmoid_layer_forward, _sigmoid_layer_backward),
     "residual": (_residual_forward, _residual_backward),
 }
 
@@ -419,25 +488,43 @@ def ends_in_softmax(spec):
     """True if the last layer is a softmax (standalone or fused in dense)."""
     if not spec:
         return False
+    return ends_in(spec, "softmax")
+
+
+def ends_in(spec, squashing):
+    """True if the last layer is ``squashing`` ("softmax" or "sigmoid"),
+    standalone or fused in a dense layer."""
+    if not spec:
+        return False
     last = spec[-1]
-    return last["type"] == "softmax" or last.get("activation") == "softmax"
+    return last["type"] == squashing or last.get("activation") == squashing
+
+
+def is_binary_sigmoid(spec, output):
+    """True for a sigmoid model with one output unit (classes 0 and 1)."""
+    return ends_in(spec, "sigmoid") and output.shape[-1] == 1
 
 
 def _check_softmax_placement(layers, top_level=True):
-    """Softmax is only allowed as the very last top-level layer."""
+    """Softmax and sigmoid are only allowed as the very last top-level layer."""
     for index, layer in enumerate(layers):
         is_last = top_level and index == len(layers) - 1
-        has_softmax = (layer["type"] == "softmax"
-                       or layer.get("activation") == "softmax")
+        has_softmax = (layer["type"] in SQUASHING
+                       or layer.get("activation") in SQUASHING)
         if has_softmax and not is_last:
-            raise ValueError("softmax is only supported as the last layer")
+            raise ValueError("softmax/sigmoid is only supported as the last layer")
         if layer["type"] == "residual":
             _check_softmax_placement(layer["layers"], top_level=False)
 
 
-def _resolve_classes(output, class_index):
-    """Per-example class indices: arg-max by default, else broadcast."""
+def _resolve_classes(output, class_index, binary=False):
+    """Per-example class indices: arg-max by default (binary: p > 0.5), else
+    broadcast."""
     batch, num_classes = output.shape
+    if binary:
+        num_classes = 2
+        if class_index is None:
+            return (output[:, 0] > 0.5).astype(np.int64)
     if class_index is None:
         return output.argmax(axis=-1)
     classes = np.broadcast_to(np.asarray(class_index, np.int64), (batch,))
@@ -455,7 +542,7 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
       x: inputs, shape [batch, ...].
       rule: "guided", "deconvnet" or "vanilla".
       score: "logit" or "probability" (only differ if the model ends in
-        softmax, see the module docstring).
+        softmax or sigmoid, see the module docstring).
       class_index: None (top class per example), an int, or one int per
         example.
       layer_rules: optional {layer name: rule} overriding ``rule`` for the
@@ -475,9 +562,13 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
     if output.ndim != 2:
         raise ValueError(f"model output must be [batch, classes], got "
                          f"{output.shape}")
-    classes = _resolve_classes(output, class_index)
+    binary = is_binary_sigmoid(spec, output)
+    classes = _resolve_classes(output, class_index, binary)
     seed = np.zeros_like(output)
-    seed[np.arange(len(classes)), classes] = 1.0
+    if binary:
+        seed[:, 0] = np.where(classes == 1, 1.0, -1.0)
+    else:
+        seed[np.arange(len(classes)), classes] = 1.0
     ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {})}
     return _backward_layers(tape, seed, ctx), classes
 
@@ -490,14 +581,20 @@ def score_value(spec, x, *, score="logit", class_index=None):
     """
     x = np.asarray(x, np.float64)
     output = forward(spec, x)
-    classes = _resolve_classes(output, class_index)
-    if score == "logit" and ends_in_softmax(spec):
+    binary = is_binary_sigmoid(spec, output)
+    classes = _resolve_classes(output, class_index, binary)
+    squashing = next((name for name in SQUASHING if ends_in(spec, name)), None)
+    if score == "logit" and squashing is not None:
         last = spec[-1]
-        if last["type"] == "softmax":
+        if last["type"] == squashing:
             output = forward(spec[:-1], x)
         else:
             logits_layer = dict(last, activation=None)
             output = forward(list(spec[:-1]) + [logits_layer], x)
+    if binary:  # class 1: z or p; class 0: -z or 1 - p
+        unit = output[:, 0]
+        other = -unit if score == "logit" else 1.0 - unit
+        return np.where(classes == 1, unit, other), classes
     return output[np.arange(len(classes)), classes], classes
 
 
@@ -506,11 +603,15 @@ def _tape_margins(tape, margins):
     for layer, cache in tape:
         kind = layer["type"]
         activation = layer.get("activation")
-        if kind in ("relu", "relu6") or activation in ("relu", "relu6"):
+        if kind in ("relu", "relu6") or activation in ("relu", "relu6", "hard_sigmoid", "hard_silu"):
             z = cache["z"].reshape(len(cache["z"]), -1)
-            distance = np.abs(z)
+            distance = np.abs(z - (layer.get("threshold") or 0.0))
             if "relu6" in (kind, activation):
                 distance = np.minimum(distance, np.abs(z - RELU6_CAP))
+            if kind == "relu" and layer.get("max_value") is not None:
+                distance = np.minimum(distance, np.abs(z - float(layer["max_value"])))
+            if activation in ("hard_sigmoid", "hard_silu"):
+                distance = np.abs(np.abs(z) - HARD_KINK)
             margins.append(distance.min(axis=1))
         elif kind == "maxpool":
             top_two = -np.sort(-cache["flat"], axis=-1)[..., :2]
@@ -601,7 +702,8 @@ def _keras_layer(keras, layer, x):
     if kind == "batchnorm":
         return _keras_batchnorm(keras, layer, x)
     if kind == "relu":
-        return keras.layers.ReLU(name=name)(x)
+        return keras.layers.ReLU(max_value=layer.get("max_value"), threshold=layer.get("threshold") or 0.0,
+                                 name=name)(x)
     if kind == "relu6":
         return keras.layers.ReLU(max_value=6.0, name=name)(x)
     if kind == "maxpool":
@@ -614,6 +716,8 @@ def _keras_layer(keras, layer, x):
         return keras.layers.GlobalAveragePooling2D(name=name)(x)
     if kind == "softmax":
         return keras.layers.Softmax(name=name)(x)
+    if kind == "sigmoid":
+        return keras.layers.Activation("sigmoid", name=name)(x)
     if kind == "residual":
         branch = _keras_layers(keras, layer["layers"], x)
         return keras.layers.Add(name=name)([x, branch])

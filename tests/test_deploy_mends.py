@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -38,22 +37,22 @@ def test_decoded_pictures_of_same_named_images_never_overwrite_each_other(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# tools/serving_check/build.py links under a temporary name
+# The C++ serving check is built into the cache under a temporary name
 
 
 @pytest.fixture
 def build_module(tmp_path, monkeypatch):
-    """build.py (a private copy of the module) building into tmp_path with a stand-in compiler."""
-    spec = importlib.util.spec_from_file_location("serving_check_build_mends",
-                                                  REPO / "tools" / "serving_check" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "BUILD_DIR", tmp_path)
-    monkeypatch.setattr(module, "BINARY", tmp_path / "serving_check")
-    monkeypatch.setattr(module, "STAMP", tmp_path / "serving_check.stamp.json")
-    monkeypatch.setattr(module, "_compiler", lambda: "c++")
+    """gbp_rewrite.deploy.serving_check_build building into tmp_path with a stand-in compiler."""
+    from gbp_rewrite.deploy import serving_check_build as module
+
+    monkeypatch.setenv(module.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(module, "compiler", lambda: "c++")
     monkeypatch.setattr(module, "_command", lambda cxx, output: [cxx, "-o", str(output)])
     return module
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def test_interrupted_build_leaves_no_binary(build_module, tmp_path, monkeypatch):
@@ -64,18 +63,94 @@ def test_interrupted_build_leaves_no_binary(build_module, tmp_path, monkeypatch)
     monkeypatch.setattr(build_module, "_run_compiler", interrupted_link)
     with pytest.raises(KeyboardInterrupt):
         build_module.build(force=True)
-    assert list(tmp_path.iterdir()) == []
+    assert _files(tmp_path) == [] and build_module.built_binary() is None
 
 
 def test_finished_build_is_renamed_into_place(build_module, tmp_path, monkeypatch):
     def link(cmd, cxx):
         Path(cmd[-1]).write_bytes(b"a binary")
+        Path(cmd[-1]).chmod(0o755)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(build_module, "_run_compiler", link)
-    assert build_module.build(force=True) == build_module.BINARY
-    assert build_module.BINARY.read_bytes() == b"a binary"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving_check", "serving_check.stamp.json"]
+    binary = build_module.build(force=True)
+    assert _files(tmp_path) == [binary] and binary.read_bytes() == b"a binary"
+    import tensorflow as tf
+
+    assert binary.parent.parent == tmp_path and binary.parent.name.startswith(f"serving_check-tf{tf.__version__}-")
+    monkeypatch.setattr(build_module, "_run_compiler", lambda cmd, cxx: pytest.fail("built twice"))
+    assert build_module.build() == binary  # found in the cache: no second build
+
+
+def test_failed_build_is_one_line_and_leaves_nothing(build_module, tmp_path, monkeypatch):
+    def failing(cmd, cxx):
+        Path(cmd[-1]).write_bytes(b"junk")
+        return subprocess.CompletedProcess(cmd, 1, "", "x.cc:1: error: something broke\nmore\n")
+
+    monkeypatch.setattr(build_module, "_run_compiler", failing)
+    with pytest.raises(build_module.BuildError) as error:
+        build_module.build()
+    assert "\n" not in str(error.value) and "error: something broke" in str(error.value)
+    assert _files(tmp_path) == []
+
+
+def test_cache_folder_follows_xdg_and_the_override(tmp_path, monkeypatch):
+    from gbp_rewrite.deploy import serving_check_build
+
+    monkeypatch.delenv(serving_check_build.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert serving_check_build.cache_dir() == tmp_path / "xdg" / "gbp_rewrite"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert serving_check_build.cache_dir() == tmp_path / "home" / ".cache" / "gbp_rewrite"
+    monkeypatch.setenv(serving_check_build.CACHE_ENV, str(tmp_path / "mine"))
+    assert serving_check_build.cache_dir() == tmp_path / "mine"
+    assert serving_check_build.binary_path().parent.parent == tmp_path / "mine"
+
+
+def test_no_compiler_is_a_skip_that_says_why(tmp_path, monkeypatch):
+    from gbp_rewrite.deploy import serving_check_build
+
+    monkeypatch.setenv(serving_check_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-gbp")
+    (check,) = deploy_check._cpp_checks(None, tmp_path, [])
+    assert check.status == "skip" and "no C++ compiler (no-such-compiler-gbp)" in check.detail
+    assert f"{cpp_check.BINARY_ENV}=none" in check.detail
+    monkeypatch.setenv(cpp_check.BINARY_ENV, "none")
+    (check,) = deploy_check._cpp_checks(None, tmp_path, [])
+    assert check.status == "skip" and check.detail.startswith("disabled")
+
+
+def test_the_cpp_source_is_package_data(tmp_path):
+    """A non-editable install copies what setuptools' build_py copies: the .cc must be among it,
+    and importlib.resources must find it in the package."""
+    import importlib.resources
+    import shutil
+    import sys
+
+    from gbp_rewrite.deploy import serving_check_build
+
+    assert importlib.resources.files("gbp_rewrite").joinpath("cpp", "serving_check.cc").is_file()
+    assert serving_check_build.source_path().read_text().count("LoadSavedModel") >= 1
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copytree(REPO / "gbp_rewrite", project / "gbp_rewrite",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py",
+                    "--build-lib", str(tmp_path / "lib")], cwd=project, check=True, capture_output=True)
+    assert (tmp_path / "lib" / "gbp_rewrite" / "cpp" / "serving_check.cc").is_file()
+    assert (tmp_path / "lib" / "gbp_rewrite" / "serving_check_build.py").is_file()
+
+
+def test_verify_builds_into_the_cache_on_first_use(serving_check_binary, tmp_path):
+    """The session's binary came from the default route (XDG_CACHE_HOME set by conftest), and
+    verify's default finds that same binary without being told where it is."""
+    import os
+
+    assert serving_check_binary.is_relative_to(Path(os.environ["XDG_CACHE_HOME"]) / "gbp_rewrite")
+    assert cpp_check.resolve_binary(None) == (serving_check_binary, "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_wrong_predictions_are_flagged_and_missing_cpp_is_skipped(zoo, tmp_path)
     assert _status(report, "predictions: explain_class") == "fail"
     assert _status(report, "runs: serving_default") == "pass"
     cpp = report.check(CPP)
-    assert cpp.status == "skip" and "not built" in cpp.detail and "build.py" in cpp.detail
+    assert cpp.status == "skip" and "not built" in cpp.detail and "build the serving check into the cache" in cpp.detail
     assert [c.name for c in report.failures] == ["predictions: serving_default", "predictions: explain_class"]
 
 

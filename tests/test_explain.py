@@ -20,9 +20,12 @@ import pytest
 import tensorflow as tf
 
 import gbp_rewrite
-from conftest import REPO, cli_command
+import model_zoo
+import numpy_reference as ref
+from conftest import REPO, assert_close_relative, cli_command
 from gbp_rewrite import signatures
-from gbp_rewrite.pictures import explainer, images
+from gbp_rewrite.pictures import explainer
+from gbp_rewrite.pictures import images
 from gbp_rewrite.cli.progress import Progress
 from gbp_rewrite.errors import ImageError, OptionError, SignatureError, SourceModelError
 from gbp_rewrite.graph.savedmodel import TensorDesc
@@ -75,6 +78,26 @@ def test_heat_lies_on_the_shape(shapes_model):
         ratios[name] = heat[mask].mean() / heat[~mask].mean()
     assert min(ratios.values()) >= 1.5, ratios
     assert np.mean(list(ratios.values())) >= 2.5, ratios
+
+
+def test_guided_map_of_the_shipped_model_is_the_reference_not_the_gradient(shapes, zoo):
+    """The heat test above passes for the plain gradient too. Here the guided map must equal the
+    numpy reference's guided backprop of the shipped model and differ materially from its true
+    gradient (vanilla, also checked against the reference): a guided attr silently ignored fails."""
+    import keras
+
+    spec = model_zoo.keras_spec(keras.saving.load_model(REPO / "testdata" / "shapes_cnn.keras"))
+    pixels = np.stack([_decode(path) for path in SAMPLES]).astype(np.float32) / 255.0
+    guided = _direct(shapes[0], pixels)["saliency"]
+    vanilla = _direct(zoo.converted("shapes_cnn", rule="vanilla")[0], pixels)["saliency"]
+    expected_guided, classes = ref.saliency(spec, pixels, rule="guided")
+    expected_vanilla, _ = ref.saliency(spec, pixels, rule="vanilla")
+    assert_close_relative(guided, expected_guided, rtol=1e-4)
+    assert_close_relative(vanilla, expected_vanilla, rtol=1e-4)
+    per_image = lambda a: np.sqrt((a.reshape(len(a), -1) ** 2).sum(axis=1))  # noqa: E731
+    difference = per_image(guided - vanilla) / per_image(vanilla)
+    assert np.all(difference > 0.2), difference  # every image: not the plain gradient
+    assert np.all(per_image(expected_guided - expected_vanilla) / per_image(expected_vanilla) > 0.2)
 
 
 def test_pipeline_feeds_the_model_what_a_direct_call_gets(shapes, shapes_model):

@@ -225,6 +225,55 @@ def test_vanilla_matches_finite_differences(kind, score, class_index):
     assert_close_relative(saliency, numeric, rtol=1e-6)
 
 
+def _sigmoid_spec(kind):
+    """An mlp spec ending in sigmoid: "binary" (one unit, fused) or "multilabel" (a sigmoid layer)."""
+    if kind == "binary":
+        spec = ref.random_spec("mlp", seed=1, num_classes=1)  # seed 1: both classes occur
+        return spec[:-1] + [dict(spec[-1], activation="sigmoid")]
+    return ref.random_spec("mlp", seed=SEED) + [{"type": "sigmoid"}]
+
+
+@pytest.mark.parametrize("kind, score, class_index", [
+    ("binary", "logit", None), ("binary", "logit", 0), ("binary", "logit", 1),
+    ("binary", "probability", 0), ("binary", "probability", 1),
+    ("multilabel", "logit", None), ("multilabel", "probability", 2),
+])
+def test_sigmoid_vanilla_matches_finite_differences(kind, score, class_index):
+    """The sigmoid head's scores (z or -z, p or 1 - p; z_c or p_c) and their backprop agree."""
+    spec = _sigmoid_spec(kind)
+    x = reference_inputs(spec, batch=4, seed=SEED, margin=1e-3, dtype=np.float64)
+    saliency, classes = ref.saliency(spec, x, rule="vanilla", score=score, class_index=class_index)
+    numeric = _finite_difference_saliency(spec, x, score=score, classes=classes)
+    assert_close_relative(saliency, numeric, rtol=1e-6)
+
+
+def test_binary_default_class_is_the_predicted_one():
+    spec = _sigmoid_spec("binary")
+    x = ref.random_inputs(INPUT_SHAPE, batch=16, seed=SEED)
+    _, classes = ref.saliency(spec, x)
+    np.testing.assert_array_equal(classes, (ref.forward(spec, x)[:, 0] > 0.5).astype(np.int64))
+    assert 0 < classes.sum() < len(x)
+
+
+@pytest.mark.parametrize("rule", ref.RULES)
+def test_binary_class_zero_is_the_negated_logit_under_each_rule(rule):
+    """Class 0's score -z is the logit of the same network with the last layer negated: under
+    every rule its map is that network's map (the gates see the negated upstream gradient)."""
+    spec = _sigmoid_spec("binary")
+    last = spec[-1]
+    negated = spec[:-1] + [dict(last, kernel=-last["kernel"], bias=-last["bias"], activation=None)]
+    plain = spec[:-1] + [dict(last, activation=None)]
+    x = ref.random_inputs(INPUT_SHAPE, batch=6, seed=SEED)
+    zero, _ = ref.saliency(spec, x, rule=rule, class_index=0)
+    one, _ = ref.saliency(spec, x, rule=rule, class_index=1)
+    np.testing.assert_allclose(zero, ref.saliency(negated, x, rule=rule, class_index=0)[0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(one, ref.saliency(plain, x, rule=rule, class_index=0)[0], rtol=1e-12, atol=0)
+    if rule == "vanilla":
+        np.testing.assert_allclose(zero, -one, rtol=1e-12, atol=0)
+    else:  # the guided and deconvnet gates make class 0's map more than a sign flip
+        assert np.abs(zero + one).max() > 1e-3 * np.abs(one).max()
+
+
 @pytest.mark.parametrize("kind", ref.SPEC_KINDS)
 def test_keras_model_matches_forward_and_vanilla_gradient(kind):
     spec = ref.random_spec(kind, seed=SEED)

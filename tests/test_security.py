@@ -157,12 +157,78 @@ def test_a_function_named_like_the_standard_saver_is_exempt_only_inside_the_save
     for name in ("__inference__traced_save_1", "__inference__traced_save_2"):
         function = meta_graph.graph_def.library.function.add()
         function.signature.name = name
-        _add_node(function.node_def, "SaveV2", "SaveV2")
-    _add_node(meta_graph.graph_def.node, "saver_call", "StatefulPartitionedCall", function="__inference__traced_save_1")
-    _add_node(meta_graph.graph_def.node, "serving_call", "StatefulPartitionedCall", function="__inference__traced_save_2")
+        function.signature.input_arg.add(name="file_prefix", type=tf.string.as_datatype_enum)
+        _add_node(function.node_def, "SaveV2", "SaveV2", inputs=["file_prefix"])
+    _add_node(meta_graph.graph_def.node, "saver_filename", "Placeholder")
+    _add_node(meta_graph.graph_def.node, "saver_call", "StatefulPartitionedCall", inputs=["saver_filename"],
+              function="__inference__traced_save_1")
+    _add_node(meta_graph.graph_def.node, "serving_call", "StatefulPartitionedCall", inputs=["saver_filename"],
+              function="__inference__traced_save_2")
     meta_graph.saver_def.save_tensor_name = "saver_call:0"
+    meta_graph.saver_def.filename_tensor_name = "saver_filename:0"
     found = security.find_file_ops(meta_graph)
     assert [(op.function, op.op_type) for op in found] == [("__inference__traced_save_2", "SaveV2")]
+
+
+def _saver_function(meta_graph, kind: str):
+    (function,) = [f for f in meta_graph.graph_def.library.function
+                   if f.signature.name.startswith(f"__inference__traced_{kind}_")]
+    return function
+
+
+def _node(nodes, op_type: str):
+    return next(node for node in nodes if node.op == op_type)
+
+
+def _real_saver(zoo, name: str):
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((zoo.model(name) / "saved_model.pb").read_bytes())
+    meta_graph = proto.meta_graphs[0]
+    assert security.find_file_ops(meta_graph) == []  # as TensorFlow wrote it: exempt
+    return meta_graph
+
+
+@pytest.mark.parametrize("op_type, position", [("SaveV2", 0), ("MergeV2Checkpoints", 1), ("RestoreV2", 0)])
+def test_a_saver_function_whose_checkpoint_op_uses_a_constant_path_is_reported(zoo, op_type, position):
+    """A function named like (and called like) the standard saver exempts its checkpoint ops only
+    when their path is the saver's filename argument, not any path the graph chooses."""
+    meta_graph = _real_saver(zoo, "keras3@cnn")
+    function = _saver_function(meta_graph, "restore" if op_type == "RestoreV2" else "save")
+    _add_node(function.node_def, "evil_path", "Const", string="/tmp/owned")
+    node = _node(function.node_def, op_type)
+    node.input[position] = "evil_path:output:0"
+    found = security.find_file_ops(meta_graph)
+    assert [(op.function, op.op_type) for op in found] == [(function.signature.name, op_type)]
+
+
+def test_a_saver_path_with_a_crafted_suffix_is_reported(zoo):
+    """filename + '/../../elsewhere' is not a shard name TensorFlow builds."""
+    meta_graph = _real_saver(zoo, "tf_keras@cnn")
+    function = _saver_function(meta_graph, "save")
+    suffix = next(n for n in function.node_def if n.op == "Const" and n.attr["value"].tensor.string_val == [b"_temp/part"])
+    suffix.attr["value"].tensor.CopyFrom(tf.make_tensor_proto("/../../../tmp/owned"))
+    found = security.find_file_ops(meta_graph)
+    assert [op.op_type for op in found] == ["SaveV2", "MergeV2Checkpoints"]  # both use the shard names
+
+
+def test_a_saver_called_with_another_path_is_reported(zoo):
+    """The saver function's file_prefix must be fed the saver_def's filename, not a constant."""
+    meta_graph = _real_saver(zoo, "tf2_module@cnn")
+    _add_node(meta_graph.graph_def.node, "evil_path", "Const", string="/tmp/owned")
+    restore_call = meta_graph.saver_def.restore_op_name.split(":")[0]
+    caller = next(n for n in meta_graph.graph_def.node if n.name == restore_call)
+    caller.input[0] = "evil_path"
+    found = security.find_file_ops(meta_graph)
+    assert [op.op_type for op in found] == ["RestoreV2"]
+
+
+def test_a_tf1_saver_writing_a_constant_path_is_reported(zoo):
+    meta_graph = _real_saver(zoo, "tf1@cnn")
+    graph = meta_graph.graph_def
+    _add_node(graph.node, "evil_path", "Const", string="/tmp/owned")
+    _node(graph.node, "SaveV2").input[0] = "evil_path"
+    found = security.find_file_ops(meta_graph)
+    assert [(op.function, op.op_type) for op in found] == [("", "SaveV2")]
 
 
 def test_command_line_refuses_and_allows(programs, tmp_path):

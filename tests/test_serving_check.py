@@ -1,8 +1,7 @@
-"""Tests for tools/serving_check: the C++ TF-Serving-path runner.
+"""Tests for the C++ serving check (gbp_rewrite/cpp/serving_check.cc): the TF-Serving-path runner.
 
-The binary is built once per session by conftest's serving_check_binary
-(build.py is incremental, so after the first build this only costs a
-stat()).  Each test compares what the binary produces through
+The binary is built once per session by conftest's serving_check_binary into
+the session's cache folder (later builds find it there and cost a stat()).  Each test compares what the binary produces through
 LoadSavedModel + Session::Run with what Python's
 tf.saved_model.load(...).signatures[key](...) returns on the same inputs.
 """
@@ -166,7 +165,7 @@ def assert_matches_python(out_dir, proc, model_dir, key, inputs):
 
 
 def test_build_is_incremental(binary):
-    assert serving_check_build().binary_path() == binary
+    assert serving_check_build().built_binary() == binary
     mtime = binary.stat().st_mtime_ns
     assert serving_check_build().build() == binary
     assert binary.stat().st_mtime_ns == mtime

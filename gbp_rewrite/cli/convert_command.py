@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="a SavedModel directory or a .keras/.h5 file.")
     parser.add_argument("destination", metavar="DST", help="the directory to write (never half-written).")
     common.add_list(parser, "layers", "names or glob patterns of the layers whose ReLUs get the rule "
-                    "(default: every ReLU). A nested model's name selects all its layers.", metavar="NAME")
+                    "(default: every ReLU), matched against the layer path inspect prints or any tail of it "
+                    "(block_1*, model/block_1*). A nested model's name selects all its layers.", metavar="NAME")
     common.add_list(parser, "exclude_layers", "names or glob patterns of layers to leave alone.", metavar="NAME")
     parser.add_argument("--rule", default="guided", choices=("guided", "deconvnet", "vanilla"),
                         help="the gradient rule: guided (dy*[x>0]*[dy>0]), deconvnet (dy*[dy>0]) or "
@@ -30,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_signature(parser, "the signature to explain (default: serving_default).", default="serving_default")
     parser.add_argument("--output", metavar="KEY", help="the output to explain when the signature has several.")
     parser.add_argument("--score", default="logit", choices=("logit", "probability"),
-                        help="what is explained for the top class: the pre-softmax logit (default) or the "
-                             "softmax probability.")
+                        help="what is explained: the logit before the output's Softmax/Sigmoid "
+                             "(default; refused when arithmetic follows it) or the output's value (the "
+                             "probability; 1 - p for a binary sigmoid's class 0). See docs/signatures.md, "
+                             "'What is explained'.")
     common.add_bool(parser, "saliency_map", "also return `saliency_map`, [batch, H, W] float32: max "
                     "|saliency| over the channels, scaled per example to [0, 1], a ready heat map (image "
                     "inputs only).")

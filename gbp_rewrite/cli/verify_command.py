@@ -11,7 +11,8 @@ NAME = "verify"
 SUMMARY = ("Check that the SavedModel DIR runs where users deploy it: in a clean process without "
            "gbp_rewrite, run every signature on a probe batch (predictions equal --source's, saliency "
            "finite and not all zero, outputs keep the batch dimension), audit the op types (no Python "
-           "or custom ops), and run TF Serving's C++ loader when tools/serving_check is built. A model "
+           "or custom ops), and run TF Serving's C++ loader (built with g++ into ~/.cache/gbp_rewrite on "
+           "first use, about a minute; GBP_REWRITE_SERVING_CHECK=none skips it). A model "
            "whose graph reaches files or the network is refused first unless --allow_file_ops. One "
            "PASS/FAIL/SKIP line per check; exit status 1 if any check fails.")
 

@@ -4,7 +4,7 @@
       -> a clean Python process (gbp_rewrite not importable, cwd outside the repository, no
          PYTHONPATH) runs clean_process.py: op audit, load, every signature on a probe batch,
          REST row-format shape check, saliency finite and not all zero, predictions vs the source
-      -> the C++ loader (tools/serving_check, TF Serving's LoadSavedModel + Session::Run) runs
+      -> the C++ loader (gbp_rewrite/cpp/serving_check.cc, TF Serving's LoadSavedModel + Session::Run) runs
          every signature on the same probe inputs; its outputs must equal Python's
       -> a DeployReport: one pass/fail/skip line per check, saying why TF Serving would fail.
 """
@@ -113,7 +113,7 @@ def verify_export(
     export_dir: str | os.PathLike,
     *,
     source: str | os.PathLike | None = None,
-    serving_check: str | os.PathLike | None = None,
+    serving_check: str | os.PathLike | bool | None = None,
     batch: int = 2,
     seed: int = 0,
     allow_file_ops: bool = False,
@@ -125,8 +125,10 @@ def verify_export(
       source: the source model (a SavedModel directory, or a .keras/.h5 file, exported here by
         Keras' model.export): each signature's predictions must equal the source's signature of
         the same key on the same probe inputs (explain_class: the explained one).
-      serving_check: the tools/serving_check binary (default: $GBP_REWRITE_SERVING_CHECK, else
-        tools/serving_check/build/serving_check); when it is not built the C++ check is skipped.
+      serving_check: the C++ serving check binary (default: $GBP_REWRITE_SERVING_CHECK, else the
+        one gbp_rewrite.deploy.serving_check_build builds into the user cache on first use, about a
+        minute with g++); False or $GBP_REWRITE_SERVING_CHECK=none skips the C++ check, and so
+        does a binary that is not built or a build that fails (the SKIP line says why).
       batch: probe batch size. seed: seed of the probe inputs (uniform in [0, 1)).
       allow_file_ops: run models whose graphs reach files or the network outside the standard
         savers (refused by default, as by `convert`: verifying runs them).
@@ -222,10 +224,9 @@ def _run_clean_process(export_dir: Path, source_dir: Path | None, work: Path, *,
 
 def _cpp_checks(binary_option, export_dir: Path, signatures: list[dict]) -> list[Check]:
     """One check per signature: C++ on the probe inputs; outputs equal Python's when Python ran."""
-    binary = cpp_check.find_binary(binary_option)
+    binary, why_not = cpp_check.resolve_binary(binary_option)
     if binary is None:
-        where = cpp_check.binary_candidate(binary_option)
-        return [Check(CPP_CHECK, "skip", f"{where} is not built; {cpp_check.build_hint()}")]
+        return [Check(CPP_CHECK, "skip", why_not)]
     checks = []
     for signature in signatures:
         name = f"{CPP_CHECK}: {signature['key']}"

@@ -1,9 +1,10 @@
-"""Run a signature through tools/serving_check: TensorFlow's C++ SavedModel loader, as TF Serving.
+"""Run a signature through the C++ serving check: TensorFlow's C++ SavedModel loader, as TF Serving.
 
-The binary (built from tools/serving_check/serving_check.cc against the tensorflow wheel's
-libtensorflow_cc) calls `LoadSavedModel(..., {"serve"})` and `Session::Run` on a SignatureDef's
-tensor names: TF Serving's own path, with no Python at all. This module finds the binary, runs it
-on .npy inputs and compares its outputs with the ones Python computed on the same inputs.
+The binary (built from gbp_rewrite/cpp/serving_check.cc against the tensorflow wheel's
+libtensorflow_cc, by gbp_rewrite.deploy.serving_check_build into a user cache folder on first use) calls
+`LoadSavedModel(..., {"serve"})` and `Session::Run` on a SignatureDef's tensor names: TF Serving's
+own path, with no Python at all. This module finds (or builds) the binary, runs it on .npy inputs
+and compares its outputs with the ones Python computed on the same inputs.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from gbp_rewrite.deploy import serving_check_build
+
 BINARY_ENV = "GBP_REWRITE_SERVING_CHECK"
-_REPO = Path(__file__).resolve().parents[1]
-_TOOL_DIR = _REPO / "tools" / "serving_check"
-DEFAULT_BINARY = _TOOL_DIR / "build" / "serving_check"
+DISABLED = "none"  # GBP_REWRITE_SERVING_CHECK=none: skip the C++ check (e.g. no g++ on purpose)
 RUN_TIMEOUT = 600
 
 # The C++ and Python runs execute the same graph with the same kernels; they may differ only where
@@ -35,8 +36,9 @@ class CppCheckError(Exception):
 
 def binary_candidate(binary: str | os.PathLike | None = None) -> Path:
     """Where the serving_check binary should be: `binary`, else $GBP_REWRITE_SERVING_CHECK, else
-    the repo's build (whether or not it is there)."""
-    return Path(binary or os.environ.get(BINARY_ENV) or DEFAULT_BINARY)
+    the cache build (whether or not it is there)."""
+    chosen = binary or os.environ.get(BINARY_ENV)
+    return Path(chosen) if chosen else serving_check_build.binary_path()
 
 
 def find_binary(binary: str | os.PathLike | None = None) -> Path | None:
@@ -45,12 +47,27 @@ def find_binary(binary: str | os.PathLike | None = None) -> Path | None:
     return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
 
 
-def build_hint() -> str:
-    """How to build the binary (from a source checkout; it needs g++ and about a minute)."""
-    if (_TOOL_DIR / "build.py").is_file():
-        return f"build it with `python {_TOOL_DIR / 'build.py'}` (g++, about a minute)"
-    return (f"build tools/serving_check/build.py from a gbp_rewrite source checkout and set "
-            f"{BINARY_ENV} to the binary")
+def resolve_binary(binary: str | os.PathLike | bool | None = None) -> tuple[Path | None, str]:
+    """(the binary to run, '') or (None, why the C++ check is skipped).
+
+    `binary` (or $GBP_REWRITE_SERVING_CHECK) names a binary, which is used as it is; False (or
+    $GBP_REWRITE_SERVING_CHECK=none) skips the check; otherwise the cache build is used, built
+    first when it is missing (about a minute, once per TensorFlow version).
+    """
+    if binary is False or (binary is None and os.environ.get(BINARY_ENV) == DISABLED):
+        return None, f"disabled ({BINARY_ENV}={DISABLED} or serving_check=False)"
+    if binary is True:
+        binary = None
+    if binary or os.environ.get(BINARY_ENV):
+        found = find_binary(binary)
+        if found is None:
+            return None, (f"{binary_candidate(binary)} is not built; name no binary (serving_check, "
+                          f"${BINARY_ENV}) to build the serving check into the cache on first use")
+        return found, ""
+    try:
+        return serving_check_build.build(), ""
+    except serving_check_build.BuildError as e:
+        return None, f"{e}; or set {BINARY_ENV}={DISABLED} to skip this check"
 
 
 def run_signature(

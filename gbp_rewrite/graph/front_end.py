@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gbp_rewrite import rules, security, self_check, signatures, write
-from gbp_rewrite.errors import OptionError, SignatureError
+from gbp_rewrite.errors import SignatureError
 from gbp_rewrite.graph import savedmodel, sites, staging, validation
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
@@ -35,12 +35,14 @@ def prepare(
     plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs,
                                 output=options.output, saliency_map=options.saliency_map)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers)
-    softmax, score_note = _softmax_plan(model, plan, score)
+    selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers, rule=rule)
+    scoring = _score_plan(model, plan, score)
+    plan = scoring.plan
+    on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
 
     patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
-    if softmax is not None:
-        patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
+    for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
+        patches[head.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
     fold_signature = signature if fold_batchnorms else None
     with staging.patched_copy(model, patches, fold_signature=fold_signature) as patched:
@@ -59,32 +61,23 @@ def prepare(
                 "(fewer passes over the activations; predictions compared with the unfolded source below)"
             )
         yield Prepared(
-            source=str(source), source_format=model.format, plan=plan, score_note=score_note,
-            sites=lambda applied: [SiteEntry.from_site(s, selection.status(s)) for s in found], owner=loaded,
+            source=str(source), source_format=model.format, plan=plan, score_note=scoring.note,
+            score_plan=scoring.name, owner=loaded,
+            sites=lambda applied: _site_entries(found, selection, _reached_sites(selection, applied, on_path)),
             explained=lambda inputs: source_fn(**inputs),
             source_forward=lambda inputs: source_signature(**inputs),
-            check_applied=lambda applied: _check_applied(selection, softmax, applied, rule),
+            check_applied=lambda applied: _check_applied(
+                selection, scoring.pass_through, applied, _reached_sites(selection, applied, on_path), rule),
             kept_signatures=_kept_signatures(model, loaded, signature), checks=checks,
             warnings=file_op_warnings, probe_while_tracing=True,
             tensorflow_errors=lambda doing: validation.tensorflow_errors(doing, source=source),
         )
 
 
-def _softmax_plan(model: savedmodel.SavedModelFile, plan: signatures.ExplainPlan, score: str):
-    """The Softmax to give a pass-through gradient (score 'logit'), and a note for the report."""
-    producer = sites.find_output_producer(model.meta_graph, plan.explained.tensor_name)
-    ends_in_softmax = producer is not None and producer.op_type == "Softmax"
-    last_op = producer.op_type if producer is not None else "an op that could not be traced"
-    if score == "logit":
-        if ends_in_softmax:
-            return producer, f"pre-softmax logit: Softmax '{producer.node}' passes the gradient through"
-        return None, f"the output ends in {last_op}, not Softmax: its value is the score"
-    if not ends_in_softmax:
-        raise OptionError(
-            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
-            f"in {last_op}; its value already is the score, use --score logit"
-        )
-    return None, "softmax probability with the true softmax gradient"
+def _score_plan(model: savedmodel.SavedModelFile, plan: signatures.ExplainPlan, score: str) -> signatures.ScorePlan:
+    """What the score is, from the ops that end the explained output (signatures.choose_score)."""
+    heads = sites.find_output_heads(model.meta_graph, plan.explained.tensor_name)
+    return signatures.choose_score(plan, heads, score)
 
 
 def _site_key(site: sites.Site) -> str:
@@ -92,12 +85,23 @@ def _site_key(site: sites.Site) -> str:
     return rules.site_key(site.function, site.node)
 
 
-def _check_applied(selection: Selection, softmax: sites.Site | None, applied: set[str], rule: str) -> str:
+def _reached_sites(selection: Selection, applied: set[str], on_path: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Keys of the selected sites the explained score's gradient really runs through: the rule's
+    gradient was built for the op (the recorder), and the op is on the explained output's gradient
+    path (a restored function's gradient is built for all its outputs at once, other heads too)."""
+    return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
+
+
+def _site_entries(found, selection: Selection, reached: set[tuple[str, str]]) -> list[SiteEntry]:
+    return [SiteEntry.from_site(s, selection.status(s, reached=s.key in reached)) for s in found]
+
+
+def _check_applied(selection: Selection, pass_through, applied: set[str],
+                   reached: set[tuple[str, str]], rule: str) -> str:
     """Prove the rule reached the graph: an ignored attr would leave the plain gradient."""
-    return self_check.check_applied(
-        selection.selected_sites, _site_key, applied, rule,
-        softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
-    )
+    self_check.check_pass_through([(_site_key(s), f"{s.op_type} '{s.node}'") for s in pass_through], applied)
+    return self_check.check_applied(selection.selected_sites,
+                                    [s for s in selection.selected_sites if s.key in reached], rule)
 
 
 def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:

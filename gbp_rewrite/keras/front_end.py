@@ -3,7 +3,7 @@
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (selection.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
+    explained output's softmax/sigmoid a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
     the clone to trace the explainable signatures over, and the model to probe.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import keras
+from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite import rules, self_check, signatures, tf_internals, write
+from gbp_rewrite.graph import sites
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
 from gbp_rewrite.selection import Selection, patterns, select
 from gbp_rewrite.errors import OptionError, SelectionError, SourceModelError, one_line
@@ -41,9 +43,9 @@ class Rewrite:
     found: list[keras_sites.KerasSite]
     selection: Selection
     replacements: dict[int, Replacement]  # id(original layer) -> replacement
-    tokens: dict[tuple[str, str], str]  # selected site key -> name its gradient records
-    softmax_token: str | None
-    score_note: str
+    tokens: dict[tuple[str, str], str]  # selected site key -> what its gradient records (rules.op_token)
+    pass_through_tokens: dict[str, str]  # token -> how to name the output Softmax/Sigmoid
+    score: signatures.ScorePlan
     warnings: list[str]
 
 
@@ -64,8 +66,8 @@ def guided_model(
 
     The clone computes bit-identical predictions with copies of the weights; the ReLUs of the
     selected layers (default: all) pass gradients by the rule, and with score 'logit' the softmax
-    that ends the explained output passes its gradient through, so d(output[:, c])/d(input) is the
-    saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
+    or sigmoid that ends the explained output passes its gradient through, so
+    d(output[:, c])/d(input) is the saliency of class c's logit. `model` itself is left unchanged. The clone is for use in memory
     (its activations are Python closures); to serve it, use `gbp_rewrite.convert(model, DST)`.
 
     Args:
@@ -73,8 +75,8 @@ def guided_model(
         .keras/.h5 file (loaded in Keras' safe mode).
       layers, exclude_layers: names or glob patterns, as for `convert`.
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
-      score: 'logit' (default) or 'probability' (keep the softmax's true gradient).
-      output: the output whose softmax is explained, when the model has several outputs.
+      score: 'logit' (default) or 'probability' (keep the softmax's/sigmoid's true gradient).
+      output: the output whose softmax/sigmoid is explained, when the model has several outputs.
 
     Raises:
       GbpError: a one-line reason (subclassed model, unknown layer name, ...).
@@ -103,7 +105,8 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     clone = clone_model(loaded.model, rewrite.replacements)
     yield Prepared(
         source=loaded.description, source_format=loaded.format, plan=rewrite.plan,
-        score_note=rewrite.score_note, sites=lambda applied: [_site_entry(s, rewrite.selection) for s in rewrite.found],
+        score_note=rewrite.score.note, score_plan=rewrite.score.name,
+        sites=lambda applied: _site_entries(rewrite, applied),
         owner=clone, explained=lambda inputs: rewrite.signature.call(clone, inputs),
         source_forward=lambda inputs: rewrite.signature.call(loaded.model, inputs),
         check_applied=lambda applied: _check_applied(rewrite, applied, options.rule), warnings=rewrite.warnings,
@@ -130,21 +133,22 @@ def plan_rewrite(
     signature = keras_signature.describe(model)
     plan = signatures.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                  saliency_map=saliency_map)
-    found = keras_sites.find_sites(model, signature)
-    selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
-    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(patterns(layers)))
+    graph = keras_sites.trace(model, signature)
+    found = keras_sites.find_sites(model, signature, graph=graph)
+    selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule)
+    chosen, warnings = _rewritable_choice(found, selection, explicit=bool(patterns(layers)), rule=rule)
     selection = Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
     replacements, tokens = _rule_replacements(chosen, rule)
-    softmax, score_note = _softmax_replacement(signature, plan, score)
-    softmax_token = None
-    if softmax is not None:
-        # Never a chosen ReLU layer too: a layer that ends in a softmax has no ReLU lowering.
-        layer, softmax_token, replacement = softmax
+    scoring = signatures.choose_score(plan, _output_heads(graph, plan.output_key), score)
+    pass_through = _pass_through_replacements(model, scoring)
+    for layer, token, replacement, _ in pass_through:
+        # Never a chosen ReLU layer too: a layer that ends in a softmax/sigmoid has no ReLU lowering.
         replacements[id(layer)] = replacement
-    return Rewrite(signature, plan, found, selection, replacements, tokens, softmax_token, score_note, warnings)
+    return Rewrite(signature, scoring.plan, found, selection, replacements, tokens,
+                   {token: name for _, token, _, name in pass_through}, scoring, warnings)
 
 
-def _rewritable_choice(found, selection: Selection, *, explicit: bool):
+def _rewritable_choice(found, selection: Selection, *, explicit: bool, rule: str):
     """The selected sites the clone can rewrite; refuse selections it cannot honour."""
     selected = [s for s in found if s.site.key in selection.selected]
     custom = [s for s in selected if not s.rewritable]
@@ -156,7 +160,9 @@ def _rewritable_choice(found, selection: Selection, *, explicit: bool):
             f"rewrite; select other layers, or {keras_loading.SAVEDMODEL_ROUTE}"
         )
     chosen = [s for s in selected if s.rewritable]
-    if not chosen:  # then every selected site is custom: selection.select never selects nothing
+    if not chosen and rule == rules.VANILLA:  # the true gradient: nothing needs rewriting
+        return chosen, warnings
+    if not chosen:  # then every selected site is custom: selection.select selects something
         raise SelectionError(
             f"none of the {len(selected)} selected ReLU ops can be rewritten by the Keras path "
             f"({custom[0].reason}); {keras_loading.SAVEDMODEL_ROUTE}"
@@ -189,9 +195,11 @@ def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[
     replacements: dict[int, Replacement] = {}
     tokens: dict[tuple[str, str], str] = {}
     for site in chosen:
-        # One token per layer object: its activation is one function, whichever call reaches it.
+        # One activation function per layer object, whichever call reaches it; it records the
+        # forward op too, so each op is proven on its own (a layer's own ReLU next to its
+        # activation is never counted as its activation).
         token = f"keras:{site.layer.name}#{id(site.layer)}"
-        tokens[site.site.key] = token
+        tokens[site.site.key] = f"{token}@{site.site.node}"
         if id(site.layer) not in replacements:
             relu = rules.activation(rule, site.lowering.op_type, name=token)
             replacements[id(site.layer)] = _with_activation(site.layer, site.lowering.build(relu))
@@ -210,35 +218,52 @@ def _with_activation(layer, activation) -> Replacement:
     return replace
 
 
-def _softmax_replacement(signature: keras_signature.KerasSignature, plan: signatures.ExplainPlan, score: str):
-    """((layer, token, replacement) or None, note): the output softmax's pass-through, as the graph path."""
-    layer, path = _output_producer(signature, plan.output_key)
-    where = "/".join(path)
-    ends_in_softmax = _ends_in_softmax(layer)
-    if score == "logit":
-        if not ends_in_softmax:
-            return None, f"the output ends in layer '{where}' ({_describe_layer(layer)}), not Softmax: its value is the score"
-        token = f"keras-softmax:{where}#{id(layer)}"
-        return (layer, token, _pass_through_replacement(layer, token)), (
-            f"pre-softmax logit: the softmax of layer '{where}' passes the gradient through")
-    if not ends_in_softmax:
-        raise OptionError(
-            f"--score probability needs an output that ends in Softmax, but {plan.output_key!r} ends "
-            f"in layer '{where}' ({_describe_layer(layer)}); its value already is the score, use --score logit"
-        )
-    return None, "softmax probability with the true softmax gradient"
+def _output_heads(graph, output_key: str) -> sites.OutputHeads:
+    """The ops that end the output in the trace of the model's call (sites.find_output_heads)."""
+    tensor = graph.structured_outputs[output_key]
+    return sites.find_output_heads(meta_graph_pb2.MetaGraphDef(graph_def=graph.as_graph_def()), tensor.name)
 
 
-def _ends_in_softmax(layer) -> bool:
-    """True when the layer ends in one Softmax op (a Softmax layer over several axes does not)."""
-    if isinstance(layer, keras.layers.Softmax):
+def _pass_through_replacements(model, scoring: signatures.ScorePlan):
+    """[(layer, token, replacement, name)] for each Softmax/Sigmoid op of the score plan: the layer
+    that applies it, rebuilt with a pass-through gradient, as the graph path patches the op."""
+    if not scoring.pass_through:
+        return []
+    tree = keras_sites.layer_tree(model)
+    known = {name for path in tree for name in path}
+    found = {}
+    for head in scoring.pass_through:
+        path = sites.layer_path(head.node, known, keras3=True)
+        layer = tree.get(path)
+        where = "/".join(path)
+        if layer is None or not _ends_in(layer, head.op_type):
+            raise OptionError(
+                f"the output's {head.op_type} '{head.node}' is computed by code the Keras path cannot "
+                f"rebuild ({'layer ' + repr(where) if layer is not None else 'outside any layer'}), so "
+                "its gradient cannot pass through to the logit; use --score probability, or "
+                f"{keras_loading.SAVEDMODEL_ROUTE}"
+            )
+        token = f"keras-{head.op_type.lower()}:{where}#{id(layer)}"
+        found.setdefault(id(layer), (layer, token, _pass_through_replacement(layer, token),
+                                     f"{head.op_type.lower()} of layer '{where}'"))
+    return list(found.values())
+
+
+def _ends_in(layer, op_type: str) -> bool:
+    """True when the layer ends in one `op_type` (Softmax or Sigmoid) op that its activation (or,
+    for a Softmax layer, its call) applies; a Softmax layer over several axes does not."""
+    if op_type == "Softmax" and isinstance(layer, keras.layers.Softmax):
         return not isinstance(layer.axis, (list, tuple)) or len(layer.axis) == 1
     activation = vars(layer).get("activation")
-    return activation is not None and keras_sites.is_softmax_function(activation)
+    if activation is None:
+        return False
+    if op_type == "Softmax":
+        return keras_sites.is_softmax_function(activation)
+    return op_type == "Sigmoid" and keras_sites.is_sigmoid_function(activation)
 
 
 def _pass_through_replacement(layer, token: str) -> Replacement:
-    """The fresh layer with its softmax wrapped in rules.pass_through (values unchanged)."""
+    """The fresh layer with its softmax/sigmoid wrapped in rules.pass_through (values unchanged)."""
     if isinstance(layer, keras.layers.Softmax):
         def replace_call(fresh):
             softmax_call = fresh.call  # keeps Keras' mask handling; the mask is not differentiated
@@ -256,30 +281,6 @@ def _pass_through_replacement(layer, token: str) -> Replacement:
         return fresh
 
     return replace_activation
-
-
-def _describe_layer(layer) -> str:
-    activation = vars(layer).get("activation")
-    name = getattr(activation, "__name__", None) if activation is not None else None
-    return f"{type(layer).__name__}, activation {name}" if name else type(layer).__name__
-
-
-def _output_producer(signature: keras_signature.KerasSignature, output_key: str):
-    """The layer that computes the output, looking into nested models, and its path."""
-    Functional = tf_internals.keras_api().Functional
-    tensor = dict(keras_signature.keyed_outputs(signature.output_structure))[output_key]
-    path: list[str] = [signature.model_name]
-    for _ in range(10_000):  # a bound against malformed, cyclic graphs
-        history = tf_internals.keras_history(tensor)
-        layer = history.operation
-        path.append(layer.name)
-        if isinstance(layer, keras.Sequential):
-            tensor = layer.outputs[history.tensor_index]
-        elif isinstance(layer, Functional):
-            tensor = keras.tree.flatten(layer.output)[history.tensor_index]
-        else:
-            return layer, tuple(path)
-    raise SourceModelError(f"cannot find the layer that computes output {output_key!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,15 +353,43 @@ def _copy_weights(model, clone) -> None:
 
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
-    softmax = None if rewrite.softmax_token is None else (rewrite.softmax_token, "softmax")
-    return self_check.check_applied(rewrite.selection.selected_sites, lambda site: rewrite.tokens[site.key],
-                                applied, rule, softmax=softmax)
+    self_check.check_pass_through(list(rewrite.pass_through_tokens.items()), applied)
+    selected = rewrite.selection.selected_sites
+    return self_check.check_applied(selected, [s for s in selected if s.key in _reached_sites(rewrite, applied)], rule)
 
 
-def _site_entry(keras_site: keras_sites.KerasSite, selection: Selection) -> SiteEntry:
-    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite."""
+def _reached_sites(rewrite: Rewrite, applied: set[str]) -> set[tuple[str, str]]:
+    """Keys of the selected sites whose rule gradient ran, op by op, for the explained score."""
+    return {key for key, token in rewrite.tokens.items() if token in applied}
+
+
+_OWN_CODE = "kept: computed in its layer's own code, not by the activation the Keras path rewrites"
+
+
+def _site_entries(rewrite: Rewrite, applied: set[str]) -> list[SiteEntry]:
+    """The report's entries; warns about selected ReLUs a layer computes in its own code."""
+    entries = [_site_entry(s, rewrite, applied) for s in rewrite.found]
+    own_code = [e for e, s in zip(entries, rewrite.found) if e.status == _OWN_CODE and s.site.key in rewrite.tokens]
+    if own_code:
+        rewrite.warnings.append(
+            f"{len(own_code)} ReLU op(s) keep their true gradient because their layer computes them in its "
+            f"own code next to its activation ({', '.join(dict.fromkeys(e.path for e in own_code))}); "
+            f"to rewrite every ReLU op, {keras_loading.SAVEDMODEL_ROUTE}"
+        )
+    return entries
+
+
+def _site_entry(keras_site: keras_sites.KerasSite, rewrite: Rewrite, applied: set[str]) -> SiteEntry:
+    """The graph path's entry, with why the Keras path keeps a ReLU a rule could rewrite.
+
+    A selected op the clone's activation never computed (a ReLU in a layer's own `call` next to
+    its activation) keeps its true gradient; one it computed but whose rule gradient never ran for
+    the explained score is off the explained path.
+    """
     site = keras_site.site
-    status = selection.status(site)
+    status = rewrite.selection.status(site, reached=site.key in _reached_sites(rewrite, applied))
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
+    elif site.key in rewrite.tokens and rules.forward_token(rewrite.tokens[site.key]) not in applied:
+        status = _OWN_CODE
     return SiteEntry.from_site(site, status)

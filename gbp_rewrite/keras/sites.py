@@ -7,8 +7,10 @@ paths list the same sites and a layer selection means the same on both.
 
 Each Relu/Relu6 site is then traced back to the layer object that computes it. The Keras path can
 rebuild it with a rule when that layer applies a recognised ReLU activation: a layer's
-`activation` (`'relu'`, `'relu6'`, `'hard_sigmoid'`, `'hard_silu'`, `tf.nn.relu`, ...),
-`Activation('relu'/'relu6')`, or `ReLU(max_value=None or k)`. A ReLU computed in code the clone
+`activation` (`'relu'`, `'relu6'`, `tf.nn.relu`, ...), `Activation('relu'/'relu6')`, or
+`ReLU(max_value=None or k)`. The Relu6 inside `hard_sigmoid`/`hard_silu` (and MobileNetV3's
+`ReLU(6.)(x + 3.) * (1. / 6.)`) is not a ReLU activation: as on the graph path
+(gbp_rewrite.graph.lowered_activations), it is a site that keeps its true gradient. A ReLU computed in code the clone
 cannot see into (a Lambda, a custom or wrapper layer, PReLU, a recurrent cell) is a site the Keras
 path keeps, and says so; the SavedModel path rewrites every op.
 """
@@ -24,6 +26,7 @@ import tensorflow as tf
 
 from gbp_rewrite import tf_internals
 from gbp_rewrite.graph import sites
+from gbp_rewrite.graph import lowered_activations
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.keras.signature import KerasSignature
 
@@ -65,23 +68,6 @@ def _same(relu: Activation) -> Activation:
     return relu
 
 
-def _hard_sigmoid(relu6: Activation) -> Activation:
-    # Keras' TensorFlow backend: relu6(x + 3) / 6
-    def activation(x):
-        return relu6(x + tf.constant(3.0, x.dtype)) / tf.constant(6.0, x.dtype)
-
-    return activation
-
-
-def _hard_silu(relu6: Activation) -> Activation:
-    hard_sigmoid = _hard_sigmoid(relu6)
-
-    def activation(x):
-        return x * hard_sigmoid(x)
-
-    return activation
-
-
 def _capped(max_value: float) -> Callable[[Activation], Activation]:
     """ReLU(max_value=k), k != 6: Keras computes relu(x) then clips to [0, k]."""
 
@@ -97,8 +83,6 @@ def _capped(max_value: float) -> Callable[[Activation], Activation]:
 
 RELU = Lowering("Relu", "relu", _same)
 RELU6 = Lowering("Relu6", "relu6", _same)
-HARD_SIGMOID = Lowering("Relu6", "hard_sigmoid (relu6(x + 3) / 6)", _hard_sigmoid)
-HARD_SILU = Lowering("Relu6", "hard_silu (x * relu6(x + 3) / 6)", _hard_silu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,8 +90,6 @@ def _function_lowerings() -> dict[Any, Lowering]:
     return {
         tf.nn.relu: RELU, keras.activations.relu: RELU, keras.ops.relu: RELU,
         tf.nn.relu6: RELU6, keras.activations.relu6: RELU6, keras.ops.relu6: RELU6,
-        keras.activations.hard_sigmoid: HARD_SIGMOID, keras.ops.hard_sigmoid: HARD_SIGMOID,
-        keras.activations.hard_silu: HARD_SILU, keras.ops.hard_silu: HARD_SILU,
     }
 
 
@@ -139,6 +121,13 @@ def _lookup(function) -> Lowering | None:
         return _function_lowerings().get(function)
     except TypeError:  # an unhashable callable object
         return None
+
+
+def is_sigmoid_function(function) -> bool:
+    try:
+        return function in (keras.activations.sigmoid, keras.ops.sigmoid, tf.nn.sigmoid, tf.math.sigmoid)
+    except TypeError:
+        return False
 
 
 def is_softmax_function(function) -> bool:
@@ -187,27 +176,33 @@ def _sublayers(layer) -> list:
     return []
 
 
-def find_sites(model, signature: KerasSignature) -> list[KerasSite]:
-    """Every ReLU-family op the serving call computes, with the layer that computes it."""
-    graph = trace(model, signature)
+def find_sites(model, signature: KerasSignature, *, graph: tf.Graph | None = None) -> list[KerasSite]:
+    """Every ReLU-family op the serving call computes, with the layer that computes it
+    (`graph`: the call's trace(), when the caller has it already)."""
+    graph = trace(model, signature) if graph is None else graph
     tree = layer_tree(model)
     known = {name for path in tree for name in path}
+    graph_def = graph.as_graph_def()
+    composite = lowered_activations.composite_activations(graph_def.node)
     found = []
     for op in graph.get_operations():
         if op.type in sites.ACTIVATION_OP_TYPES:
             path = sites.layer_path(op.name, known, keras3=True)
-            found.append(_attribute(sites.Site("", op.name, op.type, path), tree))
-    for function in graph.as_graph_def().library.function:  # control flow: recurrent layers
+            found.append(_attribute(sites.Site("", op.name, op.type, path, composite.get(op.name, "")), tree))
+    for function in graph_def.library.function:  # control flow: recurrent layers
+        in_function = lowered_activations.composite_activations(function.node_def)
         for node in function.node_def:
             if node.op in sites.ACTIVATION_OP_TYPES:
                 path = sites.layer_path(node.name, known, keras3=True)
-                site = sites.Site(function.signature.name, node.name, node.op, path)
+                site = sites.Site(function.signature.name, node.name, node.op, path, in_function.get(node.name, ""))
                 found.append(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)"))
     return found
 
 
 def _attribute(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:
     layer = tree.get(site.path)
+    if site.activation:
+        return KerasSite(site, layer, None, f"part of {site.activation}, not a ReLU activation")
     if not site.rewritable:
         return KerasSite(site, layer, None, f"no guided rule for {site.op_type}")
     if layer is None or len(site.path) < 2:

@@ -44,9 +44,10 @@ class ExplainableModel:
     input_key: str
     saliency_key: str
     output_key: str
-    num_classes: int
+    num_classes: int  # the classes `explain_class` accepts (2 for a binary sigmoid output)
     spec: images.InputSpec
     loaded: object  # the restored SavedModel
+    binary: bool = False  # one sigmoid unit p: class 1 scores p, class 0 scores 1 - p
 
     def run(self, pixels: np.ndarray, class_index: int | None) -> dict[str, np.ndarray]:
         """Outputs of the signature for one batch: the explained output, saliency, class."""
@@ -138,6 +139,7 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     try:
         report = json.loads(report_file.read_text(encoding="utf-8"))
         signature_key, output_key = report["signature"], report["explained_output"]
+        binary = str(report.get("score_plan", "")).startswith("binary")
         saliency_outputs = dict(report["saliency_outputs"])
     except (ValueError, KeyError, TypeError) as e:
         raise SourceModelError(f"the conversion report '{report_file}' is damaged: {one_line(e)}") from None
@@ -160,9 +162,9 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
         raise _not_explainable(path, f"its signature {signature_key!r} has no {saliency_key!r} output")
     spec = _input_spec(path, input_key, serve.structured_input_signature[1][input_key])
     output_shape = serve.structured_outputs[output_key].shape
-    num_classes = 1 if output_shape.rank == 1 else int(output_shape[-1])
+    num_classes = 2 if binary else 1 if output_shape.rank == 1 else int(output_shape[-1])
     return ExplainableModel(str(path), signature_key, input_key, saliency_key, output_key, num_classes,
-                            spec, loaded)
+                            spec, loaded, binary)
 
 
 def _not_explainable(path: Path, why: str) -> SourceModelError:
@@ -246,7 +248,11 @@ def _check_class(model: ExplainableModel, class_index: int | None) -> None:
 def _explained(model, outputs, n: int, index: int, paths, encoded: bytes) -> Explained:
     explained_class = int(outputs[EXPLAINED_CLASS][n])
     values = outputs[model.output_key][n]
-    score = float(values if np.ndim(values) == 0 else values[explained_class])
+    if model.binary:  # the probability of the explained class
+        p = float(np.reshape(values, [-1])[0])
+        score = p if explained_class == 1 else 1.0 - p
+    else:
+        score = float(values if np.ndim(values) == 0 else values[explained_class])
     return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded)
 
 
