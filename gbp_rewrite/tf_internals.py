@@ -175,19 +175,11 @@ def keras_api() -> KerasApi:
     functional, safe_mode_scope = (api.resolve() for api in KERAS_APIS)
     import keras  # imported here: the clean verification process never needs it
 
-    # Named, so that Keras' automatic layer names ("input_layer_1", "lambda_1") stay the user's.
-    inputs = keras.Input((1,), name="gbp_rewrite_api_check")
-    if not hasattr(inputs, "_keras_history"):
-        raise missing_api_error("KerasTensor._keras_history", "trace an output back to the layer computing it")
+    # Named, so that Keras' automatic layer names ("lambda_1") stay the user's.
     probe = keras.layers.Lambda(lambda x: x, output_shape=(1,), name="gbp_rewrite_api_check")
     if not hasattr(probe, "_output_shape"):
         raise missing_api_error("keras.layers.Lambda._output_shape", "clone a Lambda layer with its live function")
     return KerasApi(functional, safe_mode_scope)
-
-
-def keras_history(tensor) -> Any:
-    """The (operation, node_index, tensor_index) record of the layer call that made a KerasTensor."""
-    return tensor._keras_history
 
 
 def lambda_output_shape(layer) -> Any:
