@@ -109,7 +109,7 @@ def build(*, force: bool = False) -> Path:
 
 
 def _tf_version() -> str:
-    import tensorflow as tf
+    import tensorflow as tf  # imported here (and in _command): finding a built binary needs no TensorFlow
 
     return tf.__version__
 
