@@ -173,7 +173,8 @@ def test_wrong_predictions_are_flagged_and_missing_cpp_is_skipped(zoo, tmp_path)
     assert [c.name for c in report.failures] == ["predictions: serving_default", "predictions: explain_class"]
 
 
-def test_verify_command(zoo, unservable):
+def test_verify_command(zoo, unservable, serving_check_binary):
+    # serving_check_binary: built first, so the commands' stderr holds no build line
     export_dir, _ = zoo.converted("tf1@cnn")
     results = run_cli_concurrently({
         "pass": cli_command("verify", export_dir, "--source", zoo.model("tf1@cnn"), "--json"),

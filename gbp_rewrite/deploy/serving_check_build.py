@@ -10,7 +10,8 @@ its `libtensorflow_cc.so.2`. The binary goes to
 so a new TensorFlow or a changed source gets its own build and an old one is never taken for it.
 The link writes a temporary name in that folder and renames it into place: an interrupted build
 leaves no binary, and concurrent builds each finish with a whole one. A build takes about a
-minute and a gigabyte of memory, once per TensorFlow version; one log line says where it goes.
+minute and a gigabyte of memory, once per TensorFlow version; one warning line says where it goes
+and how long it takes.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def build(*, force: bool = False) -> Path:
         detail = (errors or proc.stderr.strip().splitlines() or ["(no output)"])[0]
         raise BuildError(f"compiling the C++ serving check failed (exit {proc.returncode}) after "
                          f"{elapsed:.0f} s: {detail}")
-    log.warning("built %s in %.0f s", binary, elapsed)
+    log.info("built %s in %.0f s", binary, elapsed)
     return binary
 
 
