@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_flags(argv: list[str]) -> argparse.Namespace:
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """argv (the program name first) -> the parsed arguments; usage errors and --help exit."""
     parser = build_parser()
     if len(argv) == 1:  # bare `gbp-rewrite`: the command list, as a usage error
         sys.stderr.write(parser.format_help())
@@ -155,7 +156,7 @@ def _configure_logging(*, verbose: bool) -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(_main_then_exit, flags_parser=_parse_flags)
+    app.run(_main_then_exit, flags_parser=parse_command_line)
 
 
 def _main_then_exit(args: argparse.Namespace) -> None:
