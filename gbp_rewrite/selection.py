@@ -17,6 +17,8 @@ from gbp_rewrite.graph.sites import Site
 
 
 OFF_PATH = "off the explained path"
+# An output Softmax/Sigmoid whose gradient passes straight through (the score is its logit).
+PASSED_THROUGH = "passed through: the score is the logit before it"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +29,12 @@ class Selection:
     selected: frozenset[tuple[str, str]]
     excluded: frozenset[tuple[str, str]]
 
-    def status(self, site: Site, *, reached: bool = True) -> str:
+    def status(self, site: Site, *, reached: bool = True, passed_through: bool = False) -> str:
         """What happened to the site's gradient: 'rewritten', 'off the explained path' (selected,
-        but the explained score's gradient never runs through it, as recorded while tracing) or
-        'kept: <reason>'."""
+        but the explained score's gradient never runs through it, as recorded while tracing),
+        PASSED_THROUGH (the output Softmax/Sigmoid of a logit score) or 'kept: <reason>'."""
+        if passed_through:
+            return PASSED_THROUGH
         if site.key in self.selected:
             return "rewritten" if reached else OFF_PATH
         if site.activation:

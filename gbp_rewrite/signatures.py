@@ -227,10 +227,11 @@ def _choose_output(signature_key: str, outputs: Mapping[str, TensorDesc], output
             "score; choose a float output (class scores or probabilities) with --output"
         )
     if desc.shape is None or len(desc.shape) not in (1, 2) or (len(desc.shape) == 2 and desc.shape[1] is None):
+        fix = ("choose another with --output" if len(keys) > 1 else
+               "export the model with an output of class scores, e.g. end it in a Reshape to [batch, classes]")
         raise SignatureError(
             f"output {output!r} has shape {desc.describe().split(' ', 2)[-1]}; the explained output "
-            "must be [batch] or [batch, classes] with a known number of classes (choose another "
-            "with --output)"
+            f"must be [batch] or [batch, classes] with a known number of classes ({fix})"
         )
     return output
 

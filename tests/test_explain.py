@@ -251,6 +251,17 @@ def test_saliency_map_of_an_all_zero_saliency_is_zero_not_nan():
     np.testing.assert_array_equal(got[1], 1.0)
 
 
+
+def test_an_output_not_of_class_scores_names_the_fix_that_applies():
+    """--output is offered only when the signature has another output to choose."""
+    inputs = {"x": TensorDesc("x", "x:0", tf.float32, (None, 10))}
+    grid = TensorDesc("y", "y:0", tf.float32, (None, 2, 3))
+    with pytest.raises(SignatureError, match=r"\[\?, 2, 3\].*end it in a Reshape to \[batch, classes\]\)$"):
+        signatures.make_plan("serving_default", inputs, {"y": grid})
+    scores = TensorDesc("z", "z:0", tf.float32, (None, 3))
+    with pytest.raises(SignatureError, match=r"\(choose another with --output\)$"):
+        signatures.make_plan("serving_default", inputs, {"y": grid, "z": scores}, output="y")
+
 def test_saliency_map_refuses_inputs_that_are_not_images(zoo, tmp_path):
     inputs = {"x": TensorDesc("x", "x:0", tf.float32, (None, 10))}
     outputs = {"y": TensorDesc("y", "y:0", tf.float32, (None, 3))}

@@ -124,3 +124,27 @@ def test_folded_graph_has_no_batchnorm_multiply_left(exports):
         assert not [n for n in folded if n.endswith(f"/{layer}_1/batchnorm/mul_1")], layer
         assert [n for n in unfolded if n.endswith(f"/{layer}_1/batchnorm/mul_1")], layer
     assert [n for n in folded if n.endswith("/bn4_1/batchnorm/mul_1")], "bn4 (conv output used twice) must stay"
+
+
+def test_a_batchnorm_before_a_swish_converts_with_folding_on(tmp_path):
+    """Keras' swish is tf.nn.silu, a saved tf.custom_gradient whose restored gradient is bound to the
+    source function's tensors: the folded twin could not use it, and saving failed (EfficientNet).
+    The conversion must work with the default --fold_batchnorms and give TF's own gradient."""
+    import keras
+
+    layers = keras.layers
+    keras.utils.set_random_seed(5)
+    x_in = keras.Input((8, 8, 3), name="image")
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(4, 3, use_bias=False, name="conv")(x_in))
+    x = layers.GlobalAveragePooling2D()(layers.Activation("swish", name="act")(x))
+    model = keras.Model(x_in, layers.Dense(3, name="logits")(x))
+    model.export(str(tmp_path / "src"), verbose=False)
+    gbp_rewrite.convert(tmp_path / "src", tmp_path / "dst", rule="vanilla")
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 8, 8, 3)), tf.float32)
+    outputs = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"](image=x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model(x)
+        score = tf.reduce_sum(logits * tf.one_hot(tf.argmax(logits, -1), 3))
+    np.testing.assert_array_equal(outputs["explained_class"], tf.argmax(logits, -1).numpy())
+    assert_close_relative(outputs["saliency"].numpy(), tape.gradient(score, x).numpy())

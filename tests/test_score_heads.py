@@ -23,6 +23,8 @@ from conftest import INPUT_SHAPE, assert_close_relative, cli_command, reference_
 
 import subprocess
 
+from gbp_rewrite.selection import PASSED_THROUGH
+
 # ---------------------------------------------------------------------------------------------
 # Sources and conversions, each made once per module
 
@@ -307,6 +309,16 @@ def test_multilabel_sigmoid_explains_the_top_logit_and_any_label(zoo, family):
     assert_close_relative(outputs["saliency"], expected)
     for label in (0, 4):
         assert_close_relative(_run(loaded, x, label)["saliency"], ref.saliency(spec, x, class_index=label)[0])
+
+
+@pytest.mark.parametrize("family", ["tf1", "keras_file"])
+def test_report_says_the_output_sigmoid_passes_the_gradient_through(zoo, family):
+    """The report's status of the output Sigmoid follows the score: passed through for the logit,
+    its true gradient (no guided rule) for the probability; never 'kept' while the score says logit."""
+    by_type = lambda report: {s.op_type: s.status for s in report.sites}  # noqa: E731
+    assert by_type(zoo.converted(f"{family}@binary")[1])["Sigmoid"] == PASSED_THROUGH
+    probability = zoo.converted(f"{family}@binary", score="probability")[1]
+    assert by_type(probability)["Sigmoid"] == "kept: no guided rule for Sigmoid"
 
 
 def test_report_names_the_score_plan(zoo):

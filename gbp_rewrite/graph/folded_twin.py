@@ -10,10 +10,14 @@ source's functions. After one load, `<key>` gives the reference predictions and 
 
 from __future__ import annotations
 
+import logging
+
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from gbp_rewrite.graph import graph_walk
 from gbp_rewrite.graph.fold_batchnorm import fold_batchnorm
+
+log = logging.getLogger(__name__)
 
 _SUFFIX = "_gbp_folded"
 
@@ -35,6 +39,11 @@ def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str)
     library = meta_graph.graph_def.library
     by_name = {f.signature.name: f for f in library.function}
     chain = graph_walk.reachable_functions(by_name, [wrapper])
+    if _has_saved_custom_gradient(library, [by_name[name] for name in chain]):
+        # The restored gradient function of a saved tf.custom_gradient (tf.nn.silu: Keras' swish)
+        # is bound to the original function's tensors; the twin's gradient cannot call it.
+        log.info("BatchNorms not folded: signature %r has saved custom gradients", signature_key)
+        return ()
     members = set(chain)
     copies = [_renamed_copy(by_name[name], members) for name in chain]
     folded = fold_batchnorm(copies)
@@ -48,6 +57,13 @@ def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str)
     signature_map = objects.nodes[_child(objects.nodes[0], "signatures")]
     signature_map.children.add(node_id=len(objects.nodes) - 1, local_name=twin_key(signature_key))
     return tuple(folded)
+
+
+def _has_saved_custom_gradient(library, functions) -> bool:
+    """True when a node of `functions` uses a gradient saved with the model (tf.custom_gradient)."""
+    saved = {g.registered_op_type for g in library.registered_gradients}
+    return any(node.attr["_gradient_op_type"].s.decode() in saved
+               for function in functions for node in function.node_def if "_gradient_op_type" in node.attr)
 
 
 def _signature_node(meta_graph, key: str) -> int | None:

@@ -63,7 +63,8 @@ def prepare(
         yield Prepared(
             source=str(source), source_format=model.format, plan=plan, score_note=scoring.note,
             score_plan=scoring.name, owner=loaded,
-            sites=lambda applied: _site_entries(found, selection, _reached_sites(selection, applied, on_path)),
+            sites=lambda applied: _site_entries(found, selection, _reached_sites(selection, applied, on_path),
+                                                passed_through={s.key for s in scoring.pass_through}),
             explained=lambda inputs: source_fn(**inputs),
             source_forward=lambda inputs: source_signature(**inputs),
             check_applied=lambda applied: _check_applied(
@@ -92,8 +93,10 @@ def _reached_sites(selection: Selection, applied: set[str], on_path: set[tuple[s
     return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
 
 
-def _site_entries(found, selection: Selection, reached: set[tuple[str, str]]) -> list[SiteEntry]:
-    return [SiteEntry.from_site(s, selection.status(s, reached=s.key in reached)) for s in found]
+def _site_entries(found, selection: Selection, reached: set[tuple[str, str]], *,
+                  passed_through: set[tuple[str, str]]) -> list[SiteEntry]:
+    return [SiteEntry.from_site(s, selection.status(s, reached=s.key in reached, passed_through=s.key in passed_through))
+            for s in found]
 
 
 def _check_applied(selection: Selection, pass_through, applied: set[str],

@@ -387,7 +387,8 @@ def _site_entry(keras_site: keras_sites.KerasSite, rewrite: Rewrite, applied: se
     the explained score is off the explained path.
     """
     site = keras_site.site
-    status = rewrite.selection.status(site, reached=site.key in _reached_sites(rewrite, applied))
+    status = rewrite.selection.status(site, reached=site.key in _reached_sites(rewrite, applied),
+                                      passed_through=site.key in {h.key for h in rewrite.score.pass_through})
     if site.rewritable and not keras_site.rewritable:
         status = f"kept: {keras_site.reason}"
     elif site.key in rewrite.tokens and rules.forward_token(rewrite.tokens[site.key]) not in applied:
