@@ -48,6 +48,10 @@ class ImageError(GbpError):
     """Input images cannot be explained (unreadable, not an image, or not the channels the model takes)."""
 
 
+class MissingExtraError(GbpError):
+    """An optional dependency (a pip extra of gbp-rewrite) is needed and not installed."""
+
+
 class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
 
