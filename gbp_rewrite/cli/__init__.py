@@ -61,6 +61,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if len(argv) == 1 or any(a in ("-h", "--help", "-help", "help", "--helpshort") for a in argv[1:]):
         sys.stdout.write(usage_text())
         sys.exit(0 if len(argv) > 1 else 2)
+    if "--" in argv:  # what follows is for another program (Beam), not for absl
+        cut = argv.index("--")
+        argv, common.PASSTHROUGH[:] = argv[:cut], argv[cut + 1:]
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -82,6 +85,8 @@ def _check_usage(args: list[str]):
     if len(positional) != len(module.ARGS):
         raise UsageError(f"'{name}' takes {' '.join(module.ARGS)}, got {len(positional)} argument(s): "
                          f"{' '.join(positional) or '(none)'}")
+    if common.PASSTHROUGH and not getattr(module, "TAKES_PASSTHROUGH", False):
+        raise UsageError(f"'{name}' takes no arguments after --: {' '.join(common.PASSTHROUGH)}")
     stray = sorted(f for f in _our_flags() - module.FLAG_NAMES - _GLOBAL_FLAGS if FLAGS[f].present)
     if stray:
         raise UsageError(f"'{name}' does not take --{', --'.join(stray)}")

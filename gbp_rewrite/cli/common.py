@@ -10,6 +10,10 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
+#: The arguments after a `--` on the command line (set by the cli before flags are parsed): options
+#: for a program the command hands them to (Beam's pipeline options for `explain --runner`).
+PASSTHROUGH: list[str] = []
+
 flags.DEFINE_string("signature", "serving_default", "the signature to work on.")
 flags.DEFINE_bool("json", False, "print JSON instead of text.")
 flags.DEFINE_bool("verbose", False, "log progress, TensorFlow's warnings, and tracebacks of internal errors.")

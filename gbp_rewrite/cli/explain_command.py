@@ -15,13 +15,22 @@ ARGS = ("MODEL",)
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
            "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
            "and summary.json, into --out. Exit status 1 if any image could not be explained.")
-FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops"}
+FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops",
+              "glob", "runner", "saliency_format"}
+TAKES_PASSTHROUGH = True  # Beam's pipeline options after `--` (with --runner)
 
 flags.DEFINE_string("dir", None, "explain: a folder of images (its .png/.jpg/.jpeg/.bmp/.gif files; "
                     "other files are skipped and named).")
 flags.DEFINE_integer("class", None, "explain: explain this class for every image (the `explain_class` "
                      "signature) instead of each image's top class.", lower_bound=0)
 flags.DEFINE_integer("batch_size", 32, "explain: images per model call.", lower_bound=1)
+flags.DEFINE_string("runner", None, "explain: run as an Apache Beam pipeline on this runner (DirectRunner, "
+                    "DataflowRunner, ...) over the files of --glob; Beam's options follow a `--`. Writes sharded "
+                    "results-*.csv/.jsonl instead of results.csv/summary.json. Needs: pip install -e '.[beam]'.")
+flags.DEFINE_multi_string("glob", None, "explain --runner: a file pattern of images (local, gs://, s3://: "
+                          "anything Beam's FileSystems reads); repeat the flag for more.")
+flags.DEFINE_enum("saliency_format", None, ["parquet"], "explain --runner: also write the raw saliency "
+                  "arrays (saliency-*.parquet: file, class, score, shape, saliency).")
 
 
 def run(model: str) -> None:
@@ -30,6 +39,10 @@ def run(model: str) -> None:
     from gbp_rewrite.errors import ImageError
     from gbp_rewrite.explainer import explain
 
+    if FLAGS.runner or FLAGS.glob or FLAGS.saliency_format or common.PASSTHROUGH:
+        from gbp_rewrite.cli import beam_explain  # apache-beam only when asked for
+
+        return beam_explain.run(model)
     if bool(FLAGS.image) == bool(FLAGS.dir):
         raise UsageError("'explain' takes the images with either --image or --dir (one of them)")
     if not FLAGS.out:
