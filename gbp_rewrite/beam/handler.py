@@ -89,9 +89,9 @@ class ExplainableModelHandler(ModelHandler[bytes, PredictionResult, LoadedModel]
         model = explainer.load_model(local_model_dir(self._model_dir), allow_file_ops=self._allow_file_ops)
         explainer.check_class(model, self._class_index)
         spec, mode = model.spec, self._preprocess
-        decode = tf.function(lambda encoded: images.decode_example(encoded, spec=spec, mode=mode),
-                             input_signature=[tf.TensorSpec([], tf.string)])
-        return LoadedModel(model, decode)
+        # Eagerly, not in a tf.function: a traced function's graph is rewritten (grappler) and its
+        # resize and preprocessing can differ from explain's tf.data values in the last bit.
+        return LoadedModel(model, lambda encoded: images.decode_example(encoded, spec=spec, mode=mode))
 
     def run_inference(self, batch: Sequence[bytes], model: LoadedModel,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
