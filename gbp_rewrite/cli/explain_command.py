@@ -1,4 +1,7 @@
-"""`gbp-rewrite explain MODEL (--image PATH ... | --dir FOLDER) --out OUTDIR`: saliency pictures."""
+"""`gbp-rewrite explain MODEL (--image PATH ... | --dir FOLDER) --out OUTDIR`: saliency pictures.
+
+With `--runner NAME --glob PATTERN [-- beam options]` the same runs as an Apache Beam pipeline
+(gbp_rewrite/cli/beam_explain.py, which imports apache-beam only then)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ NAME = "explain"
 ARGS = ("MODEL",)
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
            "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
-           "and summary.json, into --out. Exit status 1 if any image could not be explained.")
+           "and summary.json, into --out. Exit status 1 if any image could not be explained. With --runner: "
+           "the same as an Apache Beam pipeline over the files of --glob (sharded results-*.csv/.jsonl).")
 FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops",
               "glob", "runner", "saliency_format"}
 TAKES_PASSTHROUGH = True  # Beam's pipeline options after `--` (with --runner)
