@@ -14,7 +14,7 @@ and prints a Markdown table (images/s, and each run's ratio to single). The mach
 run it on an idle one for figures worth quoting; --repeat takes the best of several runs.
 
     .venv/bin/python tools/benchmark_beam.py                       # 2,000 images per model (long)
-    .venv/bin/python tools/benchmark_beam.py --images 2000 --resnet_images 64
+    .venv/bin/python tools/benchmark_beam.py --images 2000 --resnet_images 48   # the README's run
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(RUNS) + "---|")
     for name, size, count, seconds in rows:
         rates = {label: count / s for label, s in seconds.items()}
-        print(f"| {name} | {size}x{size} | {count} | " + " | ".join(f"{rates[label]:.1f}" for label in RUNS)
+        print(f"| {name} | {size}x{size} | {count} | " + " | ".join(f"{rates[label]:.3g}" for label in RUNS)
               + f" | {rates['beam x2'] / rates['single']:.2f}x |")
 
 
