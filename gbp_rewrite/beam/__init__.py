@@ -15,8 +15,8 @@ from gbp_rewrite.beam.extra import require_beam
 
 require_beam()
 
-from gbp_rewrite.beam.handler import ExplainableModelHandler  # noqa: E402
-from gbp_rewrite.beam.run import PipelineSummary, run_explain  # noqa: E402
-from gbp_rewrite.beam.transform import ExplainImages  # noqa: E402
+from gbp_rewrite.beam.handler import ExplainableModelHandler
+from gbp_rewrite.beam.run import PipelineSummary, run_explain
+from gbp_rewrite.beam.transform import ExplainImages
 
 __all__ = ["ExplainImages", "ExplainableModelHandler", "PipelineSummary", "run_explain"]

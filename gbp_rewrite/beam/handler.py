@@ -18,7 +18,8 @@ import dataclasses
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -110,7 +111,7 @@ class ExplainableModelHandler(ModelHandler[bytes, PredictionResult, LoadedModel]
                 results[slot] = Explanation(*explainer.explained_values(model.model, outputs, n))
         return [PredictionResult(encoded, outcome, self._model_dir) for encoded, outcome in zip(batch, results)]
 
-    def _decode(self, model: LoadedModel, encoded: bytes) -> "np.ndarray | Refusal":
+    def _decode(self, model: LoadedModel, encoded: bytes) -> np.ndarray | Refusal:
         """The model's pixels for one file, or why it cannot be explained."""
         try:
             decoded = model.decode(tf.constant(encoded))

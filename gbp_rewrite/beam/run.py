@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -14,7 +14,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
 from gbp_rewrite import explainer, images
-from gbp_rewrite.beam.transform import METRICS_NAMESPACE, RESULTS_PREFIX, SALIENCY_PREFIX, ExplainImages
+from gbp_rewrite.beam.transform import (
+    METRICS_NAMESPACE,
+    RESULTS_PREFIX,
+    SALIENCY_PREFIX,
+    ExplainImages,
+)
 from gbp_rewrite.errors import GbpError, ImageError, OptionError, OutputError, one_line
 
 log = logging.getLogger(__name__)

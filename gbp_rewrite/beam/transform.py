@@ -17,8 +17,8 @@ import io
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import PurePosixPath
-from typing import Iterable
 
 import apache_beam as beam
 import numpy as np
