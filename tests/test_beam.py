@@ -205,6 +205,18 @@ def test_output_names_are_explains_across_folders(model_dir, tmp_path):
     assert _pictures(tmp_path / "beam") == _pictures(tmp_path / "explain")
 
 
+def test_large_model_shares_one_model_and_gives_the_same_rows(model_dir, tmp_path):
+    """large_model=True: RunInference calls the model through a proxy to another process; the
+    rows and pictures are still explain's."""
+    files = [str(p) for p in TESTDATA_IMAGES[:4]]
+    explainer.explain(model_dir, files, out_dir=tmp_path / "explain", batch_size=1)
+    records, explained, failed = _run_in_process(files, tmp_path / "beam", model_dir=model_dir, batch_size=1,
+                                                 large_model=True)
+    assert (explained, failed) == (4, 0)
+    assert _csv_rows(sorted((tmp_path / "beam").glob("results-*.csv"))) == _csv_rows([tmp_path / "explain" / "results.csv"])
+    assert _pictures(tmp_path / "beam") == _pictures(tmp_path / "explain")
+
+
 # ---------------------------------------------------------------- batches
 
 

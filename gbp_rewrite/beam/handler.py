@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,12 +48,32 @@ class Refusal:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """What a worker holds: the explainable export and its decoder (bytes -> model pixels)."""
+    """What a worker holds: the explainable export, with `explain`'s decoder and model call.
 
-    model: explainer.ExplainableModel
-    decode: Callable[[bytes], dict]
+    Methods only, taking and returning picklable values: with `large_model`, RunInference hands
+    run_inference a proxy of this object living in another process."""
+
+    def __init__(self, model: explainer.ExplainableModel, *, preprocess: str, grayscale_to_rgb: bool):
+        self._model = model
+        self._preprocess = preprocess
+        self._grayscale_to_rgb = grayscale_to_rgb
+
+    def decode(self, encoded: bytes) -> np.ndarray | Refusal:
+        """The model's pixels for one file's bytes, or why it cannot be explained."""
+        # Eagerly, not in a tf.function: a traced function's resize and preprocessing differed from
+        # explain's tf.data values in the last bit (TF 2.21); eager kernels give explain's values.
+        try:
+            decoded = images.decode_example(tf.constant(encoded), spec=self._model.spec, mode=self._preprocess)
+        except tf.errors.OpError:
+            return Refusal(images.diagnose_encoded(encoded))
+        problem = images.channel_problem(int(decoded["channels"]), grayscale_to_rgb=self._grayscale_to_rgb)
+        return Refusal(problem) if problem else decoded["pixels"].numpy()
+
+    def explain(self, pixels: np.ndarray, class_index: int | None) -> list[Explanation]:
+        """One model call (`explain`'s) on a batch of pixels: an Explanation per image."""
+        outputs = self._model.run(pixels, class_index)
+        return [Explanation(*explainer.explained_values(self._model, outputs, n)) for n in range(len(pixels))]
 
 
 class ExplainableModelHandler(ModelHandler[bytes, PredictionResult, LoadedModel]):
@@ -89,36 +109,24 @@ class ExplainableModelHandler(ModelHandler[bytes, PredictionResult, LoadedModel]
     def load_model(self) -> LoadedModel:
         model = explainer.load_model(local_model_dir(self._model_dir), allow_file_ops=self._allow_file_ops)
         explainer.check_class(model, self._class_index)
-        spec, mode = model.spec, self._preprocess
-        # Eagerly, not in a tf.function: a traced function's graph is rewritten (grappler) and its
-        # resize and preprocessing can differ from explain's tf.data values in the last bit.
-        return LoadedModel(model, lambda encoded: images.decode_example(encoded, spec=spec, mode=mode))
+        return LoadedModel(model, preprocess=self._preprocess, grayscale_to_rgb=self._grayscale_to_rgb)
 
     def run_inference(self, batch: Sequence[bytes], model: LoadedModel,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         results: list[Explanation | Refusal | None] = []
         good: list[tuple[int, np.ndarray]] = []  # (slot in results, pixels)
         for encoded in batch:
-            decoded = self._decode(model, encoded)
+            decoded = model.decode(encoded)
             if isinstance(decoded, Refusal):
                 results.append(decoded)
             else:
                 good.append((len(results), decoded))
                 results.append(None)
         if good:
-            outputs = model.model.run(np.stack([pixels for _, pixels in good]), self._class_index)
-            for n, (slot, _) in enumerate(good):
-                results[slot] = Explanation(*explainer.explained_values(model.model, outputs, n))
+            explained = model.explain(np.stack([pixels for _, pixels in good]), self._class_index)
+            for (slot, _), explanation in zip(good, explained):
+                results[slot] = explanation
         return [PredictionResult(encoded, outcome, self._model_dir) for encoded, outcome in zip(batch, results)]
-
-    def _decode(self, model: LoadedModel, encoded: bytes) -> np.ndarray | Refusal:
-        """The model's pixels for one file, or why it cannot be explained."""
-        try:
-            decoded = model.decode(tf.constant(encoded))
-        except tf.errors.OpError:
-            return Refusal(images.diagnose_encoded(encoded))
-        problem = images.channel_problem(int(decoded["channels"]), grayscale_to_rgb=self._grayscale_to_rgb)
-        return Refusal(problem) if problem else decoded["pixels"].numpy()
 
     def get_num_bytes(self, batch: Sequence[bytes]) -> int:
         return sum(len(encoded) for encoded in batch)
