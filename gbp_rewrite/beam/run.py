@@ -13,7 +13,6 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
-from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.beam.transform import (
     METRICS_NAMESPACE,
     RESULTS_PREFIX,
@@ -21,6 +20,7 @@ from gbp_rewrite.beam.transform import (
     ExplainImages,
 )
 from gbp_rewrite.errors import GbpError, ImageError, OptionError, OutputError, one_line
+from gbp_rewrite.pictures import explainer, images
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from gbp_rewrite.pictures import images, render
 from gbp_rewrite.beam.handler import ExplainableModelHandler, Explanation
 from gbp_rewrite.errors import OptionError, RenderError, one_line
-from gbp_rewrite.pictures.results import CSV_COLUMNS, PICTURES, explained_entry, failed_entry
+from gbp_rewrite.pictures import images, render
+from gbp_rewrite.pictures.results import (
+    CSV_COLUMNS,
+    PICTURES,
+    explained_entry,
+    failed_entry,
+)
 
 METRICS_NAMESPACE = "gbp_rewrite"
 RESULTS_PREFIX = "results"  # results-SSSSS-of-NNNNN.csv / .jsonl
