@@ -141,7 +141,7 @@ def test_the_cpp_source_is_package_data(tmp_path):
     subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py",
                     "--build-lib", str(tmp_path / "lib")], cwd=project, check=True, capture_output=True)
     assert (tmp_path / "lib" / "gbp_rewrite" / "cpp" / "serving_check.cc").is_file()
-    assert (tmp_path / "lib" / "gbp_rewrite" / "serving_check_build.py").is_file()
+    assert (tmp_path / "lib" / "gbp_rewrite" / "deploy" / "serving_check_build.py").is_file()
 
 
 def test_verify_builds_into_the_cache_on_first_use(serving_check_binary, tmp_path):
