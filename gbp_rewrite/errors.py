@@ -52,5 +52,9 @@ class UnsupportedTensorFlowError(GbpError):
     """The installed TensorFlow or Keras lacks an API gbp_rewrite needs (gbp_rewrite.tf_internals)."""
 
 
+class MissingExtraError(GbpError):
+    """An optional dependency (a pip extra of gbp-rewrite) is needed and not installed."""
+
+
 class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""

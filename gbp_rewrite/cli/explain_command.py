@@ -1,4 +1,7 @@
-"""`gbp-rewrite explain MODEL (--image PATH ... | --dir FOLDER) --out OUTDIR`: saliency pictures."""
+"""`gbp-rewrite explain MODEL (--image PATH ... | --dir FOLDER) --out OUTDIR`: saliency pictures.
+
+With `--runner NAME --glob PATTERN [-- beam options]` the same runs as an Apache Beam pipeline
+(gbp_rewrite/cli/beam_explain.py, which imports apache-beam only then)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from gbp_rewrite.errors import ImageError
 NAME = "explain"
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
            "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
-           "and summary.json, into --out. Exit status 1 if any image could not be explained.")
+           "and summary.json, into --out. Exit status 1 if any image could not be explained. With --runner: "
+           "the same as an Apache Beam pipeline over the files of --glob (sharded results-*.csv/.jsonl).")
+TAKES_PASSTHROUGH = True  # Beam's pipeline options after `--` (with --runner)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per model call (default: 32).")
     common.add_grayscale_to_rgb(parser)
     common.add_allow_file_ops(parser)
+    _add_beam_arguments(parser)
+
+
+def _add_beam_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", metavar="NAME", help="run as an Apache Beam pipeline on this runner "
+                        "(DirectRunner, DataflowRunner, ...) over the files of --glob; Beam's options follow a "
+                        "`--`. Writes sharded results-*.csv/.jsonl instead of results.csv/summary.json. Needs: "
+                        "pip install -e '.[beam]'.")
+    parser.add_argument("--glob", action="append", metavar="PATTERN", help="with --runner: a file pattern of "
+                        "images (local, gs://, s3://: anything Beam's FileSystems reads); repeat the flag for more.")
+    parser.add_argument("--saliency_format", choices=["parquet"], help="with --runner: also write the raw "
+                        "saliency arrays (saliency-*.parquet: file, class, score, shape, saliency).")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.runner or args.glob or args.saliency_format or args.passthrough:
+        from gbp_rewrite.cli import beam_explain  # apache-beam only when asked for
+
+        return beam_explain.run(args)
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pictures.explainer import explain
 

@@ -206,7 +206,7 @@ def explain_batches(
     grayscale_to_rgb: bool = False,
 ) -> Iterator[list[Explained | Failed]]:
     """Explain `paths` batch by batch; each batch's results come in the order of `paths`."""
-    _check_class(model, class_index)
+    check_class(model, class_index)
     if batch_size < 1:
         raise OptionError(f"batch_size must be at least 1; got {batch_size}")
     expected = 0  # the next index the stream should deliver; a gap means dropped files
@@ -237,7 +237,8 @@ def explain_batches(
         yield tail
 
 
-def _check_class(model: ExplainableModel, class_index: int | None) -> None:
+def check_class(model: ExplainableModel, class_index: int | None) -> None:
+    """OptionError unless `class_index` is None or a class of the model's explained output."""
     if class_index is not None and not 0 <= class_index < model.num_classes:
         raise OptionError(
             f"--class {class_index} is out of range; output {model.output_key!r} of '{model.path}' has "
@@ -246,6 +247,11 @@ def _check_class(model: ExplainableModel, class_index: int | None) -> None:
 
 
 def _explained(model, outputs, n: int, index: int, paths, encoded: bytes) -> Explained:
+    return Explained(index, paths[index], *explained_values(model, outputs, n), encoded)
+
+
+def explained_values(model: ExplainableModel, outputs: dict[str, np.ndarray], n: int) -> tuple[int, float, np.ndarray]:
+    """(class, score, saliency) of example `n` of `model.run`'s outputs."""
     explained_class = int(outputs[EXPLAINED_CLASS][n])
     values = outputs[model.output_key][n]
     if model.binary:  # the probability of the explained class
@@ -253,7 +259,7 @@ def _explained(model, outputs, n: int, index: int, paths, encoded: bytes) -> Exp
         score = p if explained_class == 1 else 1.0 - p
     else:
         score = float(values if np.ndim(values) == 0 else values[explained_class])
-    return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded)
+    return explained_class, score, outputs[model.saliency_key][n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +306,7 @@ def explain(
     paths, skipped, folder = _resolve_inputs(inputs)
     # The model and class first: a run refused for them leaves no empty output folder behind.
     loaded = load_model(model, allow_file_ops=allow_file_ops)
-    _check_class(loaded, class_index)
+    check_class(loaded, class_index)
     out_dir = _prepare_out_dir(Path(out_dir), folder)
     stems = _unique_stems(paths)
     header = {

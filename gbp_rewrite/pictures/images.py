@@ -138,15 +138,7 @@ def dataset(paths: Sequence[str], *, spec: InputSpec, mode: str, batch_size: int
 
     def load(index, path):
         encoded = tf.io.read_file(path)
-        image = _decode(encoded)
-        resized = tf.image.resize(tf.cast(_to_rgb(image), tf.float32), [spec.height, spec.width],
-                                  method="bilinear", antialias=True)
-        return {
-            "index": index,
-            "pixels": tf.cast(preprocess(resized, mode), spec.dtype),
-            "channels": tf.shape(image)[-1],
-            "encoded": encoded,
-        }
+        return {"index": index, **decode_example(encoded, spec=spec, mode=mode), "encoded": encoded}
 
     indexed = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), list(paths)))
     return (
@@ -155,6 +147,16 @@ def dataset(paths: Sequence[str], *, spec: InputSpec, mode: str, batch_size: int
         .batch(batch_size)
         .prefetch(1)
     )
+
+
+def decode_example(encoded: tf.Tensor, *, spec: InputSpec, mode: str) -> dict[str, tf.Tensor]:
+    """One file's bytes -> {pixels [H, W, 3] spec.dtype, channels}: what the model is fed.
+
+    `dataset` maps it over files; the Beam pipeline (gbp_rewrite.beam) calls it on bytes it read."""
+    image = _decode(encoded)
+    resized = tf.image.resize(tf.cast(_to_rgb(image), tf.float32), [spec.height, spec.width],
+                              method="bilinear", antialias=True)
+    return {"pixels": tf.cast(preprocess(resized, mode), spec.dtype), "channels": tf.shape(image)[-1]}
 
 
 def channel_problem(channels: int, *, grayscale_to_rgb: bool) -> str | None:
@@ -175,6 +177,11 @@ def diagnose(path: str) -> str:
         encoded = tf.io.read_file(path)
     except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as e:
         return f"cannot read the file: {_tf_message(e)}"
+    return diagnose_encoded(encoded)
+
+
+def diagnose_encoded(encoded: tf.Tensor | bytes) -> str:
+    """Why a file's bytes could not be used (`diagnose` after reading them), in one line."""
     if int(tf.strings.length(encoded)) == 0:
         return "empty file"
     try:

@@ -39,6 +39,7 @@ __all__ = [
     "guided_image",
     "encode_png",
     "write_png",
+    "render_pictures",
     "render_all",
 ]
 
@@ -357,6 +358,26 @@ def write_png(path: str | os.PathLike, array_uint8: np.ndarray) -> pathlib.Path:
     return path
 
 
+def render_pictures(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
+                    colormap_name: str = "inferno", alpha: float = 0.5,
+                    clip_percentile: float = 99.5) -> dict[str, np.ndarray]:
+    """The pictures :func:`render_all` writes, as uint8 arrays by kind.
+
+    ``{"heatmap": ..., "overlay": ..., "guided": ...}`` (no ``"overlay"``
+    without an image); the arguments are those of :func:`render_all`.
+    """
+    image = None if image_uint8 is None else _check_image(image_uint8)
+    alpha = _check_alpha(alpha)
+    saliency = _check_saliency(saliency)
+    heat = saliency_heat(saliency, clip_percentile=clip_percentile)
+    pictures = {"heatmap": colormap(heat, name=colormap_name)}
+    if image is not None:
+        pictures["overlay"] = overlay(image, heat, alpha=alpha,
+                                      colormap_name=colormap_name)
+    pictures["guided"] = guided_image(saliency)
+    return pictures
+
+
 def render_all(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
                out_dir: str | os.PathLike, stem: str,
                colormap_name: str = "inferno", alpha: float = 0.5,
@@ -390,18 +411,11 @@ def render_all(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
             sep in stem for sep in ("/", "\\", os.sep)):
         _fail(f"stem must be a non-empty file-name prefix without directory "
               f"separators; got {stem!r}")
-    image = None if image_uint8 is None else _check_image(image_uint8)
-    alpha = _check_alpha(alpha)
-    saliency = _check_saliency(saliency)
-
     # Compute everything before writing anything, so a bad argument never
     # leaves a partial set of files behind.
-    heat = saliency_heat(saliency, clip_percentile=clip_percentile)
-    pictures = {"heatmap": colormap(heat, name=colormap_name)}
-    if image is not None:
-        pictures["overlay"] = overlay(image, heat, alpha=alpha,
-                                      colormap_name=colormap_name)
-    pictures["guided"] = guided_image(saliency)
+    pictures = render_pictures(image_uint8, saliency,
+                               colormap_name=colormap_name, alpha=alpha,
+                               clip_percentile=clip_percentile)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {kind: write_png(out / f"{stem}_{kind}.png", picture)

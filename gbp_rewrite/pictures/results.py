@@ -26,6 +26,19 @@ CSV_COLUMNS = ("file", "status", "class", "score", "heatmap", "overlay", "guided
 PICTURES = ("heatmap", "overlay", "guided")
 
 
+def explained_entry(file: str, class_index: int, score: float, pictures: Mapping[str, str]) -> tuple[list, dict]:
+    """An explained image's results.csv row (CSV_COLUMNS) and summary.json record."""
+    row = [file, "explained", class_index, repr(float(score)), *(pictures[kind] for kind in PICTURES), ""]
+    record = {"file": file, "status": "explained", "class": class_index, "score": float(score),
+              "outputs": {kind: pictures[kind] for kind in PICTURES}}
+    return row, record
+
+
+def failed_entry(file: str, reason: str) -> tuple[list, dict]:
+    """A failed image's results.csv row (CSV_COLUMNS) and summary.json record."""
+    return [file, "failed", "", "", "", "", "", reason], {"file": file, "status": "failed", "reason": reason}
+
+
 class ResultFiles:
     """Writes results.csv and summary.json in `out_dir`; use as a context manager."""
 
@@ -53,16 +66,15 @@ class ResultFiles:
         return self
 
     def add_explained(self, file: str, class_index: int, score: float, pictures: Mapping[str, str]) -> None:
-        self._csv.writerow([file, "explained", class_index, repr(float(score)),
-                            *(pictures[kind] for kind in PICTURES), ""])
-        self._add_json({"file": file, "status": "explained", "class": class_index, "score": float(score),
-                        "outputs": {kind: pictures[kind] for kind in PICTURES}})
-        self._counts["explained"] += 1
+        self._add(*explained_entry(file, class_index, score, pictures))
 
     def add_failed(self, file: str, reason: str) -> None:
-        self._csv.writerow([file, "failed", "", "", "", "", "", reason])
-        self._add_json({"file": file, "status": "failed", "reason": reason})
-        self._counts["failed"] += 1
+        self._add(*failed_entry(file, reason))
+
+    def _add(self, row: list, record: dict) -> None:
+        self._csv.writerow(row)
+        self._add_json(record)
+        self._counts[record["status"]] += 1
 
     def _add_json(self, record: dict) -> None:
         self._json_file.write(("\n    " if self._first else ",\n    ") + json.dumps(record))
