@@ -61,3 +61,14 @@ def one_line(error: BaseException, *, with_type: bool = False) -> str:
         return f"{type(error).__name__}: {message}" + (f" (at node {node})" if node else "")
     message = useful[0] if useful else (lines[0] if lines else type(error).__name__)
     return message + (f" (at node {node})" if node else "")
+
+
+NAMES_IN_MESSAGE = 10
+
+
+def some_names(names, *, more: str = " (see inspect)") -> str:
+    """At most ten names for a one-line message, then 'and N more (see inspect)'."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:NAMES_IN_MESSAGE])
+    hidden = len(names) - NAMES_IN_MESSAGE
+    return shown + (f", and {hidden} more{more}" if hidden > 0 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gbp_rewrite.cli import common
 from gbp_rewrite.cli.progress import Progress
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> None:
         raise common.UsageError("'explain' takes the images with either --image or --dir (one of them)")
     if not args.out:
         raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
+    if args.dir and not Path(args.dir).is_dir():  # refused before the model is loaded
+        what = "is not a folder" if Path(args.dir).exists() else "does not exist"
+        raise ImageError(f"--dir '{args.dir}' {what}; pass a folder of images, or image files with --image")
     progress = Progress("explain", "images")
     try:
         summary = explain(

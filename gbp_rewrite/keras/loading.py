@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,19 @@ def _load_file(path: Path, *, safe_mode: bool):
         raise _load_error(path, e, safe_mode=safe_mode) from None
 
 
+# Keras appends the whole layer config to deserialisation errors: pages of JSON, not a cause.
+_CONFIG_DUMP = re.compile(r"\s*(Full object config|Received config|config=|with config|Config:).*$", re.IGNORECASE)
+_MESSAGE_LIMIT = 300
+
+
+def _without_config(text: str) -> str:
+    """Keras' message without the layer config it appends, and at most a few hundred characters."""
+    text = _CONFIG_DUMP.sub("", text).rstrip(" :,.")
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT].rstrip() + " ..."
+
+
 def _load_error(path: Path, error: Exception, *, safe_mode: bool) -> SourceModelError:
-    text = one_line(error)
+    text = _without_config(one_line(error))
     if safe_mode and "safe_mode" in str(error):
         return SourceModelError(
             f"'{path}' needs unsafe deserialisation ({_first_sentence(text)}): a Lambda layer is Python "

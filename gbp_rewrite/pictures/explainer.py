@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from gbp_rewrite.pictures import images, render
-from gbp_rewrite import security
+from gbp_rewrite import security, write
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
 from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON
 from gbp_rewrite.pictures.results import ResultFiles
@@ -128,8 +128,9 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     """Load an export written by `gbp-rewrite convert` and check that `explain` can feed it.
 
     A model whose graph reaches files or the network outside the standard savers is refused
-    (UnsafeModelError) unless `allow_file_ops`: explaining runs it (gbp_rewrite.security)."""
-    path = Path(path)
+    (UnsafeModelError) unless `allow_file_ops`: explaining runs it (gbp_rewrite.security). A TF
+    Serving base path (folders 1, 2, ...) means its highest version, as the server would serve."""
+    path = write.resolve_served_version(path, command="explain")
     if not (path / "saved_model.pb").is_file():
         what = "does not exist" if not path.exists() else "is not a SavedModel directory (no saved_model.pb)"
         raise SourceModelError(f"the model '{path}' {what}; pass a directory written by 'gbp-rewrite convert'")

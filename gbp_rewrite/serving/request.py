@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gbp_rewrite.pictures import images
+from gbp_rewrite import write
 from gbp_rewrite.serving import rest
 from gbp_rewrite.graph import savedmodel
 from gbp_rewrite.errors import ImageError, OutputError, SignatureError
@@ -32,7 +33,8 @@ def make_request(
     """The row-format request body {"signature_name", "instances": [{input: pixels}, ...]}.
 
     Args:
-      model: the SavedModel the request is for (its signature gives the input name and size).
+      model: the SavedModel the request is for (its signature gives the input name and size); a
+        TF Serving base path means its highest version, as the server would serve.
       image_paths: image files (PNG, JPEG, BMP, GIF), one instance each, in this order.
       signature: the signature to call; it must take one float [batch, height, width, 3] input.
       preprocess: 'unit' (x/255, default), 'symmetric' (x/127.5 - 1), 'caffe' (BGR minus the
@@ -43,7 +45,7 @@ def make_request(
     paths = [str(p) for p in image_paths]
     if not paths:
         raise ImageError("no image files given; pass at least one --image")
-    key, spec = image_input(savedmodel.read(model), signature)
+    key, spec = image_input(savedmodel.read(write.resolve_served_version(model, command="request")), signature)
     pixels = load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
     return rest.request_body({key: pixels}, signature_name=signature)
 
