@@ -396,7 +396,7 @@ def _caption(name: str, item: Explained, top_k: int) -> str:
     """The figure's text: the class name (and number), the score, the rank with top_k."""
     number = "" if name == f"class {item.class_index}" else f" (class {item.class_index})"
     rank = f"#{item.rank} " if top_k > 1 else ""
-    return f"{rank}{name}{number}  score {item.score:.4g}"
+    return f"{rank}{name}{number}  score {item.score:.4f}"
 
 
 def _resolve_inputs(inputs, *, recursive: bool, out_dir: Path) -> tuple[list[str], list[images.Skipped], Path | None]:
