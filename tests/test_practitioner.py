@@ -97,3 +97,121 @@ def test_keras_errors_do_not_dump_the_config(tmp_path):
     line = _one_line_error(done, "custom.keras")
     assert "{" not in line and len(line) < 500, line
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- pictures people can read
+
+def _decode(path):
+    import tensorflow as tf
+
+    return tf.io.decode_png(tf.io.read_file(str(path))).numpy()
+
+
+def test_explain_figure_with_labels_and_drawing_flags(shapes, image, tmp_path):
+    import csv
+    import json
+
+    import numpy as np
+
+    from conftest import REPO
+    from gbp_rewrite.pictures import font
+
+    out = tmp_path / "out"
+    done = _run("explain", shapes, "--image", image, "--out", out, "--labels",
+                REPO / "testdata" / "shapes_cnn_labels.txt", "--colormap", "gray", "--alpha", "1",
+                "--clip_percentile", "100", "--sign", "positive")
+    assert done.returncode == 0, done.stderr
+    (row,) = csv.DictReader((out / "results.csv").open())
+    assert row["label"] == ["circle", "square", "triangle", "cross"][int(row["class"])]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["colormap"], summary["alpha"], summary["sign"]) == ("gray", 1.0, "positive")
+    photo = np.kron(_decode(image)[:, :, :3], np.ones((7, 7, 1), np.uint8))  # 32 px -> 224, by hand
+    heat = _decode(out / f"{image.stem}_heatmap.png")
+    overlay = _decode(out / f"{image.stem}_overlay.png")
+    assert heat.shape == overlay.shape == _decode(out / f"{image.stem}_guided.png").shape == (224, 224, 3)
+    # gray colormap (colour = the heat's grey), alpha 1: overlay = photo + heat * (colour - photo);
+    # zero heat leaves the photo as it is
+    zero = heat[:, :, 0] == 0
+    assert zero.any() and (~zero).any()
+    np.testing.assert_array_equal(overlay[zero], photo[zero])
+    colour = heat.astype(np.float64)
+    expected = photo + colour / 255.0 * (colour - photo)
+    assert np.max(np.abs(overlay - expected)) <= 1.0
+    figure = _decode(out / f"{image.stem}_figure.png")
+    caption = f"{row['label']} (class {row['class']})  score {float(row['score']):.4f}"
+    scale = 3  # the caption's font scale on 224 px panels
+    text = font.text_image(caption, scale=scale)
+    # the caption is drawn pixel for pixel: crisp black ink on white, no grey edges
+    found = [(r, c) for r in range(0, 40) for c in range(0, 40)
+             if np.array_equal(figure[r:r + text.shape[0], c:c + text.shape[1], 0], 255 - text)]
+    assert found, "the caption is not in the figure"
+    r, c = found[0]
+    assert set(np.unique(figure[r:r + text.shape[0], c:c + text.shape[1]])) == {0, 255}
+    # the photo and the overlay are panels of the figure, side by side, pixel for pixel
+    top = next(y for y in range(r, r + 80) if np.array_equal(figure[y, 12:12 + 224], photo[0]))
+    row = figure[top:top + 224]
+    for panel in (photo, overlay):
+        assert any(np.array_equal(row[:, x:x + 224], panel) for x in range(row.shape[1] - 223))
+
+
+def test_explain_refuses_bad_drawing_options_and_labels(shapes, image, tmp_path):
+    bad_alpha = _run("explain", shapes, "--image", image, "--out", tmp_path / "a", "--alpha", "2")
+    assert bad_alpha.returncode == 2 and "--alpha" in bad_alpha.stderr and "[0.0, 1.0]" in bad_alpha.stderr
+    bad_sign = _run("explain", shapes, "--image", image, "--out", tmp_path / "b", "--sign", "both")
+    assert bad_sign.returncode == 2 and "abs" in bad_sign.stderr and "negative" in bad_sign.stderr
+    three = tmp_path / "three.txt"
+    three.write_text("a\nb\nc\n")
+    done = _run("explain", shapes, "--image", image, "--out", tmp_path / "c", "--labels", three)
+    _one_line_error(done, "--labels names 3 classes", "has 4")
+    assert not (tmp_path / "c").exists()
+
+
+def test_top_k_explains_the_best_classes(shapes, image, tmp_path):
+    import csv
+
+    import numpy as np
+    import tensorflow as tf
+
+    out = tmp_path / "out"
+    labels = tmp_path / "labels.json"  # a JSON list this time
+    labels.write_text('["circle", "square", "triangle", "cross"]')
+    done = _run("explain", shapes, "--image", image, "--out", out, "--top_k", "3", "--labels", labels)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    pixels = _decode(image)[None, :, :, :3] / 255.0
+    served = tf.saved_model.load(str(shapes)).signatures
+    scores = served["serving_default"](image=tf.constant(pixels, tf.float32))["output_0"].numpy()[0]
+    assert [int(r["class"]) for r in rows] == list(np.argsort(-scores)[:3])
+    for r in rows:
+        cls = int(r["class"])
+        assert float(r["score"]) == pytest.approx(scores[cls], rel=1e-6)
+        assert r["label"] == ["circle", "square", "triangle", "cross"][cls]
+        assert (out / r["figure"]).is_file() and r["figure"] == f"{image.stem}_top{r['rank']}_figure.png"
+        direct = served["explain_class"](image=tf.constant(pixels, tf.float32),
+                                         class_index=tf.constant([cls], tf.int64))
+        assert int(direct["explained_class"][0]) == cls
+
+
+def test_rerun_removes_its_own_pictures_only_and_dir_recursive(shapes, tmp_path):
+    from conftest import REPO
+
+    images = tmp_path / "photos"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(REPO / "testdata" / "images" / "circle_0.png", images / "a.png")
+    shutil.copy(REPO / "testdata" / "images" / "square_0.png", images / "sub" / "b.png")
+    out = tmp_path / "out"
+    first = _run("explain", shapes, "--dir", images, "--recursive", "--out", out)
+    assert first.returncode == 0, first.stderr
+    assert {p.name for p in out.glob("*.png")} == {f"{s}_{k}.png" for s in "ab"
+                                                   for k in ("figure", "heatmap", "overlay", "guided")}
+    (out / "mine.png").write_bytes((out / "a_figure.png").read_bytes())  # not the run's: kept
+    (images / "sub" / "b.png").unlink()
+    second = _run("explain", shapes, "--dir", images, "--recursive", "--out", out)
+    assert second.returncode == 0, second.stderr
+    assert {p.name for p in out.glob("*.png")} == {"mine.png"} | {f"a_{k}.png" for k in
+                                                                  ("figure", "heatmap", "overlay", "guided")}
+    flat = _run("explain", shapes, "--dir", images, "--out", tmp_path / "flat")
+    assert flat.returncode == 0 and "explained 1 of 1" in flat.stdout
+    usage = _run("explain", shapes, "--image", images / "a.png", "--recursive", "--out", tmp_path / "x")
+    assert usage.returncode == 2 and "--recursive goes with --dir" in usage.stderr
