@@ -215,3 +215,34 @@ def test_rerun_removes_its_own_pictures_only_and_dir_recursive(shapes, tmp_path)
     assert flat.returncode == 0 and "explained 1 of 1" in flat.stdout
     usage = _run("explain", shapes, "--image", images / "a.png", "--recursive", "--out", tmp_path / "x")
     assert usage.returncode == 2 and "--recursive goes with --dir" in usage.stderr
+
+
+# ---------------------------------------------------------------- untrained models
+
+def test_untrained_model_is_warned_about_at_convert_and_explain(image, tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.Conv2D(2, 3, activation="relu", name="conv")(inputs)
+    head = keras.layers.Dense(3, kernel_initializer="zeros", name="head")(keras.layers.Flatten()(hidden))
+    source = tmp_path / "untrained.keras"
+    keras.Model(inputs, head).save(source)
+    converted = _run("convert", source, tmp_path / "export")
+    assert converted.returncode == 0, converted.stderr
+    assert ("warning: the model looks untrained or saturated: on the probe batch, all 3 class scores "
+            "are equal") in converted.stdout
+    explained = _run("explain", tmp_path / "export", "--image", image, "--out", tmp_path / "out")
+    assert explained.returncode == 0, explained.stderr
+    warnings = [line for line in explained.stderr.splitlines() if "looks untrained" in line]
+    assert len(warnings) == 1 and "the first 1 image(s)" in warnings[0], explained.stderr
+
+
+def test_constant_outputs_rule():
+    import numpy as np
+
+    from gbp_rewrite.conventions import constant_outputs
+
+    assert constant_outputs(np.zeros((4, 3))).startswith("all 3 class scores")
+    assert constant_outputs(np.tile([[0.1, 0.7, 0.2]], (4, 1))).startswith("every example")
+    assert constant_outputs(np.array([[0.1, 0.7, 0.2], [0.3, 0.3, 0.4]])) is None
+    assert constant_outputs(np.array([[5.0, 5.0 + 1e-3]])) is None  # a real, small difference

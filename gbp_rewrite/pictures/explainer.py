@@ -27,7 +27,7 @@ import tensorflow as tf
 from gbp_rewrite.pictures import images, render
 from gbp_rewrite import security, write
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
-from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON, untrained_warning
 from gbp_rewrite.pictures import labels as label_names
 from gbp_rewrite.pictures.results import ResultFiles, remove_previous_pictures
 
@@ -218,6 +218,7 @@ def explain_batches(
     if batch_size < 1:
         raise OptionError(f"batch_size must be at least 1; got {batch_size}")
     expected = 0  # the next index the stream should deliver; a gap means dropped files
+    warned = False
     stream = images.dataset(paths, spec=model.spec, mode=preprocess, batch_size=batch_size)
     for batch in stream:
         indices = batch["index"].numpy()
@@ -237,6 +238,8 @@ def explain_batches(
             rows = [row for _, row in good]
             pixels = batch["pixels"].numpy()[rows]
             ranked = [model.run(pixels, class_index)]
+            if not warned:  # once per run, on its first batch: the map is then noise
+                warned = _warn_if_untrained(model, ranked[0][model.output_key], len(rows))
             if top_k > 1:  # the top class came with the first run; the next ones by explain_class
                 order = _best_classes(model, ranked[0][model.output_key], top_k)
                 ranked += [model.run(pixels, order[:, rank]) for rank in range(1, top_k)]
@@ -256,6 +259,14 @@ def _check_class(model: ExplainableModel, class_index: int | None) -> None:
             f"--class {class_index} is out of range; output {model.output_key!r} of '{model.path}' has "
             f"{model.num_classes} classes (0 to {model.num_classes - 1})"
         )
+
+
+def _warn_if_untrained(model: ExplainableModel, values: np.ndarray, count: int) -> bool:
+    """Log the untrained-or-saturated warning when the batch's outputs say so; True if logged."""
+    warning = untrained_warning(values, where=f"the first {count} image(s)")
+    if warning:
+        log.warning("%s ('%s')", warning, model.path)
+    return bool(warning)
 
 
 def _check_top_k(model: ExplainableModel, top_k: int, class_index: int | None) -> None:
