@@ -261,3 +261,24 @@ def test_request_and_decode_commands(export, tmp_path):
     assert (tmp_path / "decoded" / f"{IMAGES[1].stem}_saliency_figure.png").is_file()
     code, _, err = results["usage"]
     assert code == 2 and "--out" in err
+
+
+def test_request_class_builds_an_explain_class_body(export, tmp_path):
+    """`request --class N`: the body calls explain_class with class_index N in every instance, and
+    what the server answers explains class N (compared with calling the signature directly)."""
+    body_file = tmp_path / "body.json"
+    done = subprocess.run(cli_command("request", export, "--image", IMAGES[0], "--image", IMAGES[1],
+                                      "--class", "2", "--out", body_file),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(body_file.read_text())
+    assert body["signature_name"] == "explain_class"
+    assert [instance["class_index"] for instance in body["instances"]] == [2, 2]
+    tensors, outputs = _serve(export, "explain_class", body_file.read_text())
+    assert list(outputs["explained_class"]) == [2, 2]
+    pixels = np.stack([_decoded_png(p) / 255.0 for p in IMAGES[:2]]).astype(np.float32)
+    np.testing.assert_array_equal(tensors["image"], pixels)
+    refused = subprocess.run(cli_command("request", export, "--image", IMAGES[0], "--class", "2",
+                                         "--signature", "serving_default"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "takes no 'class_index' input" in refused.stderr, refused.stderr
