@@ -246,3 +246,15 @@ def test_constant_outputs_rule():
     assert constant_outputs(np.tile([[0.1, 0.7, 0.2]], (4, 1))).startswith("every example")
     assert constant_outputs(np.array([[0.1, 0.7, 0.2], [0.3, 0.3, 0.4]])) is None
     assert constant_outputs(np.array([[5.0, 5.0 + 1e-3]])) is None  # a real, small difference
+
+
+def test_inspect_json_gives_dtype_and_shape_apart(zoo):
+    import json
+
+    done = _run("inspect", zoo.model("shapes_cnn"), "--json")
+    assert done.returncode == 0, done.stderr
+    signature = json.loads(done.stdout)["signatures"]["serving_default"]
+    assert signature["inputs"]["image"]["dtype"] == "float32"
+    assert signature["inputs"]["image"]["shape"] == [None, 32, 32, 3]
+    (output,) = signature["outputs"].values()
+    assert output["dtype"] == "float32" and output["shape"] == [None, 4]
