@@ -259,3 +259,17 @@ def test_inspect_json_gives_dtype_and_shape_apart(zoo):
     assert signature["inputs"]["image"]["shape"] == [None, 32, 32, 3]
     (output,) = signature["outputs"].values()
     assert output["dtype"] == "float32" and output["shape"] == [None, 4]
+
+
+def test_tf_keras_h5_with_depthwise_conv_gets_the_savedmodel_route(tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+
+    inputs = tf_keras.Input((8, 8, 3))
+    x = tf_keras.layers.DepthwiseConv2D(3, activation="relu")(inputs)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(2)(tf_keras.layers.Flatten()(x)))
+    path = tmp_path / "mobile.h5"
+    model.save(path)
+    done = _run("convert", path, tmp_path / "out")
+    _one_line_error(done, "Keras 3 cannot load", "DepthwiseConv2D", "tf_keras.models.load_model(path).save(DIR",
+                    "gbp-rewrite convert DIR DST")
+    assert not (tmp_path / "out").exists()
