@@ -273,3 +273,10 @@ def test_tf_keras_h5_with_depthwise_conv_gets_the_savedmodel_route(tmp_path):
     _one_line_error(done, "Keras 3 cannot load", "DepthwiseConv2D", "tf_keras.models.load_model(path).save(DIR",
                     "gbp-rewrite convert DIR DST")
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_copies_of_drawing_choices_match_render():
+    from gbp_rewrite.cli import common
+    from gbp_rewrite.pictures import render
+
+    assert common.COLORMAPS == render.COLORMAP_NAMES and common.SIGNS == render.SIGNS

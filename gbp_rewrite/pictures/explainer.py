@@ -2,10 +2,13 @@
 
     gbp_rewrite.explain("models/shapes_explainable", "photos/", out_dir="out")
 
-For each image: <stem>_heatmap.png (the saliency as a heat map, at the model's input size),
-<stem>_overlay.png (the heat map over the image, at the image's own size) and <stem>_guided.png
-(the guided-backpropagation picture); for the run: results.csv (one line per image) and
-summary.json. Images stream through tf.data in batches and every batch is written before the next
+For each image: <stem>_figure.png (the image, the overlay and the guided picture side by side,
+captioned with the class name and score: the one to look at first), <stem>_heatmap.png (the
+saliency as a heat map), <stem>_overlay.png (the heat blended over the image by the heat) and
+<stem>_guided.png (the guided-backpropagation picture), all at the image's own size enlarged to
+at least 224 px (gbp_rewrite.pictures.render); with top_k, <stem>_top<k>_* per class. For the
+run: results.csv (one line per explained class) and summary.json; a later run into the same
+folder first removes the pictures this summary lists. Images stream through tf.data in batches and every batch is written before the next
 is run, so memory does not grow with the number of images. Images that cannot be explained
 (corrupt, not an image, grey-scale) are named with their reason; the others are still explained.
 """
