@@ -61,3 +61,46 @@ def one_line(error: BaseException, *, with_type: bool = False) -> str:
         return f"{type(error).__name__}: {message}" + (f" (at node {node})" if node else "")
     message = useful[0] if useful else (lines[0] if lines else type(error).__name__)
     return message + (f" (at node {node})" if node else "")
+
+
+NAMES_IN_MESSAGE = 10
+
+
+def some_names(names, *, more: str = " (see inspect)") -> str:
+    """At most ten names for a one-line message, then 'and N more (see inspect)'."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:NAMES_IN_MESSAGE])
+    hidden = len(names) - NAMES_IN_MESSAGE
+    return shown + (f", and {hidden} more{more}" if hidden > 0 else "")
+
+
+# Outputs closer than this, relative to their size, are equal "within float rounding".
+_EQUAL_RELATIVE = 1e-5
+
+
+def constant_outputs(values) -> str | None:
+    """Why a model looks untrained or saturated from its explained output on a batch, or None.
+
+    `values`: [batch] or [batch, classes]. Suspicious when every example gives all its classes the
+    same value (an untrained or zeroed head), or every example gives the same values whatever its
+    input (saturated units: the output no longer depends on the input). Either way the gradient is
+    noise or zero."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0 or values.shape[0] == 0 or not np.all(np.isfinite(values)):
+        return None
+    rows = values.reshape(values.shape[0], -1)
+    tolerance = _EQUAL_RELATIVE * max(1.0, float(np.max(np.abs(rows))))
+    if rows.shape[1] > 1 and np.all(np.ptp(rows, axis=1) <= tolerance):
+        return f"all {rows.shape[1]} class scores are equal within float rounding for every example"
+    if rows.shape[0] > 1 and np.all(np.ptp(rows, axis=0) <= tolerance):
+        return "every example gets the same scores whatever its input"
+    return None
+
+
+def untrained_warning(values, *, where: str) -> str | None:
+    """The one-line warning for constant_outputs, or None."""
+    why = constant_outputs(values)
+    if why is None:
+        return None
+    return (f"the model looks untrained or saturated: on {where}, {why}; its saliency will be noise "
+            "or zero (check that the trained weights were loaded)")

@@ -41,8 +41,8 @@ class ModelInfo:
             "tags": self.tags,
             "signatures": {
                 key: {
-                    "inputs": {k: d.describe() for k, d in sig.inputs.items()},
-                    "outputs": {k: d.describe() for k, d in sig.outputs.items()},
+                    "inputs": {k: _tensor_dict(d) for k, d in sig.inputs.items()},
+                    "outputs": {k: _tensor_dict(d) for k, d in sig.outputs.items()},
                 }
                 for key, sig in self.signatures.items()
             },
@@ -140,3 +140,14 @@ def inspect_keras(source, *, signature: str | None = None, safe_mode: bool = Tru
         key, [s.site for s in found],
         kept={s.site.key: s.reason for s in found if s.site.rewritable and not s.rewritable},
     )
+
+
+def _tensor_dict(desc) -> dict:
+    """A signature tensor for JSON: dtype and shape as separate fields, the shape a list with null
+    for an unknown dimension (null altogether for an unknown rank); a composite (ragged, sparse)
+    tensor has dtype null."""
+    return {
+        "dtype": desc.dtype.name if desc.dtype is not None else None,
+        "shape": list(desc.shape) if desc.shape is not None else None,
+        "tensor": desc.tensor_name,
+    }

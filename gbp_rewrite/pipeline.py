@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from gbp_rewrite import rules, self_check, signatures, write
+from gbp_rewrite import conventions, rules, self_check, signatures, write
 from gbp_rewrite.graph import front_end as graph_front_end
 from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
@@ -122,6 +122,8 @@ def write_explainable(
         if prepared.probe_while_tracing:
             with phase("probe (rest)"):
                 expected = probed.result()
+    # Shown in the report (text and JSON), so the user knows why the saliency is noise.
+    untrained = conventions.untrained_warning(expected[plan.output_key], where="the probe batch")
     checks = {"rule applied": prepared.check_applied(applied)}
     for check in prepared.after_trace:
         checks.update(check(explainable))
@@ -142,7 +144,8 @@ def write_explainable(
                 **{key: plan.output_keys() for key in explainable},
                 **{k: sorted(fn.structured_outputs) for k, fn in prepared.kept_signatures.items()},
             },
-            sites=entries, checks=checks, warnings=prepared.warnings, started=started,
+            sites=entries, checks=checks, warnings=[*prepared.warnings, *([untrained] if untrained else [])],
+            started=started,
         )
         report.write(tmp)
     return report

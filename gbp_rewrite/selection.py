@@ -12,6 +12,7 @@ import fnmatch
 from typing import Iterable, Sequence
 
 from gbp_rewrite import rules
+from gbp_rewrite.conventions import some_names
 from gbp_rewrite.errors import SelectionError
 from gbp_rewrite.graph.sites import Site
 
@@ -74,14 +75,9 @@ def _matches(site: Site, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
 
 
-_NAMES_IN_MESSAGE = 10
-
-
 def _some(names: Sequence[str]) -> str:
     """At most ten names, then 'and N more (see inspect)'."""
-    shown = ", ".join(names[:_NAMES_IN_MESSAGE])
-    hidden = len(names) - _NAMES_IN_MESSAGE
-    return shown + (f", and {hidden} more (see inspect)" if hidden > 0 else "")
+    return some_names(names)
 
 
 def select(

@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 import tensorflow as tf
 
 from gbp_rewrite import tf_internals
-from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, some_names
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph.lean import finish_export
 from gbp_rewrite.graph.savedmodel import TensorDesc
@@ -212,13 +212,13 @@ def _choose_output(signature_key: str, outputs: Mapping[str, TensorDesc], output
     if output is None:
         if len(keys) != 1:
             raise SignatureError(
-                f"signature {signature_key!r} has {len(keys)} outputs ({', '.join(keys) or 'none'}); "
+                f"signature {signature_key!r} has {len(keys)} outputs ({some_names(keys) or 'none'}); "
                 "choose the one to explain with --output"
             )
         output = keys[0]
     elif output not in outputs:
         raise SignatureError(
-            f"signature {signature_key!r} has no output {output!r}; its outputs: {', '.join(keys)}"
+            f"signature {signature_key!r} has no output {output!r}; its outputs: {some_names(keys)}"
         )
     desc = outputs[output]
     if desc.dtype is None or not desc.dtype.is_floating:

@@ -144,6 +144,29 @@ def next_version(base: Path) -> int:
 NEXT_VERSION = "next"
 
 
+def served_version(path: Path) -> Path | None:
+    """The highest version folder TF Serving would serve when `path` is a model base path.
+
+    None when `path` is itself a SavedModel or holds no numbered SavedModel folder. A base path
+    holds only version folders (`path`/1, `path`/2, ...); the server serves the highest.
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+        return None
+    versions = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()
+                and ((p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file())]
+    return max(versions, key=lambda p: int(p.name), default=None)
+
+
+def resolve_served_version(path: str | os.PathLike, *, command: str) -> Path:
+    """`path`, or its highest version when it is a TF Serving base path (a warning says which)."""
+    version = served_version(Path(path))
+    if version is None:
+        return Path(path)
+    log.warning("'%s' is a TF Serving base path; %s uses its highest version, '%s'", path, command, version)
+    return version
+
+
 def version_directory(base: Path, version: int | str | None) -> Path:
     """Where a TF Serving model version goes: `base`/N (N given, or 'next' = the next free number).
 

@@ -33,7 +33,7 @@ def test_decoded_pictures_of_same_named_images_never_overwrite_each_other(tmp_pa
     saliency = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
     written = response_files.write_response_files({"saliency": saliency}, tmp_path / "out", image_paths=paths)
     pictures = [p for p in written if p.suffix == ".png"]
-    assert len(pictures) == len(set(pictures)) == 3 * 3
+    assert len(pictures) == len(set(pictures)) == 3 * 4  # figure, heat map, overlay, guided
 
 
 # ---------------------------------------------------------------------------------------------

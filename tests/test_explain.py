@@ -133,8 +133,8 @@ def test_unknown_preprocess_lists_the_modes():
 
 
 def test_pictures_and_records(shapes, tmp_path):
-    """PNGs decode at the expected sizes (overlay at the image's own size); CSV and JSON agree
-    with a direct call of the model; --class explains the given class."""
+    """PNGs decode at the expected sizes (the image's own size, enlarged by a whole factor to at
+    least 224 px); CSV and JSON agree with a direct call of the model; --class explains the given class."""
     big = tmp_path / "in" / "big_square.jpg"  # 48 x 40 JPEG: resized for the model
     big.parent.mkdir()
     source = _decode(IMAGES / "square_0.png")
@@ -145,11 +145,11 @@ def test_pictures_and_records(shapes, tmp_path):
     out = tmp_path / "out"
     summary = gbp_rewrite.explain(shapes[0], inputs, out_dir=out, batch_size=1)
     assert (summary.total, summary.explained, summary.failed) == (2, 2, [])
-    sizes = {"circle_0": (32, 32), "big_square": (48, 40)}
+    sizes = {"circle_0": (224, 224), "big_square": (288, 240)}  # 32 x 7; 48 x 40 times 6
     for stem, size in sizes.items():
-        assert _decode(out / f"{stem}_heatmap.png").shape == (32, 32, 3)
-        assert _decode(out / f"{stem}_guided.png").shape == (32, 32, 3)
-        assert _decode(out / f"{stem}_overlay.png").shape == (*size, 3)
+        for kind in ("heatmap", "guided", "overlay"):
+            assert _decode(out / f"{stem}_{kind}.png").shape == (*size, 3), (stem, kind)
+        assert _decode(out / f"{stem}_figure.png").shape[1] > 3 * size[1]
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     record = json.loads((out / "summary.json").read_text())
@@ -159,7 +159,7 @@ def test_pictures_and_records(shapes, tmp_path):
     top = int(direct["explained_class"][0])
     assert int(rows[0]["class"]) == record["images"][0]["class"] == top
     assert float(rows[0]["score"]) == pytest.approx(direct["output_0"][0, top], rel=1e-6)
-    assert record["images"][0]["outputs"] == {k: f"circle_0_{k}.png" for k in ("heatmap", "overlay", "guided")}
+    assert record["images"][0]["outputs"] == {k: f"circle_0_{k}.png" for k in ("figure", "heatmap", "overlay", "guided")}
 
     other = (top + 1) % 4
     by_class = gbp_rewrite.explain(shapes[0], inputs[:1], out_dir=tmp_path / "by_class", class_index=other)
@@ -192,7 +192,7 @@ def test_grey_images_are_refused_or_converted_on_request(shapes, tmp_path):
     assert "grey-scale (1 channel)" in refused.failed[0].reason and "--grayscale_to_rgb" in refused.failed[0].reason
     converted = gbp_rewrite.explain(shapes[0], folder, out_dir=tmp_path / "converted", grayscale_to_rgb=True)
     assert converted.explained == 1 and not converted.failed
-    assert _decode(tmp_path / "converted" / "grey_overlay.png").shape == (32, 32, 3)
+    assert _decode(tmp_path / "converted" / "grey_overlay.png").shape == (224, 224, 3)
 
 
 def test_same_file_names_get_distinct_pictures():
@@ -347,8 +347,8 @@ def test_command_line(shapes, tmp_path):
     assert "Traceback" not in stderr
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.png")) == sorted(
-        f"good_{s}_{k}.png" for s in ("circle", "triangle") for k in ("guided", "heatmap", "overlay"))
-    assert _decode(out / "good_triangle_overlay.png").shape == (64, 64, 3)
+        f"good_{s}_{k}.png" for s in ("circle", "triangle") for k in ("figure", "guided", "heatmap", "overlay"))
+    assert _decode(out / "good_triangle_overlay.png").shape == (256, 256, 3)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(Path(r["file"]).name, r["status"]) for r in rows] == [
         ("corrupt.png", "failed"), ("good_circle.png", "explained"), ("good_triangle.jpg", "explained"),

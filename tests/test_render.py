@@ -123,28 +123,44 @@ def test_colormap_unknown_name_lists_valid_names():
 def test_overlay_alpha_extremes_same_size(rng):
     image = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
     heat = rng.uniform(size=(12, 10))
+    heat[:3] = 0.0
+    heat[-3:] = 1.0
     np.testing.assert_array_equal(render.overlay(image, heat, alpha=0.0), image)
-    np.testing.assert_array_equal(render.overlay(image, heat, alpha=1.0),
-                                  render.colormap(heat))
+    full = render.overlay(image, heat, alpha=1.0)
+    # blended by the heat: the photo where it is 0, the colour where it is 1
+    np.testing.assert_array_equal(full[:3], image[:3])
+    np.testing.assert_array_equal(full[-3:], render.colormap(heat[-3:]))
+    colour = render.colormap(heat).astype(np.float64)
+    expected = image + heat[:, :, None] * (colour - image)
+    assert np.max(np.abs(full - expected)) <= 0.5 + 1e-9
 
 
-def test_overlay_resizes_heat_to_image(rng):
-    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
-    heat = rng.uniform(size=(16, 12))
-    out0 = render.overlay(image, heat, alpha=0.0)
-    out1 = render.overlay(image, heat, alpha=1.0)
-    assert out0.shape == out1.shape == (64, 48, 3)
-    np.testing.assert_array_equal(out0, image)
-    resized = tf.image.resize(heat[:, :, None].astype(np.float32), (64, 48),
-                              method="bilinear").numpy()[:, :, 0]
-    np.testing.assert_array_equal(out1, render.colormap(resized))
-
-
-def test_overlay_half_alpha_is_midpoint():
+def test_overlay_does_not_darken_where_the_heat_is_zero():
     image = np.full((4, 4, 3), 200, np.uint8)
-    heat = np.zeros((4, 4))  # gray colormap: black
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 1.0
     out = render.overlay(image, heat, alpha=0.5, colormap_name="gray")
-    np.testing.assert_array_equal(out, 100)
+    np.testing.assert_array_equal(out[1:], 200)  # zero heat: the photo, not half black
+    np.testing.assert_array_equal(out[0, 0], 228)  # 200 + 0.5 * (255 - 200) = 227.5, rounded
+
+
+def test_overlay_enlarges_heat_by_whole_factors_without_blur(rng):
+    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    heat = (rng.uniform(size=(16, 12)) > 0.5).astype(np.float64)
+    out = render.overlay(image, heat, alpha=1.0, colormap_name="gray")
+    big = np.kron(heat, np.ones((4, 4)))  # each heat pixel covers 4 x 4 image pixels
+    np.testing.assert_array_equal(out[big == 0], image[big == 0])
+    np.testing.assert_array_equal(out[big == 1], 255)
+
+
+@pytest.mark.parametrize("sign, expected", [("abs", [1.0, 0.5, 0.0]), ("positive", [1.0, 0.0, 0.0]),
+                                            ("negative", [0.0, 1.0, 0.0])])
+def test_heat_sign_modes(sign, expected):
+    sal = np.array([[[2.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # [1, 3, 3]
+    heat = render.saliency_heat(sal, clip_percentile=100, sign=sign)
+    np.testing.assert_allclose(heat[0], expected)
+    with pytest.raises(RenderError, match="unknown sign mode 'both'.*abs, positive, negative"):
+        render.saliency_heat(sal, sign="both")
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.1])
@@ -205,24 +221,30 @@ def test_write_png_atomic_and_overwrites(tmp_path, rng):
     assert sorted(os.listdir(path.parent)) == ["a.png"]  # no temp files left
 
 
-def test_render_all_writes_three_pngs(tmp_path, rng):
+def test_render_all_writes_readable_pictures_and_a_figure(tmp_path, rng):
     image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
     sal = rng.normal(size=(32, 32, 3)).astype(np.float32)
-    paths = render.render_all(image, sal, out_dir=tmp_path / "out",
-                              stem="cat")
-    assert set(paths) == {"heatmap", "overlay", "guided"}
-    assert paths["heatmap"].name == "cat_heatmap.png"
-    assert paths["overlay"].name == "cat_overlay.png"
-    assert paths["guided"].name == "cat_guided.png"
-    assert _decode(paths["heatmap"]).shape == (32, 32, 3)
-    assert _decode(paths["overlay"]).shape == (96, 80, 3)
-    assert _decode(paths["guided"]).shape == (32, 32, 3)
+    paths = render.render_all(image, sal, out_dir=tmp_path / "out", stem="cat", caption="cat 0.5")
+    assert set(paths) == {"figure", "heatmap", "overlay", "guided"}
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "cat_guided.png", "cat_heatmap.png", "cat_overlay.png"]
-    heat = render.saliency_heat(sal)
+        "cat_figure.png", "cat_guided.png", "cat_heatmap.png", "cat_overlay.png"]
+    # short side 80 < 224: every picture is the image enlarged 3 times (240 px)
+    for kind in ("heatmap", "overlay", "guided"):
+        assert _decode(paths[kind]).shape == (288, 240, 3), kind
+    overlay = _decode(paths["overlay"])
+    heat = np.clip(render.resize_to(render.saliency_heat(sal), 288, 240), 0, 1)
     np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat))
-    np.testing.assert_array_equal(_decode(paths["overlay"]), render.overlay(image, heat))
-    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
+    photo = np.kron(image, np.ones((3, 3, 1), np.uint8))  # nearest neighbour, by hand
+    np.testing.assert_array_equal(overlay, render.overlay(photo, heat))
+    figure = _decode(paths["figure"])
+    assert figure.shape[1] > 3 * 240 and figure.shape[0] > 288
+    # the three panels are in the figure, pixel for pixel, side by side on one row
+    top = next(r for r in range(figure.shape[0]) if
+               any(np.array_equal(figure[r, c:c + 240], photo[0]) for c in range(0, 40)))
+    row = figure[top:top + 288]
+    for panel in (photo, overlay, np.repeat(_decode(paths["guided"])[:, :, :1], 3, 2)
+                  if _decode(paths["guided"]).shape[2] == 1 else _decode(paths["guided"])):
+        assert any(np.array_equal(row[:, c:c + 240], panel) for c in range(row.shape[1] - 239))
 
 
 def test_render_all_greyscale_saliency(tmp_path, rng):
@@ -230,23 +252,21 @@ def test_render_all_greyscale_saliency(tmp_path, rng):
     sal = rng.normal(size=(28, 28, 1))
     paths = render.render_all(image, sal, out_dir=tmp_path, stem="digit",
                               colormap_name="gray", alpha=0.3)
-    assert _decode(paths["guided"]).shape == (28, 28, 1)
-    assert _decode(paths["heatmap"]).shape == (28, 28, 3)
-    heat = render.saliency_heat(sal)
+    # 28 px: enlarged 8 times to 224, each saliency pixel an 8 x 8 block
+    guided = _decode(paths["guided"])
+    assert guided.shape == (224, 224, 1)
+    np.testing.assert_array_equal(guided, np.kron(render.guided_image(sal), np.ones((8, 8, 1), np.uint8)))
+    heat = np.kron(render.saliency_heat(sal), np.ones((8, 8)))
     np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat, name="gray"))
-    np.testing.assert_array_equal(_decode(paths["overlay"]),
-                                  render.overlay(image, heat, alpha=0.3, colormap_name="gray"))
-    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
 
 
 def test_render_all_without_image_writes_no_overlay(tmp_path, rng):
     sal = rng.normal(size=(16, 12, 3))
     paths = render.render_all(None, sal, out_dir=tmp_path, stem="x", clip_percentile=90)
-    assert list(paths) == ["heatmap", "guided"]
+    assert sorted(paths) == ["guided", "heatmap"]
     assert sorted(os.listdir(tmp_path)) == ["x_guided.png", "x_heatmap.png"]
-    heat = render.saliency_heat(sal, clip_percentile=90)
+    heat = np.kron(render.saliency_heat(sal, clip_percentile=90), np.ones((19, 19)))  # 12 * 19 >= 224
     np.testing.assert_array_equal(_decode(paths["heatmap"]), render.colormap(heat))
-    np.testing.assert_array_equal(_decode(paths["guided"]), render.guided_image(sal))
 
 
 @pytest.mark.parametrize("image", [None, np.zeros((8, 8, 3), np.uint8)])

@@ -212,21 +212,22 @@ def test_decoded_response_files(export, tmp_path):
     names = sorted(p.name for p in written)
     stems = [p.stem for p in IMAGES[:2]]
     assert names == sorted([f"{k}.npy" for k in outputs]
-                           + [f"{s}_saliency_{kind}.png" for s in stems for kind in ("guided", "heatmap", "overlay")])
+                           + [f"{s}_saliency_{kind}.png" for s in stems for kind in ("figure", "guided", "heatmap", "overlay")])
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "saliency.npy"), outputs["saliency"])
     heatmap = _decoded_png(tmp_path / "out" / f"{stems[0]}_saliency_heatmap.png")
-    assert heatmap.shape == (32, 32, 3) and heatmap.std() > 0
+    assert heatmap.shape == (224, 224, 3) and heatmap.std() > 0  # 32 px enlarged 7 times
     without_images = write_response_files(arrays, tmp_path / "plain")
     assert sorted(p.name for p in without_images if p.suffix == ".png") == [
         f"example_{i}_saliency_{kind}.png" for i in range(2) for kind in ("guided", "heatmap")]
     # Each example's pictures are its own saliency's (not another example's).
     for i, (stem, image) in enumerate(zip(stems, IMAGES[:2])):
-        heat = render.saliency_heat(outputs["saliency"][i])
+        heat = np.kron(render.saliency_heat(outputs["saliency"][i]), np.ones((7, 7)))
         for folder, name in ((tmp_path / "out", stem), (tmp_path / "plain", f"example_{i}")):
             np.testing.assert_array_equal(_decoded_png(folder / f"{name}_saliency_heatmap.png"),
                                           render.colormap(heat), err_msg=f"{folder.name}/{name}")
         np.testing.assert_array_equal(_decoded_png(tmp_path / "out" / f"{stem}_saliency_overlay.png"),
-                                      render.overlay(_decoded_png(image), heat), err_msg=stem)
+                                      render.overlay(np.kron(_decoded_png(image)[:, :, :3], np.ones((7, 7, 1), np.uint8)), heat),
+                                      err_msg=stem)
     with pytest.raises(ImageError, match="1 image"):
         write_response_files(arrays, tmp_path / "bad", image_paths=IMAGES[:1])
 
@@ -242,7 +243,8 @@ def test_request_and_decode_commands(export, tmp_path):
                                                 "--out", request_file),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "decode": subprocess.Popen(cli_command("decode", response, "--out", tmp_path / "decoded",
-                                               "--image", f"{IMAGES[0]},{IMAGES[1]}"),
+                                               "--image", f"{IMAGES[0]},{IMAGES[1]}",
+                                               "--labels", REPO / "testdata" / "shapes_cnn_labels.txt"),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "usage": subprocess.Popen(cli_command("decode", response), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True),
@@ -256,5 +258,27 @@ def test_request_and_decode_commands(export, tmp_path):
     assert "saliency float32[2, 32, 32, 3]" in out
     np.testing.assert_array_equal(np.load(tmp_path / "decoded" / "output_0.npy"), outputs["output_0"])
     assert (tmp_path / "decoded" / f"{IMAGES[1].stem}_saliency_overlay.png").is_file()
+    assert (tmp_path / "decoded" / f"{IMAGES[1].stem}_saliency_figure.png").is_file()
     code, _, err = results["usage"]
     assert code == 2 and "--out" in err
+
+
+def test_request_class_builds_an_explain_class_body(export, tmp_path):
+    """`request --class N`: the body calls explain_class with class_index N in every instance, and
+    what the server answers explains class N (compared with calling the signature directly)."""
+    body_file = tmp_path / "body.json"
+    done = subprocess.run(cli_command("request", export, "--image", IMAGES[0], "--image", IMAGES[1],
+                                      "--class", "2", "--out", body_file),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(body_file.read_text())
+    assert body["signature_name"] == "explain_class"
+    assert [instance["class_index"] for instance in body["instances"]] == [2, 2]
+    tensors, outputs = _serve(export, "explain_class", body_file.read_text())
+    assert list(outputs["explained_class"]) == [2, 2]
+    pixels = np.stack([_decoded_png(p) / 255.0 for p in IMAGES[:2]]).astype(np.float32)
+    np.testing.assert_array_equal(tensors["image"], pixels)
+    refused = subprocess.run(cli_command("request", export, "--image", IMAGES[0], "--class", "2",
+                                         "--signature", "serving_default"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "takes no 'class_index' input" in refused.stderr, refused.stderr

@@ -12,6 +12,8 @@ Writes, overwriting any previous build:
                                 optimizer state (keeps it small).
     <out>/shapes_cnn.json       Metadata: class names, input scaling,
                                 accuracies, seeds, rebuild command.
+    <out>/shapes_cnn_labels.txt The class names, one per line in class
+                                order (`explain --labels`).
     <out>/images/<class>_<k>.png        Held-out sample images.
     <out>/images/masks/<class>_<k>.png  Their shape masks (0 or 255, grey).
     <out>/images/labels.json            File name -> class name and index.
@@ -45,6 +47,7 @@ sys.path.insert(0, str(TOOLS_DIR))
 import shapes  # noqa: E402
 
 MODEL_NAME = "shapes_cnn"
+LABELS_FILE = f"{MODEL_NAME}_labels.txt"
 REBUILD_COMMAND = "python tools/build_testdata.py --out testdata"
 
 # Distinct seeds so the training, held-out and verification sets never share
@@ -266,8 +269,9 @@ def build(out_dir: Path) -> dict:
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         }
         (staging / f"{MODEL_NAME}.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (staging / LABELS_FILE).write_text("".join(f"{name}\n" for name in shapes.CLASS_NAMES))
 
-        for name in (MODEL_NAME, f"{MODEL_NAME}.keras", "images", f"{MODEL_NAME}.json"):
+        for name in (MODEL_NAME, f"{MODEL_NAME}.keras", "images", f"{MODEL_NAME}.json", LABELS_FILE):
             replace_path(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -30,7 +30,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from gbp_rewrite.beam.handler import ExplainableModelHandler, Explanation
 from gbp_rewrite.errors import OptionError, RenderError, one_line
-from gbp_rewrite.pictures import images, render
+from gbp_rewrite.pictures import explainer, images, labels, render
 from gbp_rewrite.pictures.results import (
     CSV_COLUMNS,
     PICTURES,
@@ -195,7 +195,10 @@ class _Render(beam.DoFn):
             yield failed_entry(file, outcome.reason)
             return
         try:
-            pictures = render.render_pictures(images.decode_rgb(prediction.example).numpy(), outcome.saliency)
+            caption = explainer.figure_caption(labels.class_name(None, outcome.class_index), outcome.class_index,
+                                               outcome.score)  # as explain captions it without --labels
+            pictures = render.render_pictures(images.decode_rgb(prediction.example).numpy(), outcome.saliency,
+                                              caption=caption)
         except RenderError as e:  # e.g. a NaN saliency: this image fails, the others go on
             yield failed_entry(file, f"cannot render the saliency: {e}")
             return

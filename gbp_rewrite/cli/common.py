@@ -18,6 +18,9 @@ PROGRAM = "gbp-rewrite"
 # gbp_rewrite.pictures.images.PREPROCESSING's keys, copied: importing images would load TensorFlow
 # before the command line is parsed (tests/test_deploy_mends.py keeps the two equal).
 PREPROCESS_MODES = ("unit", "symmetric", "caffe", "none")
+# gbp_rewrite.pictures.render.COLORMAP_NAMES and SIGNS, copied for the same reason (tests keep them equal).
+COLORMAPS = ("gray", "inferno", "viridis")
+SIGNS = ("abs", "positive", "negative")
 
 
 class UsageError(Exception):
@@ -115,6 +118,42 @@ def add_preprocess(parser: argparse.ArgumentParser, *, purpose: str = "") -> Non
 def add_grayscale_to_rgb(parser: argparse.ArgumentParser) -> None:
     add_bool(parser, "grayscale_to_rgb",
              "take grey-scale images as RGB (repeat the grey channel); without it they are refused.")
+
+
+def number_between(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {'(' if low_open else '['}{low}, {high}]")
+        return value
+
+    return parse
+
+
+def add_drawing(parser: argparse.ArgumentParser) -> None:
+    """How the heat is drawn (captum's visualisation has the same choices)."""
+    parser.add_argument("--colormap", default="inferno", choices=COLORMAPS,
+                        help="the heat map's colours (default: inferno).")
+    parser.add_argument("--alpha", type=number_between(0.0, 1.0), default=0.5, metavar="A",
+                        help="the overlay's colour weight at full heat, 0 to 1; where the heat is zero "
+                             "the photo is untouched (default: 0.5).")
+    parser.add_argument("--clip_percentile", type=number_between(0.0, 100.0, low_open=True), default=99.5,
+                        metavar="P", help="the heat's white point: this percentile of the pixel heats "
+                        "and above is full heat; 100 = the maximum (default: 99.5).")
+    parser.add_argument("--sign", default="abs", choices=SIGNS,
+                        help="which gradient values make heat: abs = |g|, positive = what raises the "
+                             "score, negative = what lowers it (default: abs).")
+
+
+def add_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", metavar="FILE",
+                        help="the class names, in class order: one per line, or a JSON list (or an "
+                             "object with 'class_names'); they caption the figures and fill the "
+                             "results' label.")
 
 
 def emit(result, args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gbp_rewrite.cli import common
 from gbp_rewrite.cli.progress import Progress
@@ -14,9 +15,11 @@ from gbp_rewrite.errors import ImageError
 
 NAME = "explain"
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
-           "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
-           "and summary.json, into --out. Exit status 1 if any image could not be explained. With --runner: "
-           "the same as an Apache Beam pipeline over the files of --glob (sharded results-*.csv/.jsonl).")
+           "per image <stem>_figure.png (the image, the overlay and the guided-backprop picture side by "
+           "side, with the class and score: look at it first), the heat map, overlay and guided picture "
+           "as PNG, plus results.csv and summary.json, into --out. Exit status 1 if any image could not "
+           "be explained. With --runner: the same as an Apache Beam pipeline over the files of --glob "
+           "(sharded results-*.csv/.jsonl).")
 TAKES_PASSTHROUGH = True  # Beam's pipeline options after `--` (with --runner)
 
 
@@ -25,11 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_image(parser, "an image file (PNG, JPEG, BMP, GIF).")
     parser.add_argument("--dir", metavar="FOLDER", help="a folder of images (its .png/.jpg/.jpeg/.bmp/.gif "
                         "files; other files are skipped and named).")
+    common.add_bool(parser, "recursive", "with --dir, take the images of its subfolders too.")
     parser.add_argument("--out", metavar="OUTDIR", help="the folder for the PNGs, results.csv and "
-                        "summary.json (created if missing; files of the same names are replaced).")
+                        "summary.json (created if missing; the pictures an earlier run listed in its "
+                        "summary.json there are removed first, nothing else).")
     parser.add_argument("--class", dest="class_index", type=common.integer_at_least(0), metavar="N",
                         help="explain this class for every image (the `explain_class` signature) instead "
                              "of each image's top class.")
+    parser.add_argument("--top_k", type=common.integer_at_least(1), default=1, metavar="K",
+                        help="explain each image's K best classes (<stem>_top1_*, <stem>_top2_*, ...; "
+                             "default: 1, the top class).")
+    common.add_labels(parser)
+    common.add_drawing(parser)
     common.add_preprocess(parser)
     parser.add_argument("--batch_size", type=common.integer_at_least(1), default=32, metavar="N",
                         help="images per model call (default: 32).")
@@ -57,16 +67,23 @@ def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pictures.explainer import explain
 
+    if args.recursive and not args.dir:
+        raise common.UsageError("--recursive goes with --dir FOLDER")
     if bool(args.image) == bool(args.dir):
         raise common.UsageError("'explain' takes the images with either --image or --dir (one of them)")
     if not args.out:
         raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
+    if args.dir and not Path(args.dir).is_dir():  # refused before the model is loaded
+        what = "is not a folder" if Path(args.dir).exists() else "does not exist"
+        raise ImageError(f"--dir '{args.dir}' {what}; pass a folder of images, or image files with --image")
     progress = Progress("explain", "images")
     try:
         summary = explain(
             args.model, args.dir if args.dir else common.split_paths(args.image), out_dir=args.out,
-            class_index=args.class_index, preprocess=args.preprocess, batch_size=args.batch_size,
-            grayscale_to_rgb=args.grayscale_to_rgb, progress=progress, allow_file_ops=args.allow_file_ops,
+            class_index=args.class_index, top_k=args.top_k, labels=args.labels, preprocess=args.preprocess,
+            batch_size=args.batch_size, grayscale_to_rgb=args.grayscale_to_rgb, recursive=args.recursive,
+            colormap=args.colormap, alpha=args.alpha, clip_percentile=args.clip_percentile, sign=args.sign,
+            progress=progress, allow_file_ops=args.allow_file_ops,
         )
     finally:
         progress.finish()

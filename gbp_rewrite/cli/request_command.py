@@ -17,7 +17,11 @@ SUMMARY = ("Write the JSON body of a TF Serving REST predict request (row format
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR", help="the SavedModel directory the server serves.")
     common.add_image(parser, "an image file (PNG, JPEG, BMP, GIF).")
-    common.add_signature(parser, "the signature to call (default: serving_default).", default="serving_default")
+    common.add_signature(parser, "the signature to call (default: serving_default; explain_class with "
+                         "--class).", default=None)
+    parser.add_argument("--class", dest="class_index", type=common.integer_at_least(0), metavar="N",
+                        help="explain class N in every image: the body calls the explain_class signature "
+                             "of an explainable export, each instance with \"class_index\": N.")
     common.add_preprocess(parser)
     parser.add_argument("--out", metavar="FILE", help="the file for the JSON body (default: stdout).")
     common.add_grayscale_to_rgb(parser)
@@ -31,7 +35,8 @@ def run(args: argparse.Namespace) -> None:
     if not args.image:
         raise common.UsageError("'request' needs at least one --image PATH")
     body = make_request(args.model, common.split_paths(args.image), signature=args.signature,
-                        preprocess=args.preprocess, grayscale_to_rgb=args.grayscale_to_rgb)
+                        class_index=args.class_index, preprocess=args.preprocess,
+                        grayscale_to_rgb=args.grayscale_to_rgb)
     if args.out:
         path = write_request(body, args.out)
         sys.stderr.write(f"wrote {path}: {len(body['instances'])} instance(s) for signature "

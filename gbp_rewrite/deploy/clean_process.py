@@ -80,6 +80,7 @@ WHY_BATCH = ("TF Serving's REST row format ('instances'/'predictions') needs eve
 WHY_DTYPE = "TF Serving's REST API cannot convert this dtype to or from JSON (gRPC still works)"
 WHY_PREDICTIONS = "the served model would answer differently from the source model"
 WHY_SALIENCY = "the served saliency would be useless"
+WHY_NOT_EXPLAINABLE = "the served model would answer with predictions only, no explanation"
 
 
 class Checks:
@@ -233,7 +234,8 @@ def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) 
                             if r["key"] == explained), None)
         if key == EXPLAIN_CLASS and CLASS_INDEX in probe and top_classes is not None:
             probe[CLASS_INDEX] = top_classes.astype(probe[CLASS_INDEX].dtype)
-        entry = {"key": key, "dir": str(work / f"sig_{index}"), "inputs_np": probe, "outputs_np": {}}
+        entry = {"key": key, "dir": str(work / f"sig_{index}"), "inputs_np": probe, "outputs_np": {},
+                 "declared": list(function.structured_outputs)}
         results.append(entry)
         try:
             entry["outputs_np"] = call(function, probe)
@@ -277,6 +279,15 @@ def check_saliency(key: str, outputs: dict, checks: Checks) -> None:
                   if finite and nonzero else
                   f"{name} is {'all zero' if finite else 'not finite (NaN or Inf)'} on the probe batch")
         checks.add(f"saliency: {key}/{name}", finite and nonzero, detail, WHY_SALIENCY)
+
+
+def check_explainable(results: list[dict], checks: Checks) -> None:
+    """A model never converted returns no saliency: verifying it would otherwise pass."""
+    explaining = [r["key"] for r in results if saliency_keys(r["declared"])]
+    checks.add("explainable outputs", bool(explaining),
+               f"saliency returned by {', '.join(explaining)}" if explaining else
+               "no signature returns a saliency output: this SavedModel was never converted; run "
+               "`gbp-rewrite convert SRC DST` and verify DST", WHY_NOT_EXPLAINABLE)
 
 
 def check_explain_class(results: list[dict], explained: str | None, checks: Checks) -> None:
@@ -397,6 +408,7 @@ def main(config: dict) -> dict:
                f"tf.saved_model.load(tags=['serve']) with TensorFlow {tf.__version__}")
     explained = (report or {}).get("signature")
     results = run_signatures(loaded, explained, config, checks)
+    check_explainable(results, checks)
     check_explain_class(results, explained, checks)
     if config.get("source_dir"):
         compare_with_source(results, config["source_dir"], explained, checks)

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Iterator
 
 from gbp_rewrite import rules, security, self_check, signatures, write
-from gbp_rewrite.errors import SignatureError
+from gbp_rewrite.conventions import REPORT_PATH
+from gbp_rewrite.errors import SignatureError, SourceModelError
 from gbp_rewrite.graph import savedmodel, sites, staging, validation
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
@@ -28,6 +30,7 @@ def prepare(
     """The conversion of the SavedModel `source`, valid while the patched copy exists (the block)."""
     rule, signature, score = options.rule, options.signature, options.score
     model = savedmodel.read(source)
+    _refuse_explainable_export(source)
     file_op_warnings = security.check(security.find_file_ops(model.meta_graph), allow=allow_file_ops,
                                       source=source)
     write.check_destination(destination, source=source, overwrite=options.overwrite)
@@ -73,6 +76,24 @@ def prepare(
             warnings=file_op_warnings, probe_while_tracing=True,
             tensorflow_errors=lambda doing: validation.tensorflow_errors(doing, source=source),
         )
+
+
+def _refuse_explainable_export(source: Path) -> None:
+    """An export `convert` wrote explains already: converting it again would explain the saliency
+    signature's gradient, not the model. Its report names the original to convert instead."""
+    report = source / REPORT_PATH
+    if not report.is_file():
+        return
+    try:
+        original = json.loads(report.read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        original = None
+    hint = f" ('{original}', by its report)" if original else ""
+    raise SourceModelError(
+        f"'{source}' is already an explainable export (written by gbp-rewrite convert: it has "
+        f"{REPORT_PATH}); convert the original model instead{hint}, or use this one as it is "
+        "(explain, verify, serve)"
+    )
 
 
 def _score_plan(model: savedmodel.SavedModelFile, plan: signatures.ExplainPlan, score: str) -> signatures.ScorePlan:

@@ -15,6 +15,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from gbp_rewrite.conventions import some_names
 from gbp_rewrite.errors import SignatureError, SourceModelError, one_line
 
 SERVE_TAG = "serve"
@@ -83,7 +84,7 @@ class SavedModelFile:
         """Describe signature `key`, or raise a SignatureError listing the keys there are."""
         defs = self.meta_graph.signature_def
         if key not in defs or key == INIT_OP_KEY:
-            keys = ", ".join(self.signature_keys()) or "(none)"
+            keys = some_names(self.signature_keys()) or "(none)"
             raise SignatureError(
                 f"the model in '{self.path}' has no signature {key!r}; its signatures: {keys} "
                 "(choose one with --signature)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -107,21 +108,46 @@ def _load_file(path: Path, *, safe_mode: bool):
         raise _load_error(path, e, safe_mode=safe_mode) from None
 
 
+# Keras appends the whole layer config to deserialisation errors: pages of JSON, not a cause.
+_CONFIG_DUMP = re.compile(r"\s*(Full object config|Received config|config=|with config|Config:).*$", re.IGNORECASE)
+_MESSAGE_LIMIT = 300
+
+
+def _without_config(text: str) -> str:
+    """Keras' message without the layer config it appends, and at most a few hundred characters."""
+    text = _CONFIG_DUMP.sub("", text).rstrip(" :,.")
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT].rstrip() + " ..."
+
+
 def _load_error(path: Path, error: Exception, *, safe_mode: bool) -> SourceModelError:
-    text = one_line(error)
+    text = _without_config(one_line(error))
     if safe_mode and "safe_mode" in str(error):
         return SourceModelError(
             f"'{path}' needs unsafe deserialisation ({_first_sentence(text)}): a Lambda layer is Python "
             f"code that runs when the file is loaded; if you trust the file, pass {UNSAFE_FLAG} "
             "(Python: safe_mode=False)"
         )
+    if _missing_class(text):
+        # A subclassed model or a custom layer: only the code that defines it can load it.
+        return SourceModelError(
+            f"Keras cannot load '{path}': {text}. It holds a class defined in your code (a subclassed "
+            "keras.Model or a custom layer): load it where that class is defined (or registered with "
+            f"keras.saving.register_keras_serializable), then {SAVEDMODEL_ROUTE}"
+        )
     if path.suffix.lower() in (".h5", ".hdf5"):
         return SourceModelError(
-            f"Keras 3 cannot load '{path}': {text}. If tf-keras wrote it, load it with tf_keras and "
-            "save a SavedModel (tf_keras.models.load_model(path).save(DIR, save_format='tf')), then "
-            "run `gbp-rewrite convert DIR DST`"
+            f"Keras 3 cannot load '{path}': {text}. Keras 3 does not read every tf-keras .h5 file (one "
+            "with DepthwiseConv2D, as in MobileNet, cannot be read): load it with tf_keras and save a "
+            "SavedModel (tf_keras.models.load_model(path).save(DIR, save_format='tf')), then run "
+            "`gbp-rewrite convert DIR DST`"
         )
     return SourceModelError(f"Keras cannot load '{path}': {type(error).__name__}: {text}")
+
+
+def _missing_class(text: str) -> bool:
+    """Keras' messages for a class it cannot find among the registered ones."""
+    return any(words in text for words in (
+        "Could not locate class", "Unknown layer", "Could not deserialize class", "could not be deserialized"))
 
 
 def _first_sentence(text: str) -> str:

@@ -76,24 +76,41 @@ class Skipped:
     reason: str
 
 
-def list_folder(folder: str | os.PathLike) -> tuple[list[str], list[Skipped]]:
-    """The image files of `folder` (not its subfolders), sorted by name, and the files skipped.
+def list_folder(folder: str | os.PathLike, *, recursive: bool = False,
+                exclude: str | os.PathLike | None = None) -> tuple[list[str], list[Skipped]]:
+    """The image files of `folder` (with `recursive`, of its subfolders too), sorted by path, and
+    the files skipped.
 
-    Hidden files (names starting with '.') are ignored; other files whose extension is not one
-    of IMAGE_EXTENSIONS are returned as skipped, so the caller can name them.
+    Hidden files and folders (names starting with '.') are ignored, and so is the folder `exclude`
+    (the output folder, when it lies inside: its pictures are no input); other files whose
+    extension is not one of IMAGE_EXTENSIONS are returned as skipped, so the caller can name them.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"--dir '{folder}' is not a folder; pass a folder of images, or the files with --image")
+    excluded = Path(exclude).resolve() if exclude is not None else None
     images, skipped = [], []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or not entry.is_file():
-            continue
+    for entry in _entries(folder, recursive=recursive, excluded=excluded):
         if entry.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(str(entry))
         else:
             skipped.append(Skipped(str(entry), f"not an image file name (extensions: {', '.join(IMAGE_EXTENSIONS)})"))
     return images, skipped
+
+
+def _entries(folder: Path, *, recursive: bool, excluded: Path | None) -> list[Path]:
+    """The visible files of `folder` sorted by name, then (recursive) those of its subfolders."""
+    files, folders = [], []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            files.append(entry)
+        elif recursive and entry.is_dir() and not entry.is_symlink() and entry.resolve() != excluded:
+            folders.append(entry)
+    for sub in folders:
+        files.extend(_entries(sub, recursive=True, excluded=excluded))
+    return files
 
 
 def check_preprocess(mode: str) -> str:

@@ -30,9 +30,14 @@ import numpy as np
 import tensorflow as tf
 
 from gbp_rewrite.errors import RenderError
+from gbp_rewrite.pictures import font
 
 __all__ = [
     "COLORMAP_NAMES",
+    "SIGNS",
+    "display_scale",
+    "resize_to",
+    "figure",
     "saliency_heat",
     "colormap",
     "overlay",
@@ -40,6 +45,7 @@ __all__ = [
     "encode_png",
     "write_png",
     "render_pictures",
+    "check_options",
     "render_all",
 ]
 
@@ -72,6 +78,12 @@ _COLORMAPS: Mapping[str, np.ndarray] = {
 
 #: Names accepted by :func:`colormap` (and ``colormap_name`` of :func:`render_all`).
 COLORMAP_NAMES: tuple[str, ...] = tuple(sorted(_COLORMAPS))
+
+#: Sign modes of :func:`saliency_heat` (captum's visualisation names them the same way).
+SIGNS: tuple[str, ...] = ("abs", "positive", "negative")
+
+#: Pictures narrower than this on their short side are enlarged by a whole factor to be readable.
+MIN_SHORT_SIDE = 224
 
 # Entries of a colour lookup table: heat steps of 1/4095 move a colour by
 # well under one uint8 level, so indexing matches interpolating per pixel.
@@ -187,24 +199,32 @@ def _check_alpha(alpha: float) -> float:
 
 
 def saliency_heat(saliency: np.ndarray, *,
-                  clip_percentile: float = 99.5) -> np.ndarray:
+                  clip_percentile: float = 99.5, sign: str = "abs") -> np.ndarray:
     """Collapse a gradient into a ``[H, W]`` float32 heat map in [0, 1].
 
-    The heat of a pixel is the largest absolute gradient over its channels,
-    divided by a robust maximum: the ``clip_percentile``-th percentile of
-    all pixel heats (values above it saturate at 1).  ``clip_percentile=100``
-    divides by the plain maximum.  An all-zero gradient gives all zeros.
+    The heat of a pixel is the largest gradient value over its channels
+    after the ``sign`` mode (as captum's visualisation offers): ``abs`` takes
+    ``|g|``, ``positive`` only ``max(g, 0)`` (what raises the score),
+    ``negative`` only ``max(-g, 0)`` (what lowers it).  It is divided by a
+    robust maximum: the ``clip_percentile``-th percentile of all pixel heats
+    (values above it saturate at 1).  ``clip_percentile=100`` divides by the
+    plain maximum.  An all-zero gradient gives all zeros.
 
     Args:
       saliency: ``[H, W, C]`` or ``[H, W]`` gradient (any real dtype).
       clip_percentile: percentile in (0, 100] used as the white point.
+      sign: one of :data:`SIGNS`.
     """
     saliency = _check_saliency(saliency)
     clip_percentile = float(clip_percentile)
     if not 0.0 < clip_percentile <= 100.0:
         _fail(f"clip_percentile must be in (0, 100]; got {clip_percentile}")
+    if sign not in SIGNS:
+        _fail(f"unknown sign mode {sign!r}; valid modes are {', '.join(SIGNS)}")
 
-    magnitude = np.abs(saliency.astype(np.float64))
+    values = saliency.astype(np.float64)
+    magnitude = (np.abs(values) if sign == "abs" else
+                 np.maximum(values, 0.0) if sign == "positive" else np.maximum(-values, 0.0))
     if magnitude.ndim == 3:
         magnitude = magnitude.max(axis=2)
     peak = float(magnitude.max())
@@ -238,29 +258,45 @@ def colormap(heat: np.ndarray, *, name: str = "inferno") -> np.ndarray:
     return _LOOKUP_TABLES[name][index]
 
 
-def _resize_heat(heat: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinearly resize a ``[h, w]`` heat map to ``[height, width]``."""
-    if heat.shape == (height, width):
-        return heat
-    resized = tf.image.resize(
-        heat[:, :, np.newaxis].astype(np.float32), (height, width),
-        method="bilinear", antialias=True)
-    return np.clip(resized.numpy()[:, :, 0].astype(np.float64), 0.0, 1.0)
+def display_scale(height: int, width: int) -> int:
+    """The whole factor that brings the short side to at least MIN_SHORT_SIDE pixels (1 if it is)."""
+    short = max(1, min(height, width))
+    return max(1, -(-MIN_SHORT_SIDE // short))
+
+
+def resize_to(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize ``[h, w]`` or ``[h, w, C]`` to ``[height, width]`` (float64).
+
+    Whole-number enlargements repeat pixels (nearest neighbour), so the
+    saliency's own pixels stay visible and sharp; other sizes resample
+    bilinearly with antialiasing.
+    """
+    array = np.asarray(array, dtype=np.float64)
+    h, w = array.shape[:2]
+    if (h, w) == (height, width):
+        return array
+    if height % h == 0 and width % w == 0:
+        return np.repeat(np.repeat(array, height // h, axis=0), width // w, axis=1)
+    flat = array.ndim == 2
+    resized = tf.image.resize((array[:, :, np.newaxis] if flat else array).astype(np.float32),
+                              (height, width), method="bilinear", antialias=True).numpy()
+    return (resized[:, :, 0] if flat else resized).astype(np.float64)
 
 
 def overlay(image_uint8: np.ndarray, heat: np.ndarray, *,
             alpha: float = 0.5, colormap_name: str = "inferno") -> np.ndarray:
-    """Blend the colour-mapped heat over an RGB image.
+    """Blend the colour-mapped heat over an RGB image, by the heat.
 
-    The heat map is resized (bilinear) to the image size when the two differ,
-    coloured with :func:`colormap`, and mixed as
-    ``(1 - alpha) * image + alpha * colour``: ``alpha=0`` returns the image,
-    ``alpha=1`` the coloured heat.
+    The heat map is resized to the image size when the two differ (see
+    :func:`resize_to`), coloured with :func:`colormap`, and mixed per pixel as
+    ``image + alpha * heat * (colour - image)``: where the heat is zero the
+    photo is untouched (not darkened by the colormap's dark end), and at
+    full heat the colour has weight ``alpha``.
 
     Args:
       image_uint8: ``[H, W, 3]`` uint8 RGB image.
       heat: ``[h, w]`` heat map in [0, 1] (see :func:`saliency_heat`).
-      alpha: weight of the heat colours, in [0, 1].
+      alpha: weight of the heat colours at full heat, in [0, 1].
       colormap_name: one of :data:`COLORMAP_NAMES`.
     Returns:
       ``[H, W, 3]`` uint8.
@@ -268,10 +304,11 @@ def overlay(image_uint8: np.ndarray, heat: np.ndarray, *,
     image = _check_image(image_uint8)
     alpha = _check_alpha(alpha)
     heat = _check_heat(heat)
-    heat = _resize_heat(heat, image.shape[0], image.shape[1])
+    heat = np.clip(resize_to(heat, image.shape[0], image.shape[1]), 0.0, 1.0)
     colour = colormap(heat, name=colormap_name).astype(np.float32)
-    weight = np.float32(alpha)
-    blended = (np.float32(1.0) - weight) * image.astype(np.float32) + weight * colour
+    weight = (np.float32(alpha) * heat.astype(np.float32))[:, :, np.newaxis]
+    photo = image.astype(np.float32)
+    blended = photo + weight * (colour - photo)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
@@ -358,54 +395,136 @@ def write_png(path: str | os.PathLike, array_uint8: np.ndarray) -> pathlib.Path:
     return path
 
 
+def _enlarge(image: np.ndarray, factor: int) -> np.ndarray:
+    """Repeat every pixel factor x factor times (nearest neighbour: no blur on small inputs)."""
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _rgb(picture: np.ndarray) -> np.ndarray:
+    return picture if picture.shape[2] == 3 else np.repeat(picture, 3, axis=2)
+
+
+_PAPER, _INK = 255, 0
+
+
+def _text_block(text: str, width: int, scale: int) -> np.ndarray:
+    """The text, dark on white, left-aligned in a [7 * scale, width, 3] strip (cut if too long)."""
+    mask = font.text_image(text, scale=scale)[:, :width]
+    strip = np.full((mask.shape[0], width, 3), _PAPER, np.uint8)
+    strip[:, :mask.shape[1]][mask > 0] = _INK
+    return strip
+
+
+def figure(panels: Mapping[str, np.ndarray], caption: str) -> np.ndarray:
+    """One picture of equally sized ``[H, W, 3]`` uint8 panels side by side, each titled, under a
+    caption line (the class and score), on white; text in the embedded bitmap font."""
+    titled = list(panels.items())
+    height, width = titled[0][1].shape[:2]
+    scale = max(3, min(height, width) // 64)  # 5x7 glyphs at 3x on 224 px panels, larger on larger
+    gap = 4 * scale
+    total_width = len(titled) * width + (len(titled) + 1) * gap
+    rows = [np.full((gap, total_width, 3), _PAPER, np.uint8),
+            np.pad(_text_block(caption, total_width - 2 * gap, scale), ((0, 0), (gap, gap), (0, 0)),
+                   constant_values=_PAPER),
+            np.full((gap, total_width, 3), _PAPER, np.uint8)]
+    titles, pictures = [], []
+    for title, picture in titled:
+        titles.append(_text_block(title, width, max(1, scale - 1) if scale > 2 else scale))
+        pictures.append(picture)
+    title_height = max(t.shape[0] for t in titles)
+    spacer = np.full((title_height, gap, 3), _PAPER, np.uint8)
+    title_row = [spacer]
+    for t in titles:
+        title_row += [np.pad(t, ((0, title_height - t.shape[0]), (0, 0), (0, 0)), constant_values=_PAPER), spacer]
+    rows.append(np.concatenate(title_row, axis=1))
+    rows.append(np.full((gap // 2, total_width, 3), _PAPER, np.uint8))
+    column = np.full((height, gap, 3), _PAPER, np.uint8)
+    picture_row = [column]
+    for picture in pictures:
+        picture_row += [picture, column]
+    rows.append(np.concatenate(picture_row, axis=1))
+    rows.append(np.full((gap, total_width, 3), _PAPER, np.uint8))
+    return np.concatenate(rows, axis=0)
+
+
+def check_options(*, colormap_name: str, alpha: float, clip_percentile: float, sign: str) -> None:
+    """Refuse drawing options before any work (render_all checks them again per picture)."""
+    if colormap_name not in _COLORMAPS:
+        _fail(f"unknown colormap {colormap_name!r}; valid names are {', '.join(COLORMAP_NAMES)}")
+    _check_alpha(alpha)
+    if not 0.0 < float(clip_percentile) <= 100.0:
+        _fail(f"clip_percentile must be in (0, 100]; got {clip_percentile}")
+    if sign not in SIGNS:
+        _fail(f"unknown sign mode {sign!r}; valid modes are {', '.join(SIGNS)}")
+
+
 def render_pictures(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
                     colormap_name: str = "inferno", alpha: float = 0.5,
-                    clip_percentile: float = 99.5) -> dict[str, np.ndarray]:
+                    clip_percentile: float = 99.5, sign: str = "abs",
+                    caption: str = "") -> dict[str, np.ndarray]:
     """The pictures :func:`render_all` writes, as uint8 arrays by kind.
 
-    ``{"heatmap": ..., "overlay": ..., "guided": ...}`` (no ``"overlay"``
-    without an image); the arguments are those of :func:`render_all`.
+    ``{"overlay", "figure", "heatmap", "guided"}`` (no ``"overlay"`` and
+    ``"figure"`` without an image); the arguments are those of
+    :func:`render_all`, ``caption`` the figure's text.
     """
     image = None if image_uint8 is None else _check_image(image_uint8)
     alpha = _check_alpha(alpha)
     saliency = _check_saliency(saliency)
-    heat = saliency_heat(saliency, clip_percentile=clip_percentile)
-    pictures = {"heatmap": colormap(heat, name=colormap_name)}
+    check_options(colormap_name=colormap_name, alpha=alpha, clip_percentile=clip_percentile, sign=sign)
+    base_h, base_w = (image if image is not None else saliency).shape[:2]
+    factor = display_scale(base_h, base_w)
+    height, width = base_h * factor, base_w * factor
+    heat = resize_to(saliency_heat(saliency, clip_percentile=clip_percentile, sign=sign), height, width)
+    heat = np.clip(heat, 0.0, 1.0)
+    guided = guided_image(saliency)
+    guided = np.clip(np.rint(resize_to(guided, height, width)), 0, 255).astype(np.uint8)
+    pictures = {}
     if image is not None:
-        pictures["overlay"] = overlay(image, heat, alpha=alpha,
-                                      colormap_name=colormap_name)
-    pictures["guided"] = guided_image(saliency)
+        photo = _enlarge(image, factor)
+        pictures["overlay"] = overlay(photo, heat, alpha=alpha, colormap_name=colormap_name)
+        pictures["figure"] = figure({"image": photo, "overlay": pictures["overlay"],
+                                     "guided backprop": _rgb(guided)}, caption)
+    pictures["heatmap"] = colormap(heat, name=colormap_name)
+    pictures["guided"] = guided
     return pictures
 
 
 def render_all(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
                out_dir: str | os.PathLike, stem: str,
                colormap_name: str = "inferno", alpha: float = 0.5,
-               clip_percentile: float = 99.5) -> dict[str, pathlib.Path]:
-    """Write the heat map, overlay and guided picture of one saliency map.
+               clip_percentile: float = 99.5, sign: str = "abs",
+               caption: str | None = None) -> dict[str, pathlib.Path]:
+    """Write the pictures of one saliency map, at a size a person can read.
 
+    Every picture has the display size: the image's own size (the
+    saliency's without an image), enlarged by a whole factor (nearest
+    neighbour) when its short side is under :data:`MIN_SHORT_SIDE` pixels.
     Files written in ``out_dir`` (created if missing):
 
-    * ``<stem>_heatmap.png``: colour-mapped heat, at saliency resolution;
-    * ``<stem>_overlay.png``: heat blended over the image, at image
-      resolution (the image may be larger than the model input); only
-      when an image is given;
-    * ``<stem>_guided.png``: the guided-backprop picture, at saliency
-      resolution.
+    * ``<stem>_figure.png``: the image, the overlay and the guided picture
+      side by side under ``caption`` (the class and score), the one to look
+      at first; only when an image is given;
+    * ``<stem>_heatmap.png``: the colour-mapped heat;
+    * ``<stem>_overlay.png``: the heat blended over the image by the heat
+      (see :func:`overlay`); only when an image is given;
+    * ``<stem>_guided.png``: the guided-backprop picture.
 
     Args:
       image_uint8: ``[H, W, 3]`` uint8 RGB image the saliency explains, or
-        None for no overlay.
+        None for no overlay and figure.
       saliency: ``[h, w, C]`` (C = 1 or 3, as :func:`guided_image` needs) or
         ``[h, w]`` gradient.
       out_dir: output directory.
       stem: file-name prefix (no directory separators).
       colormap_name: one of :data:`COLORMAP_NAMES`.
-      alpha: heat weight in the overlay, in [0, 1].
+      alpha: heat weight in the overlay at full heat, in [0, 1].
       clip_percentile: white point of the heat map, see :func:`saliency_heat`.
+      sign: which gradient signs make heat, one of :data:`SIGNS`.
+      caption: the figure's text line (default: the stem).
     Returns:
-      ``{"heatmap": path, "overlay": path, "guided": path}`` (no
-      ``"overlay"`` without an image).
+      ``{"figure": path, "heatmap": path, "overlay": path, "guided": path}``
+      (no ``"figure"`` and ``"overlay"`` without an image).
     """
     if not isinstance(stem, str) or not stem or stem in (".", "..") or any(
             sep in stem for sep in ("/", "\\", os.sep)):
@@ -413,9 +532,9 @@ def render_all(image_uint8: np.ndarray | None, saliency: np.ndarray, *,
               f"separators; got {stem!r}")
     # Compute everything before writing anything, so a bad argument never
     # leaves a partial set of files behind.
-    pictures = render_pictures(image_uint8, saliency,
-                               colormap_name=colormap_name, alpha=alpha,
-                               clip_percentile=clip_percentile)
+    pictures = render_pictures(image_uint8, saliency, colormap_name=colormap_name, alpha=alpha,
+                               clip_percentile=clip_percentile, sign=sign,
+                               caption=stem if caption is None else caption)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {kind: write_png(out / f"{stem}_{kind}.png", picture)

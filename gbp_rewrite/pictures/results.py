@@ -5,9 +5,14 @@ thousands of images keeps no list of them in memory. results.csv is readable whi
 on; summary.json is written under a temporary name and renamed when the run ends, so a
 summary.json that exists is always complete, valid JSON.
 
-    results.csv   file,status,class,score,heatmap,overlay,guided,reason
-    summary.json  {<run settings>, "images": [{"file", "status", "class", "score", "outputs"} or
-                   {"file", "status", "reason"}, ...], "skipped": [...], "counts": {...}, "seconds"}
+    results.csv   file,status,class,label,rank,score,figure,heatmap,overlay,guided,reason
+    summary.json  {<run settings>, "images": [{"file", "status", "class", "label", "rank", "score",
+                   "outputs"} or {"file", "status", "reason"}, ...], "skipped": [...],
+                   "counts": {...}, "seconds"}
+
+One row per explained class: one per image, or `top_k` (rank 1, 2, ...). `label` is the class
+name when the run had labels, else empty (null in JSON). A later run into the same folder
+removes the pictures this summary lists (remove_previous_pictures), and only those.
 """
 
 from __future__ import annotations
@@ -22,21 +27,24 @@ from gbp_rewrite.errors import OutputError
 
 RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
-CSV_COLUMNS = ("file", "status", "class", "score", "heatmap", "overlay", "guided", "reason")
-PICTURES = ("heatmap", "overlay", "guided")
+CSV_COLUMNS = ("file", "status", "class", "label", "rank", "score", "figure", "heatmap", "overlay",
+               "guided", "reason")
+PICTURES = ("figure", "heatmap", "overlay", "guided")
 
 
-def explained_entry(file: str, class_index: int, score: float, pictures: Mapping[str, str]) -> tuple[list, dict]:
+def explained_entry(file: str, class_index: int, score: float, pictures: Mapping[str, str], *,
+                    label: str | None = None, rank: int = 1) -> tuple[list, dict]:
     """An explained image's results.csv row (CSV_COLUMNS) and summary.json record."""
-    row = [file, "explained", class_index, repr(float(score)), *(pictures[kind] for kind in PICTURES), ""]
-    record = {"file": file, "status": "explained", "class": class_index, "score": float(score),
-              "outputs": {kind: pictures[kind] for kind in PICTURES}}
+    row = [file, "explained", class_index, label or "", rank, repr(float(score)),
+           *(pictures[kind] for kind in PICTURES), ""]
+    record = {"file": file, "status": "explained", "class": class_index, "label": label, "rank": rank,
+              "score": float(score), "outputs": {kind: pictures[kind] for kind in PICTURES}}
     return row, record
 
 
 def failed_entry(file: str, reason: str) -> tuple[list, dict]:
     """A failed image's results.csv row (CSV_COLUMNS) and summary.json record."""
-    return [file, "failed", "", "", "", "", "", reason], {"file": file, "status": "failed", "reason": reason}
+    return [file, "failed", *[""] * (len(CSV_COLUMNS) - 3), reason], {"file": file, "status": "failed", "reason": reason}
 
 
 class ResultFiles:
@@ -65,8 +73,9 @@ class ResultFiles:
         self._first = True
         return self
 
-    def add_explained(self, file: str, class_index: int, score: float, pictures: Mapping[str, str]) -> None:
-        self._add(*explained_entry(file, class_index, score, pictures))
+    def add_explained(self, file: str, class_index: int, score: float, pictures: Mapping[str, str], *,
+                      label: str | None = None, rank: int = 1) -> None:
+        self._add(*explained_entry(file, class_index, score, pictures, label=label, rank=rank))
 
     def add_failed(self, file: str, reason: str) -> None:
         self._add(*failed_entry(file, reason))
@@ -99,3 +108,26 @@ class ResultFiles:
         if not self._json_file.closed:
             self._json_file.close()
         Path(self._json_tmp).unlink(missing_ok=True)
+
+
+def remove_previous_pictures(out_dir: Path) -> list[Path]:
+    """Remove the pictures an earlier run's summary.json in `out_dir` lists, and only those.
+
+    Names that are not plain file names in `out_dir` (a damaged or edited summary) are left alone;
+    a summary that cannot be read removes nothing."""
+    try:
+        summary = json.loads((out_dir / SUMMARY_JSON).read_text(encoding="utf-8"))
+        records = summary.get("images", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    removed = []
+    for record in records if isinstance(records, list) else []:
+        outputs = record.get("outputs") if isinstance(record, dict) else None
+        for name in (outputs or {}).values() if isinstance(outputs, dict) else []:
+            if not isinstance(name, str) or not name.endswith(".png") or Path(name).name != name:
+                continue
+            path = out_dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed

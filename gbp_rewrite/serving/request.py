@@ -14,8 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from gbp_rewrite.pictures import images
+from gbp_rewrite import write
 from gbp_rewrite.serving import rest
 from gbp_rewrite.graph import savedmodel
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, some_names
 from gbp_rewrite.errors import ImageError, OutputError, SignatureError
 
 _BATCH = 32
@@ -25,16 +27,24 @@ def make_request(
     model: str | os.PathLike,
     image_paths: Sequence[str | os.PathLike],
     *,
-    signature: str = "serving_default",
+    signature: str | None = None,
+    class_index: int | None = None,
     preprocess: str = "unit",
     grayscale_to_rgb: bool = False,
 ) -> dict[str, Any]:
     """The row-format request body {"signature_name", "instances": [{input: pixels}, ...]}.
 
+    With `class_index`, the body calls the `explain_class` signature of an explainable export:
+    every instance also carries "class_index": N, and the response explains class N.
+
     Args:
-      model: the SavedModel the request is for (its signature gives the input name and size).
+      model: the SavedModel the request is for (its signature gives the input name and size); a
+        TF Serving base path means its highest version, as the server would serve.
       image_paths: image files (PNG, JPEG, BMP, GIF), one instance each, in this order.
-      signature: the signature to call; it must take one float [batch, height, width, 3] input.
+      signature: the signature to call (default: serving_default, or explain_class with
+        `class_index`); it must take one float [batch, height, width, 3] input (besides
+        class_index).
+      class_index: the class to explain in every image (the explain_class signature).
       preprocess: 'unit' (x/255, default), 'symmetric' (x/127.5 - 1), 'caffe' (BGR minus the
         ImageNet means) or 'none' (0..255), as for `explain`.
       grayscale_to_rgb: send grey-scale images as RGB (otherwise they are refused).
@@ -43,20 +53,45 @@ def make_request(
     paths = [str(p) for p in image_paths]
     if not paths:
         raise ImageError("no image files given; pass at least one --image")
-    key, spec = image_input(savedmodel.read(model), signature)
+    signature = signature or (EXPLAIN_CLASS_SIGNATURE if class_index is not None else "serving_default")
+    saved = savedmodel.read(write.resolve_served_version(model, command="request"))
+    takes_class = class_index is not None
+    if takes_class:
+        _check_class_input(saved, signature, class_index)
+    key, spec = image_input(saved, signature, besides=(CLASS_INDEX,) if takes_class else ())
     pixels = load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
-    return rest.request_body({key: pixels}, signature_name=signature)
+    inputs = {key: pixels}
+    if takes_class:
+        inputs[CLASS_INDEX] = np.full([len(paths)], class_index, np.int64)
+    return rest.request_body(inputs, signature_name=signature)
 
 
-def image_input(model: savedmodel.SavedModelFile, signature: str) -> tuple[str, images.InputSpec]:
-    """The signature's one input, which must be float [batch, height, width, 3] with a fixed size."""
-    desc = model.signature(signature)
-    if len(desc.inputs) != 1:
+def _check_class_input(model: savedmodel.SavedModelFile, signature: str, class_index: int) -> None:
+    """--class needs a signature that takes class_index: an explainable export's explain_class."""
+    if signature not in model.signature_keys() and signature == EXPLAIN_CLASS_SIGNATURE:
         raise SignatureError(
-            f"signature {signature!r} takes {len(desc.inputs)} inputs ({', '.join(desc.inputs)}); `request` "
+            f"the model in '{model.path}' has no {EXPLAIN_CLASS_SIGNATURE!r} signature, so --class "
+            f"{class_index} cannot be asked for; convert it first (gbp-rewrite convert SRC DST)"
+        )
+    if CLASS_INDEX not in model.signature(signature).inputs:
+        raise SignatureError(
+            f"signature {signature!r} takes no {CLASS_INDEX!r} input, so --class {class_index} cannot be "
+            f"asked for; use --signature {EXPLAIN_CLASS_SIGNATURE} (the default with --class)"
+        )
+
+
+def image_input(model: savedmodel.SavedModelFile, signature: str, *,
+                besides: Sequence[str] = ()) -> tuple[str, images.InputSpec]:
+    """The signature's one input (not counting `besides`), which must be float [batch, height,
+    width, 3] with a fixed size."""
+    desc = model.signature(signature)
+    others = {k: v for k, v in desc.inputs.items() if k not in besides}
+    if len(others) != 1:
+        raise SignatureError(
+            f"signature {signature!r} takes {len(desc.inputs)} inputs ({some_names(desc.inputs)}); `request` "
             "fills one image input (build other bodies with gbp_rewrite.serving.rest.request_body)"
         )
-    (key, tensor), = desc.inputs.items()
+    (key, tensor), = others.items()
     spec = images.rgb_input_spec(tensor.shape, tensor.dtype)
     if spec == images.NOT_RGB_INPUT:
         raise SignatureError(

@@ -3,7 +3,9 @@
     <out>/<output key>.npy                 the batched array, as decoded
     <out>/<stem>_<saliency key>_heatmap.png   for every saliency output ('saliency',
     <out>/<stem>_<saliency key>_guided.png    'saliency_<input>'), per example; with the request's
-    <out>/<stem>_<saliency key>_overlay.png   images also the overlay, at the image's own size
+    <out>/<stem>_<saliency key>_overlay.png   images also the overlay and the figure (image,
+    <out>/<stem>_<saliency key>_figure.png    overlay, guided picture; caption: the explained
+                                              class, by name with labels)
 
 `stem` is the image's file name stem when the images are given, else example_<i>. The pictures
 are render.render_all's, so a saliency whose channels are not 1 or 3 (no guided picture) is a
@@ -21,7 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from gbp_rewrite.pictures import images, render
+from gbp_rewrite.conventions import EXPLAINED_CLASS
 from gbp_rewrite.errors import ImageError, OutputError, RenderError
+from gbp_rewrite.pictures.labels import class_name
 
 
 def saliency_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -36,6 +40,7 @@ def write_response_files(
     out_dir: str | os.PathLike,
     *,
     image_paths: Sequence[str | os.PathLike] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write every output as .npy and every example's saliency as PNGs; return the files written.
 
@@ -43,6 +48,7 @@ def write_response_files(
       arrays: decoded outputs (gbp_rewrite.serving.rest.decode_response), batch first.
       out_dir: the folder to write into (created if missing; files of the same names are replaced).
       image_paths: the request's images, in request order, for the overlays (optional).
+      labels: the class names, in class order, for the figures' captions (optional).
     """
     out_dir = Path(out_dir)
     try:
@@ -59,8 +65,9 @@ def write_response_files(
     stems = _stems(paths, batch or 0)
     for index in range(batch or 0):
         image = _read_rgb(paths[index]) if paths else None
+        caption = _caption(arrays, index, labels)
         for key in keys:
-            written.extend(_render(out_dir, f"{stems[index]}_{key}", arrays[key][index], image))
+            written.extend(_render(out_dir, f"{stems[index]}_{key}", arrays[key][index], image, caption))
     return written
 
 
@@ -88,8 +95,17 @@ def _read_rgb(path: str) -> np.ndarray:
         raise ImageError(f"'{path}': {images.diagnose(path)}") from None
 
 
-def _render(out_dir: Path, stem: str, saliency: np.ndarray, image: np.ndarray | None) -> list[Path]:
+def _caption(arrays: Mapping[str, np.ndarray], index: int, labels: Sequence[str] | None) -> str | None:
+    """The explained class of example `index`, by name when there are labels (None: no class output)."""
+    classes = arrays.get(EXPLAINED_CLASS)
+    if classes is None or np.ndim(classes) != 1:
+        return None
+    return class_name(labels, int(classes[index])) + (f" (class {int(classes[index])})" if labels else "")
+
+
+def _render(out_dir: Path, stem: str, saliency: np.ndarray, image: np.ndarray | None,
+            caption: str | None) -> list[Path]:
     try:
-        return list(render.render_all(image, saliency, out_dir=out_dir, stem=stem).values())
+        return list(render.render_all(image, saliency, out_dir=out_dir, stem=stem, caption=caption).values())
     except RenderError as e:
         raise RenderError(f"cannot render {stem}: {e}") from None
