@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
+from gbp_rewrite import serving_bytes
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
@@ -39,6 +40,10 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    image_bytes: bool = False,
+    preprocess: str = "unit",
+    saliency_map_dtype: str | None = None,
+    saliency_png: bool = False,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -69,6 +74,15 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      image_bytes: also write the signatures `serving_bytes` and `explain_class_bytes`, which take
+        encoded images (string [batch]: JPEG, PNG, BMP, GIF), decode, resize and preprocess them in
+        the graph as `explain` does, and also return `image_size` (gbp_rewrite.serving_bytes).
+      preprocess: the image-bytes signatures' preprocessing: 'unit' (x/255, default), 'symmetric',
+        'caffe' or 'none', as for `explain`; recorded in the report.
+      saliency_map_dtype: 'float32' (default) or 'uint8' (0..255) for `saliency_map`; 'uint8'
+        turns `saliency_map` on.
+      saliency_png: also return `saliency_png`, each example's heat map as a PNG string (the
+        picture `explain` writes as <name>_heatmap.png); turns `saliency_map` on.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -82,10 +96,14 @@ def convert(
         return keras_path.convert(
             source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
             signature=signature, output=output, score=score, overwrite=overwrite,
-            saliency_map=saliency_map, version=version, safe_mode=safe_mode,
+            saliency_map=saliency_map, version=version, safe_mode=safe_mode, image_bytes=image_bytes,
+            preprocess=preprocess, saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png,
         )
     started = time.perf_counter()
     explainable.check_score(score)
+    serving = serving_bytes.check_options(image_bytes=image_bytes, preprocess=preprocess,
+                                          saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
+    saliency_map = saliency_map or serving.needs_map
     rule_obj = rules.get_rule(rule)
     source, destination = Path(source), Path(destination)
     destination = export.version_directory(destination, version)
@@ -96,6 +114,7 @@ def convert(
     signature_desc = model.signature(signature)
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
                                  saliency_map=saliency_map)
+    serving_bytes.make_serving_plan(plan, serving)  # refuse early, before anything is loaded
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
@@ -111,6 +130,7 @@ def convert(
             loaded = savedmodel.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
         plan = validation.reconcile_plan(plan, loaded.signatures[signature], source=source)  # no abort
+        serving_plan = serving_bytes.make_serving_plan(plan, serving)
         probe = verify.probe_inputs(plan.inputs)
         # The predictions to match are the source's own (unfolded) signature's; the explainable
         # signature is traced over the folded twin when there is one.
@@ -123,6 +143,7 @@ def convert(
             with rules.record_applications() as applied, phase("trace"), \
                     validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
                 signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+                signatures = serving_bytes.add_signatures(signatures, plan, serving_plan)
             with phase("probe (rest)"):
                 expected = probed.result()
         checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
@@ -132,6 +153,7 @@ def convert(
                 "(fewer passes over the activations; predictions compared with the unfolded source below)"
             )
         extra = _kept_signatures(model, loaded, signature)
+        serving_bytes.check_kept_signatures(extra, serving)
         with export.atomic_directory(destination, overwrite=overwrite) as tmp:
             with phase("save"), validation.tensorflow_errors("save the explainable model", source=source):
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
@@ -141,12 +163,11 @@ def convert(
                 source=str(source), source_format=model.format, destination=destination, plan=plan,
                 rule=rule_obj, score=score, score_note=score_note,
                 signatures={
-                    signature: plan.output_keys(),
-                    explainable.EXPLAIN_CLASS_SIGNATURE: plan.output_keys(),
+                    **serving_plan.signature_outputs(plan),
                     **{k: sorted(fn.structured_outputs) for k, fn in extra.items()},
                 },
                 sites=[SiteEntry.from_site(s, selection.status(s)) for s in found], checks=checks,
-                warnings=file_op_warnings, started=started,
+                warnings=file_op_warnings, started=started, serving=serving.to_dict(),
             )
             report.write(tmp)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,

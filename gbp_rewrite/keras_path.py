@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
+from gbp_rewrite import serving_bytes
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
@@ -100,6 +101,10 @@ def convert(
     saliency_map: bool = False,
     version: int | str | None = None,
     safe_mode: bool = True,
+    image_bytes: bool = False,
+    preprocess: str = "unit",
+    saliency_map_dtype: str | None = None,
+    saliency_png: bool = False,
 ) -> ConversionReport:
     """Write an explainable SavedModel of a Keras model (in memory, or a .keras/.h5 file).
 
@@ -110,6 +115,9 @@ def convert(
     """
     started = time.perf_counter()
     _check_signature_key(signature)
+    serving = serving_bytes.check_options(image_bytes=image_bytes, preprocess=preprocess,
+                                          saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
+    saliency_map = saliency_map or serving.needs_map
     destination = export.version_directory(Path(destination), version)
     loaded = keras_loading.load(source, safe_mode=safe_mode)
     export.check_destination(destination, source=loaded.path, overwrite=overwrite)
@@ -117,10 +125,12 @@ def convert(
                            score=score, output=output, saliency_map=saliency_map)
     clone = clone_model(loaded.model, rewrite.replacements)
     plan = rewrite.plan
+    serving_plan = serving_bytes.make_serving_plan(plan, serving)
     probe = verify.probe_inputs(plan.inputs)
     expected = verify.run_probe(lambda inputs: rewrite.signature.call(loaded.model, inputs), plan, probe)
     with rules.record_applications() as applied:
         signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
+        signatures = serving_bytes.add_signatures(signatures, plan, serving_plan)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
@@ -128,9 +138,9 @@ def convert(
         report = ConversionReport.build(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
             rule=rules.get_rule(rule), score=score, score_note=rewrite.score_note,
-            signatures={key: plan.output_keys() for key in signatures},
+            signatures=serving_plan.signature_outputs(plan),
             sites=[_site_entry(s, rewrite.selection) for s in rewrite.found], checks=checks,
-            warnings=rewrite.warnings, started=started,
+            warnings=rewrite.warnings, started=started, serving=serving.to_dict(),
         )
         report.write(tmp)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,

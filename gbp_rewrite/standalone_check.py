@@ -34,6 +34,11 @@ REPORT_PATH = Path("assets") / "gbp_rewrite_report.json"
 EXPLAIN_CLASS = "explain_class"
 CLASS_INDEX = "class_index"
 EXPLAINED_CLASS = "explained_class"
+# The image-bytes signatures (gbp_rewrite.serving_bytes): probed with PNGs; explain_class_bytes is
+# asked for the classes serving_bytes picked.
+IMAGE_BYTES = "image_bytes"
+CLASS_SIGNATURES = {EXPLAIN_CLASS: None, "explain_class_bytes": "serving_bytes"}  # None: the explained one
+PROBE_IMAGE_SIZES = ((24, 40), (48, 36))  # height, width: images of different sizes share the batch
 
 # Same probe as the converter's self-check: floats uniform in [0, 1), unknown non-batch dims 32.
 UNKNOWN_DIM = 32
@@ -174,8 +179,26 @@ def probe_value(spec, batch: int, rng) -> np.ndarray:
     return np.zeros(shape, dtype=spec.dtype.as_numpy_dtype)
 
 
+def probe_images(batch: int, rng) -> np.ndarray:
+    """`batch` PNG-encoded random RGB images, of different sizes: the image-bytes input's probe."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    encoded = []
+    for i in range(batch):
+        height, width = PROBE_IMAGE_SIZES[i % len(PROBE_IMAGE_SIZES)]
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        encoded.append(tf.io.encode_png(pixels).numpy())
+    return np.array(encoded, dtype=object)
+
+
 def input_specs(function) -> dict:
     return dict(sorted(function.structured_input_signature[1].items()))
+
+
+def tf_string():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    return tf.string
 
 
 def call(function, arrays: dict) -> dict[str, np.ndarray]:
@@ -218,7 +241,7 @@ def outputs_equal(got: np.ndarray, want: np.ndarray) -> bool:
 
 def signature_order(keys: list[str], explained: str | None) -> list[str]:
     """The explained signature first: explain_class is probed with the classes it picked."""
-    return sorted(keys, key=lambda k: (k != explained, k == EXPLAIN_CLASS, k))
+    return sorted(keys, key=lambda k: (k != explained, k in CLASS_SIGNATURES, k))
 
 
 def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) -> list[dict]:
@@ -233,10 +256,12 @@ def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) 
         function = loaded.signatures[key]
         rng = np.random.default_rng(config["seed"])
         specs = input_specs(function)
-        probe = {k: probe_value(s, config["batch"], rng) for k, s in specs.items()}
+        probe = {k: probe_images(config["batch"], rng) if k == IMAGE_BYTES and s.dtype == tf_string()
+                 else probe_value(s, config["batch"], rng) for k, s in specs.items()}
+        class_source = CLASS_SIGNATURES.get(key, None) or explained
         top_classes = next((r["outputs_np"].get(EXPLAINED_CLASS) for r in results
-                            if r["key"] == explained), None)
-        if key == EXPLAIN_CLASS and CLASS_INDEX in probe and top_classes is not None:
+                            if r["key"] == class_source), None)
+        if key in CLASS_SIGNATURES and CLASS_INDEX in probe and top_classes is not None:
             probe[CLASS_INDEX] = top_classes.astype(probe[CLASS_INDEX].dtype)
         entry = {"key": key, "dir": str(work / f"sig_{index}"), "inputs_np": probe, "outputs_np": {}}
         results.append(entry)
@@ -285,15 +310,18 @@ def check_saliency(key: str, outputs: dict, checks: Checks) -> None:
 
 
 def check_explain_class(results: list[dict], explained: str | None, checks: Checks) -> None:
-    """explain_class, asked for the top classes, must reproduce the explained signature exactly."""
+    """explain_class (and explain_class_bytes), asked for the top classes, must reproduce the
+    explained signature (serving_bytes) exactly."""
     by_key = {r["key"]: r["outputs_np"] for r in results}
-    main, by_class = by_key.get(explained), by_key.get(EXPLAIN_CLASS)
-    if not main or not by_class:
-        return
-    differ = [k for k in main if k in by_class and not np.array_equal(main[k], by_class[k])]
-    checks.add(f"consistency: {EXPLAIN_CLASS} vs {explained}", not differ,
-               f"outputs differ for the same classes: {', '.join(differ)}" if differ
-               else "same outputs for the top classes", WHY_SALIENCY)
+    for class_key, source_key in CLASS_SIGNATURES.items():
+        source_key = source_key or explained
+        main, by_class = by_key.get(source_key), by_key.get(class_key)
+        if not main or not by_class:
+            continue
+        differ = [k for k in main if k in by_class and not np.array_equal(main[k], by_class[k])]
+        checks.add(f"consistency: {class_key} vs {source_key}", not differ,
+                   f"outputs differ for the same classes: {', '.join(differ)}" if differ
+                   else "same outputs for the top classes", WHY_SALIENCY)
 
 
 def compare_with_source(results: list[dict], source_dir: str, explained: str | None, checks: Checks) -> None:

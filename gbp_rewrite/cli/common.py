@@ -34,8 +34,9 @@ flags.DEFINE_string("out", None, "explain: the folder for the PNGs, results.csv 
                     "(created if missing; files of the same names are replaced). request: the file for "
                     "the JSON body (default: stdout). decode: the folder for the .npy files and PNGs.")
 flags.DEFINE_enum("preprocess", "unit", PREPROCESS_MODES,
-                  "explain, request: how the model expects its pixels, as in Keras applications: unit = x/255, "
-                  "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw 0..255.")
+                  "explain, request, convert: how the model expects its pixels, as in Keras applications: unit = "
+                  "x/255, symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw 0..255 "
+                  "(convert: the preprocessing of --image_bytes_signature, recorded in the report).")
 flags.DEFINE_bool("grayscale_to_rgb", False, "explain, request: take grey-scale images as RGB (repeat the "
                   "grey channel); without it they are refused.")
 

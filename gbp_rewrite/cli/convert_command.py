@@ -15,7 +15,7 @@ SUMMARY = ("Write an explainable copy of SRC (a SavedModel directory, or a .kera
            "a second signature `explain_class` takes a class per example.")
 FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json",
               "saliency_map", "serving_version", "unsafe_deserialization", "allow_file_ops",
-              "fold_batchnorms"}
+              "fold_batchnorms", "image_bytes_signature", "preprocess", "saliency_map_dtype", "saliency_png"}
 
 flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
                   "rule (default: every ReLU). A nested model's name selects all its layers.")
@@ -38,6 +38,15 @@ flags.DEFINE_bool("fold_batchnorms", True, "convert: fold inference BatchNorms i
                   "before them in the explainable graph (SavedModels): fewer passes over the activations, "
                   "forward and backward; predictions equal to float rounding, checked against the source. "
                   "--nofold_batchnorms keeps the source's arithmetic exactly.")
+# Serving options (gbp_rewrite.serving_bytes); --preprocess is common's (explain, request).
+flags.DEFINE_bool("image_bytes_signature", False, "convert: also write `serving_bytes` and "
+                  "`explain_class_bytes`, which take encoded images (`image_bytes`, string [batch]: JPEG, "
+                  "PNG, BMP, GIF; {\"b64\": ...} in TF Serving's JSON), decode, resize and preprocess them "
+                  "in the graph as `explain` does (--preprocess), and also return `image_size` [batch, 2].")
+flags.DEFINE_enum("saliency_map_dtype", None, ("float32", "uint8"), "convert: the dtype of `saliency_map`: "
+                  "float32 in [0, 1] (default) or uint8 in 0..255, 4x fewer bytes; turns --saliency_map on.")
+flags.DEFINE_bool("saliency_png", False, "convert: also return `saliency_png`, each example's heat map "
+                  "as a PNG string (the picture `explain` writes as <name>_heatmap.png); turns --saliency_map on.")
 flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
                          message="--serving_version takes a non-negative integer or 'next'")
 
@@ -51,6 +60,8 @@ def run(source: str, destination: str) -> None:
         signature=FLAGS.signature, output=FLAGS.output, score=FLAGS.score, overwrite=FLAGS.overwrite,
         saliency_map=FLAGS.saliency_map, version=FLAGS.serving_version,
         safe_mode=not FLAGS.unsafe_deserialization, allow_file_ops=FLAGS.allow_file_ops,
-        fold_batchnorms=FLAGS.fold_batchnorms,
+        fold_batchnorms=FLAGS.fold_batchnorms, image_bytes=FLAGS.image_bytes_signature,
+        preprocess=FLAGS.preprocess, saliency_map_dtype=FLAGS.saliency_map_dtype,
+        saliency_png=FLAGS.saliency_png,
     )
     common.emit(report)
