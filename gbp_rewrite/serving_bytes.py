@@ -265,7 +265,7 @@ def _percentile(values: tf.Tensor, percent: float, *, count: int) -> tf.Tensor:
     own arithmetic for them runs here, at trace time, in float64, as numpy runs it.
     """
     quantile = np.true_divide(np.float64(percent), 100)
-    virtual = count * quantile + (1 + quantile * (1 - 1 - 1)) - 1  # _compute_virtual_index, alpha=beta=1
+    virtual = (count - 1) * quantile  # numpy's 'linear' get_virtual_index
     below = min(max(int(math.floor(virtual)), 0), count - 1)
     above = min(below + 1, count - 1)
     gamma = np.float64(virtual) - np.float64(below)
