@@ -81,7 +81,7 @@ def convert(
         'caffe' or 'none', as for `explain`; recorded in the report.
       saliency_map_dtype: 'float32' (default) or 'uint8' (0..255) for `saliency_map`; 'uint8'
         turns `saliency_map` on.
-      saliency_png: also return `saliency_png`, each example's heat map as a PNG string (the
+      saliency_png: also return `saliency_png_bytes`, each example's heat map as a PNG string (the
         picture `explain` writes as <name>_heatmap.png); turns `saliency_map` on.
 
     Returns:

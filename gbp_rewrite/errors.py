@@ -67,3 +67,7 @@ def one_line(error: BaseException) -> str:
     node = next((line.split()[3] for line in lines if line.startswith("Detected at node ")), None)
     message = useful[0] if useful else (lines[0] if lines else type(error).__name__)
     return message + (f" (at node {node})" if node else "")
+
+
+class ServingError(GbpError):
+    """A model server (TF Serving, or the tests' stand-in) refused a request, or could not be reached."""

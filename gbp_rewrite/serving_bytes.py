@@ -19,10 +19,11 @@ Compact outputs (every explainable signature, float and bytes alike):
 
     saliency_map_dtype='uint8'  saliency_map as uint8 [batch, H, W]: round(255 * the float map),
                                 the float map being max |saliency| over channels / its per-example max
-    saliency_png=True           saliency_png string [batch]: the heat map as a PNG, the picture
+    saliency_png=True           saliency_png_bytes string [batch]: the heat map as a PNG, the picture
                                 `explain` writes as <name>_heatmap.png (render.saliency_heat with its
                                 99.5th-percentile white point, render.colormap 'inferno'), encoded
-                                in the graph with EncodePng
+                                in the graph with EncodePng (the `_bytes` suffix makes TF Serving's
+                                REST API send it as {"b64": ...})
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ IMAGE_BYTES = "image_bytes"
 IMAGE_SIZE = "image_size"
 SERVING_BYTES = "serving_bytes"
 EXPLAIN_CLASS_BYTES = "explain_class_bytes"
-SALIENCY_PNG = "saliency_png"
+# TF Serving's REST API writes a string output as {"b64": ...} only when its name ends in "_bytes"
+# (json_tensor.cc), else as raw text, which a PNG is not: hence the suffix.
+SALIENCY_PNG = "saliency_png_bytes"
 MAP_DTYPES = ("float32", "uint8")
 
 # The heat map picture's settings: render.render_all's defaults, so saliency_png is explain's heatmap.
@@ -122,7 +125,7 @@ def make_serving_plan(plan: ExplainPlan, options: ServingOptions) -> ServingPlan
     taken = set(plan.outputs) | set(plan.inputs)
     png_outputs = {}
     if options.saliency_png:
-        png_outputs = {SALIENCY_PNG + m[len(SALIENCY_MAP):]: s for m, s in plan.saliency_maps.items()}
+        png_outputs = {f"saliency_png{m[len(SALIENCY_MAP):]}_bytes": s for m, s in plan.saliency_maps.items()}
     input_key = spec = None
     if options.image_bytes:
         input_key, spec = _image_input(plan)

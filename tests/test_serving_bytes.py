@@ -94,7 +94,7 @@ def test_explain_class_bytes_explains_the_given_class(export, loaded):
     model = explainer.load_model(export)
     batch = next(iter(images.dataset(IMAGES, spec=model.spec, mode="unit", batch_size=len(IMAGES))))
     want = loaded.signatures["explain_class"](image=batch["pixels"], class_index=classes)
-    for key in ("output_0", "saliency", "explained_class", "saliency_map", "saliency_png"):
+    for key in ("output_0", "saliency", "explained_class", "saliency_map", "saliency_png_bytes"):
         np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
     np.testing.assert_array_equal(got["explained_class"].numpy(), classes.numpy())
 
@@ -126,14 +126,14 @@ def test_saliency_png_is_the_heat_map_explain_writes(export, loaded, tmp_path):
     assert summary.explained == len(IMAGES)
     for i, path in enumerate(IMAGES):
         written = tf.io.decode_png(tf.io.read_file(str(tmp_path / f"{Path(path).stem}_heatmap.png"))).numpy()
-        served = tf.io.decode_png(out["saliency_png"][i]).numpy()
+        served = tf.io.decode_png(out["saliency_png_bytes"][i]).numpy()
         np.testing.assert_array_equal(served, written, err_msg=path)
 
 
 def test_saliency_png_follows_numpy_percentile_heat(loaded):
     out = loaded.signatures["serving_bytes"](image_bytes=read_bytes(IMAGES))
     table = render.lookup_table("inferno")
-    for saliency, png in zip(out["saliency"].numpy(), out["saliency_png"].numpy()):
+    for saliency, png in zip(out["saliency"].numpy(), out["saliency_png_bytes"].numpy()):
         magnitude = np.abs(saliency.astype(np.float64)).max(axis=-1)
         white = np.percentile(magnitude, 99.5) or magnitude.max()
         heat = np.clip(magnitude / white, 0, 1).astype(np.float32).astype(np.float64)
@@ -159,7 +159,7 @@ def test_report_records_the_serving_options(zoo, export):
     _, report = zoo.converted("shapes_cnn", **OPTIONS)
     assert report.serving["preprocess"] == "unit"
     assert report.serving["image_bytes_signatures"] == ["serving_bytes", "explain_class_bytes"]
-    assert report.serving["saliency_map_dtype"] == "uint8" and report.serving["saliency_png"]
+    assert report.serving["saliency_map_dtype"] == "uint8" and report.serving["saliency_png_bytes"]
     assert "image_size" in report.signatures["serving_bytes"]
     assert "preprocess unit" in report.to_text()
 
@@ -168,7 +168,7 @@ def test_float_signatures_keep_their_input_and_gain_the_compact_outputs(loaded):
     serve = loaded.signatures["serving_default"]
     assert set(serve.structured_input_signature[1]) == {"image"}
     assert serve.structured_outputs["saliency_map"].dtype == tf.uint8
-    assert serve.structured_outputs["saliency_png"].dtype == tf.string
+    assert serve.structured_outputs["saliency_png_bytes"].dtype == tf.string
     assert set(loaded.signatures["serving_bytes"].structured_input_signature[1]) == {"image_bytes"}
 
 

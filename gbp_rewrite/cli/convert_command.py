@@ -45,7 +45,7 @@ flags.DEFINE_bool("image_bytes_signature", False, "convert: also write `serving_
                   "in the graph as `explain` does (--preprocess), and also return `image_size` [batch, 2].")
 flags.DEFINE_enum("saliency_map_dtype", None, ("float32", "uint8"), "convert: the dtype of `saliency_map`: "
                   "float32 in [0, 1] (default) or uint8 in 0..255, 4x fewer bytes; turns --saliency_map on.")
-flags.DEFINE_bool("saliency_png", False, "convert: also return `saliency_png`, each example's heat map "
+flags.DEFINE_bool("saliency_png", False, "convert: also return `saliency_png_bytes`, each example's heat map "
                   "as a PNG string (the picture `explain` writes as <name>_heatmap.png); turns --saliency_map on.")
 flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
                          message="--serving_version takes a non-negative integer or 'next'")

@@ -16,8 +16,9 @@ ARGS = ("RESPONSE",)
 SUMMARY = ("Turn a TF Serving REST predict response (RESPONSE is a JSON file, or - for stdin; row "
            "format 'predictions' or columnar 'outputs') into one .npy per output and, per example, the "
            "saliency heat map and guided picture as PNG in --out; with the request's --image files "
-           "also the overlays.")
-FLAG_NAMES = {"out", "image"}
+           "also the overlays; `saliency_png*_bytes` outputs are written as the PNG files they are. "
+           "With --grpc, RESPONSE is a serialised PredictResponse (gRPC).")
+FLAG_NAMES = {"out", "image", "grpc"}
 
 
 def run(response: str) -> None:
@@ -28,11 +29,19 @@ def run(response: str) -> None:
 
     if not FLAGS.out:
         raise UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
-    try:
-        text = sys.stdin.read() if response == "-" else Path(response).read_text(encoding="utf-8")
-    except OSError as e:
-        raise RestFormatError(f"cannot read the response '{response}': {e.strerror}") from None
-    arrays = decode_response(text)
+    if FLAGS.grpc:
+        from gbp_rewrite.serving import grpc_messages
+
+        data = sys.stdin.buffer.read() if response == "-" else None
+        arrays = (grpc_messages.decode_predict_response(data) if data is not None
+                  else grpc_messages.read_predict_response(response))
+    else:
+        try:
+            text = sys.stdin.read() if response == "-" else Path(response).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or "not UTF-8 text (a gRPC PredictResponse? use --grpc)"
+            raise RestFormatError(f"cannot read the response '{response}': {why}") from None
+        arrays = decode_response(text)
     written = write_response_files(arrays, FLAGS.out, image_paths=common.split_paths(FLAGS.image or []))
     shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
     sys.stdout.write(f"decoded {shapes}\nwrote {len(written)} file(s) to {FLAGS.out}\n")
