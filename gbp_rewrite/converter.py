@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
-from gbp_rewrite import serving_bytes
+from gbp_rewrite import serving_bytes, warmup
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
@@ -157,6 +157,7 @@ def convert(
         with export.atomic_directory(destination, overwrite=overwrite) as tmp:
             with phase("save"), validation.tensorflow_errors("save the explainable model", source=source):
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
+            checks["warm-up"] = warmup.write(tmp, plan, serving_plan)
             with phase("self-check"):
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
             report = ConversionReport.build(

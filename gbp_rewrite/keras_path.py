@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
-from gbp_rewrite import serving_bytes
+from gbp_rewrite import serving_bytes, warmup
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
@@ -134,6 +134,7 @@ def convert(
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
+        checks["warm-up"] = warmup.write(tmp, plan, serving_plan)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
         report = ConversionReport.build(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,

@@ -374,6 +374,45 @@ def compare_with_source(results: list[dict], source_dir: str, explained: str | N
                    f"({', '.join(sorted(source.signatures))})", WHY_PREDICTIONS)
 
 
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+WHY_WARMUP = ("TF Serving replays the warm-up requests when it loads the model and fails the load "
+              "if one fails or the file does not parse")
+
+
+def check_warmup(export_dir: Path, loaded, checks: Checks) -> None:
+    """The warm-up file (if any) parses as TFRecord of PredictionLog and each request runs."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    path = export_dir / WARMUP_FILE
+    if not path.is_file():
+        return
+    name = f"warm-up requests: {WARMUP_FILE}"
+    try:
+        from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        checks.add(name, None, "tensorflow-serving-api is not installed, so the file cannot be read "
+                   "(pip install tensorflow-serving-api)")
+        return
+    ran = []
+    try:
+        for index, record in enumerate(tf.data.TFRecordDataset(str(path)).as_numpy_iterator()):
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            if log.WhichOneof("log_type") != "predict_log":
+                raise ValueError(f"record {index} is a {log.WhichOneof('log_type')}, not a predict_log")
+            request = log.predict_log.request
+            key = request.model_spec.signature_name or "serving_default"
+            if key not in loaded.signatures:
+                raise ValueError(f"record {index} calls signature {key!r}, which the model lacks")
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            call(loaded.signatures[key], inputs)
+            ran.append(key)
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        checks.add(name, False, f"{one_line(e)} (after {len(ran)} good requests)", WHY_WARMUP)
+        return
+    checks.add(name, bool(ran), f"{len(ran)} requests parse and run: {', '.join(ran)}"
+               if ran else "the file holds no request", WHY_WARMUP)
+
+
 def save_arrays(results: list[dict]) -> list[dict]:
     """Write probe inputs and outputs as .npy; return the JSON-able description."""
     described = []
@@ -431,6 +470,7 @@ def main(config: dict) -> dict:
     explained = (report or {}).get("signature")
     results = run_signatures(loaded, explained, config, checks)
     check_explain_class(results, explained, checks)
+    check_warmup(export_dir, loaded, checks)
     if config.get("source_dir"):
         compare_with_source(results, config["source_dir"], explained, checks)
     result["signatures"] = save_arrays(results)
