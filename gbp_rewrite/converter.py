@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
-from gbp_rewrite import serving_bytes, warmup
+from gbp_rewrite import batching, serving_bytes, warmup
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
@@ -158,6 +158,10 @@ def convert(
             with phase("save"), validation.tensorflow_errors("save the explainable model", source=source):
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
             checks["warm-up"] = warmup.write(tmp, plan, serving_plan)
+            batching_text = None
+            if version is not None:  # TF Serving's layout: suggest batching beside the versions
+                with phase("batching"):
+                    batching_text, checks["batching"] = batching.measured_suggestion(signatures[signature], plan.inputs)
             with phase("self-check"):
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
             report = ConversionReport.build(
@@ -171,6 +175,8 @@ def convert(
                 warnings=file_op_warnings, started=started, serving=serving.to_dict(),
             )
             report.write(tmp)
+    if batching_text is not None:
+        batching.write(destination.parent, batching_text, overwrite=overwrite)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report

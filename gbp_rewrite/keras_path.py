@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
-from gbp_rewrite import serving_bytes, warmup
+from gbp_rewrite import batching, serving_bytes, warmup
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
 from gbp_rewrite.report import ConversionReport, SiteEntry
@@ -135,6 +135,9 @@ def convert(
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
         checks["warm-up"] = warmup.write(tmp, plan, serving_plan)
+        batching_text = None
+        if version is not None:  # TF Serving's layout: suggest batching beside the versions
+            batching_text, checks["batching"] = batching.measured_suggestion(signatures[plan.signature_key], plan.inputs)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
         report = ConversionReport.build(
             source=loaded.description, source_format=loaded.format, destination=destination, plan=plan,
@@ -144,6 +147,8 @@ def convert(
             warnings=rewrite.warnings, started=started, serving=serving.to_dict(),
         )
         report.write(tmp)
+    if batching_text is not None:
+        batching.write(destination.parent, batching_text, overwrite=overwrite)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
