@@ -53,7 +53,8 @@ class StandIn:
 
     # -- running a signature, shared by both front ends ------------------------------------
 
-    def run(self, model_name: str, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, model_name: str, signature: str, inputs: dict[str, np.ndarray],
+            output_filter=()) -> dict[str, np.ndarray]:
         if model_name != self.model_name:
             raise UnknownModel(f"Servable not found for request: Latest({model_name})")
         signature = signature or "serving_default"
@@ -74,7 +75,12 @@ class StandIn:
                 outputs = function(**tensors)
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise BadRequest(_message(e)) from None
-        return {key: value.numpy() for key, value in outputs.items()}
+        unknown = sorted(set(output_filter) - set(outputs))
+        if unknown:
+            raise BadRequest(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to be "
+                             f"in the set {{{','.join(sorted(outputs))}}}.")
+        keep = set(output_filter) or set(outputs)
+        return {key: value.numpy() for key, value in outputs.items() if key in keep}
 
     def input_dtypes(self, signature: str) -> dict[str, np.dtype]:
         signature = signature or "serving_default"
@@ -119,7 +125,8 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):  # noqa: N802 - the service's method name
         try:
             inputs = {key: tf.make_ndarray(tensor) for key, tensor in request.inputs.items()}
-            outputs = self.stand_in.run(request.model_spec.name, request.model_spec.signature_name, inputs)
+            outputs = self.stand_in.run(request.model_spec.name, request.model_spec.signature_name, inputs,
+                                        list(request.output_filter))
         except UnknownModel as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except BadRequest as e:

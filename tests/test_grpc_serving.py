@@ -191,3 +191,17 @@ def test_grpc_messages_round_trip_strings_and_floats():
     got = grpc_messages.decode_predict_response(response.SerializeToString())
     assert list(got["image_bytes"]) == list(inputs["image_bytes"])
     np.testing.assert_array_equal(got["x"], inputs["x"])
+
+
+def test_grpc_output_filter_sends_only_the_chosen_outputs(zoo, export, server):
+    with Client(server.grpc_address, model_name=MODEL, protocol="grpc") as client:
+        got = client.explain_images(IMAGES[:1], outputs=["saliency_png_bytes", "explained_class"])
+        small = client.last_response_bytes
+        everything = client.explain_images(IMAGES[:1])
+        assert client.last_response_bytes > 3 * small
+        with pytest.raises(ServingError, match="INVALID_ARGUMENT.*nope"):
+            client.explain_images(IMAGES[:1], outputs=["nope"])
+    assert sorted(got) == ["explained_class", "saliency_png_bytes"]
+    assert list(got["saliency_png_bytes"]) == list(everything["saliency_png_bytes"])
+    with Client(server.rest_address, model_name=MODEL) as client:
+        assert sorted(client.explain_images(IMAGES[:1], outputs=["explained_class"])) == ["explained_class"]

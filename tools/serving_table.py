@@ -10,6 +10,7 @@ uint8, --saliency_png), served by tests/grpc_stand_in.py (a test double of TF Se
     float-JSON  REST, serving_default, the image as preprocessed float pixels (`request`'s body)
     b64-JSON    REST, serving_bytes, the JPEG as {"b64": ...}
     gRPC        serving_bytes, the JPEG as a DT_STRING TensorProto
+    gRPC, PNG only   the same with output_filter: saliency_png_bytes, explained_class, output_0, image_size
 
 Request and response sizes are the bytes of the HTTP body / the serialised protobuf message; the
 response's bytes per output (saliency float32, saliency_map uint8, saliency_png_bytes PNG) are each
@@ -63,6 +64,10 @@ def timed(call, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+# What a web client needs: the picture, the class and the scores (PredictRequest.output_filter).
+COMPACT = ["saliency_png_bytes", "explained_class", "output_0", "image_size"]
+
+
 def output_shares(outputs: dict, protocol: str) -> dict[str, int]:
     import tensorflow as tf
 
@@ -70,6 +75,9 @@ def output_shares(outputs: dict, protocol: str) -> dict[str, int]:
 
     shares = {}
     for key in ("saliency", "saliency_map", "saliency_png_bytes"):
+        if key not in outputs:
+            shares[key] = 0
+            continue
         value = outputs[key]
         if protocol == "grpc":
             shares[key] = tf.make_tensor_proto(value).ByteSize()
@@ -98,13 +106,15 @@ def measure(name: str, work: Path, rounds: int) -> list[dict]:
             ("b64-JSON", Client(server.rest_address, model_name=name), lambda c: c.explain_images([image])),
             ("gRPC", Client(server.grpc_address, model_name=name, protocol="grpc"),
              lambda c: c.explain_images([image])),
+            ("gRPC, PNG only", Client(server.grpc_address, model_name=name, protocol="grpc"),
+             lambda c: c.explain_images([image], outputs=COMPACT)),
         ]
-        for label, client, call in cases:
+        for label, client, call in cases:  # the label's first word names the protocol
             milliseconds = timed(lambda: call(client), rounds)
             outputs = call(client)
             rows.append({"model": name, "route": label, "request_bytes": client.last_request_bytes,
                          "response_bytes": client.last_response_bytes, "ms": milliseconds,
-                         **output_shares(outputs, "grpc" if label == "gRPC" else "rest")})
+                         **output_shares(outputs, "grpc" if label.startswith("gRPC") else "rest")})
             client.close()
     return rows
 

@@ -47,14 +47,27 @@ class Client:
 
     # -- public ---------------------------------------------------------------------------
 
-    def predict(self, inputs: Mapping[str, np.ndarray], *, signature: str = "serving_default") -> dict[str, np.ndarray]:
-        """Run `signature` on the batched `inputs` ({input key: array}); return {output key: array}."""
+    def predict(self, inputs: Mapping[str, np.ndarray], *, signature: str = "serving_default",
+                outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run `signature` on the batched `inputs` ({input key: array}); return {output key: array}.
+
+        `outputs`: only these outputs. Over gRPC the server computes and sends only them
+        (PredictRequest.output_filter); TF Serving's REST API always sends every output, so over
+        REST they are picked from the answer (no bytes saved).
+        """
         if self.protocol == "grpc":
-            return self._predict_grpc(inputs, signature)
-        return self._predict_rest(inputs, signature)
+            return self._predict_grpc(inputs, signature, outputs)
+        answer = self._predict_rest(inputs, signature)
+        if outputs is None:
+            return answer
+        missing = sorted(set(outputs) - set(answer))
+        if missing:
+            raise ServingError(f"the answer has no output {missing[0]!r}; its outputs: {', '.join(sorted(answer))}")
+        return {key: answer[key] for key in outputs}
 
     def explain_images(self, images: Sequence[bytes | str | os.PathLike], *, signature: str = "serving_bytes",
-                       class_index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                       class_index: Sequence[int] | None = None,
+                       outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Explain encoded images (bytes, or paths of JPEG/PNG/BMP/GIF files) with an image-bytes
         signature (`--image_bytes_signature`); `class_index` calls `explain_class_bytes`."""
         encoded = np.array([item if isinstance(item, bytes) else _read(item) for item in images], dtype=object)
@@ -62,7 +75,7 @@ class Client:
         if class_index is not None:
             inputs["class_index"] = np.asarray(class_index, dtype=np.int64)
             signature = "explain_class_bytes" if signature == "serving_bytes" else signature
-        return self.predict(inputs, signature=signature)
+        return self.predict(inputs, signature=signature, outputs=outputs)
 
     def close(self) -> None:
         if self._channel is not None:
@@ -101,7 +114,7 @@ class Client:
 
     # -- gRPC -----------------------------------------------------------------------------
 
-    def _predict_grpc(self, inputs, signature: str) -> dict[str, np.ndarray]:
+    def _predict_grpc(self, inputs, signature: str, outputs) -> dict[str, np.ndarray]:
         import grpc
 
         from gbp_rewrite.serving import grpc_messages
@@ -109,6 +122,7 @@ class Client:
         request = grpc_messages.predict_request(inputs, model_name=self.model_name, signature_name=signature)
         if self.version is not None:
             request.model_spec.version.value = int(self.version)
+        request.output_filter.extend(outputs or [])
         self.last_request_bytes = request.ByteSize()
         try:
             response = self._grpc_stub().Predict(request, timeout=self.timeout)
