@@ -219,3 +219,12 @@ def test_verify_runs_the_bytes_signatures_in_python_and_cpp(export, serving_chec
     assert report.check("consistency: explain_class_bytes vs serving_bytes").status == "pass"
     assert "DecodeImage" in report.op_types and "EncodePng" in report.op_types
     assert not any("PyFunc" in op for op in report.op_types)
+
+
+def test_the_clean_check_copies_the_names_it_cannot_import():
+    from gbp_rewrite import standalone_check, warmup
+
+    assert standalone_check.IMAGE_BYTES == serving_bytes.IMAGE_BYTES
+    assert standalone_check.CLASS_SIGNATURES == {"explain_class": None,
+                                                 serving_bytes.EXPLAIN_CLASS_BYTES: serving_bytes.SERVING_BYTES}
+    assert standalone_check.WARMUP_FILE == warmup.WARMUP_FILE

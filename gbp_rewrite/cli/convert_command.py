@@ -52,7 +52,12 @@ flags.register_validator("serving_version", lambda v: v is None or v == "next" o
 
 
 def run(source: str, destination: str) -> None:
+    from gbp_rewrite.cli import UsageError
     from gbp_rewrite.converter import convert
+
+    if FLAGS["preprocess"].present and not FLAGS.image_bytes_signature:
+        raise UsageError("'convert' takes --preprocess only with --image_bytes_signature (the preprocessing "
+                         "done in the graph); without it clients send preprocessed pixels")
 
     report = convert(
         source, destination,
