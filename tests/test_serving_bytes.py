@@ -159,7 +159,7 @@ def test_report_records_the_serving_options(zoo, export):
     _, report = zoo.converted("shapes_cnn", **OPTIONS)
     assert report.serving["preprocess"] == "unit"
     assert report.serving["image_bytes_signatures"] == ["serving_bytes", "explain_class_bytes"]
-    assert report.serving["saliency_map_dtype"] == "uint8" and report.serving["saliency_png_bytes"]
+    assert report.serving["saliency_map_dtype"] == "uint8" and report.serving["saliency_png"]
     assert "image_size" in report.signatures["serving_bytes"]
     assert "preprocess unit" in report.to_text()
 
