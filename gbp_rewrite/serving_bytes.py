@@ -29,7 +29,6 @@ Compact outputs (every explainable signature, float and bytes alike):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping
 
 import numpy as np
@@ -247,10 +246,8 @@ def heat_png(saliency: tf.Tensor) -> tf.Tensor:
     maximum when that is 0), clipped to [0, 1], rounded to float32, looked up in render's table.
     """
     magnitude = tf.reduce_max(tf.abs(tf.cast(saliency, tf.float64)), axis=-1)  # [b, H, W]
-    shape = tf.shape(magnitude)
-    height, width = saliency.shape[1], saliency.shape[2]
-    flat = tf.reshape(magnitude, [shape[0], -1])
-    white = _percentile(flat, PNG_CLIP_PERCENTILE, count=height * width)
+    flat = tf.reshape(magnitude, [tf.shape(magnitude)[0], -1])
+    white = _percentile(flat, PNG_CLIP_PERCENTILE)
     peak = tf.reduce_max(flat, axis=1)
     white = tf.where(white > 0.0, white, peak)[:, None, None]
     heat = tf.cast(tf.clip_by_value(tf.math.divide_no_nan(magnitude, white), 0.0, 1.0), tf.float32)
@@ -261,21 +258,20 @@ def heat_png(saliency: tf.Tensor) -> tf.Tensor:
     return tf.map_fn(tf.io.encode_png, pictures, fn_output_signature=tf.TensorSpec([], tf.string))
 
 
-def _percentile(values: tf.Tensor, percent: float, *, count: int) -> tf.Tensor:
-    """numpy.percentile(values, percent, axis=1) (method 'linear') for [batch, count] float64.
+def _percentile(values: tf.Tensor, percent: float) -> tf.Tensor:
+    """numpy.percentile(values, percent, axis=1) (method 'linear') for [batch, n] float64.
 
-    Where the two neighbours sit and the interpolation weight depend only on `count`, so numpy's
-    own arithmetic for them runs here, at trace time, in float64, as numpy runs it.
+    numpy's own arithmetic, step by step in float64: virtual index (n - 1) * q, its floor and the
+    next index (capped at n - 1), weight t = index - floor, and _lerp: a + (b - a) * t, or
+    b - (b - a) * (1 - t) from t = 0.5 on.
     """
-    quantile = np.true_divide(np.float64(percent), 100)
-    virtual = (count - 1) * quantile  # numpy's 'linear' get_virtual_index
-    below = min(max(int(math.floor(virtual)), 0), count - 1)
-    above = min(below + 1, count - 1)
-    gamma = np.float64(virtual) - np.float64(below)
+    quantile = tf.constant(np.true_divide(np.float64(percent), 100), tf.float64)
+    count = tf.shape(values, out_type=tf.int64)[1]
+    virtual = tf.cast(count - 1, tf.float64) * quantile
+    below = tf.cast(tf.floor(virtual), tf.int64)
+    above = tf.minimum(below + 1, count - 1)
+    gamma = virtual - tf.cast(below, tf.float64)
     ordered = tf.sort(values, axis=1)
-    a, b = ordered[:, below], ordered[:, above]
+    a, b = tf.gather(ordered, below, axis=1), tf.gather(ordered, above, axis=1)
     difference = b - a
-    # numpy's _lerp: a + d*t, or b - d*(1-t) from t = 0.5 on (exact at t = 1).
-    if gamma >= 0.5:
-        return b - difference * tf.constant(1 - gamma, tf.float64)
-    return a + difference * tf.constant(gamma, tf.float64)
+    return tf.where(gamma >= 0.5, b - difference * (1.0 - gamma), a + difference * gamma)
