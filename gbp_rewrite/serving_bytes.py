@@ -12,7 +12,8 @@ Each image is decoded, made RGB, resized and preprocessed inside the graph by th
 `explain` and `request` use (gbp_rewrite.images.decode and model_pixels), then goes through the
 explainable signature itself, so the saliency is with respect to the model's input (the resized,
 preprocessed tensor); `image_size` lets a client map it back onto its image. Images of different
-sizes can share a batch. Only core TensorFlow ops (DecodeImage, ResizeBilinear, a While loop):
+sizes can share a batch (grey images are repeated to RGB, alpha is dropped). Only core TensorFlow
+ops (DecodeImage, ScaleAndTranslate for the antialiased resize, a While loop):
 TF Serving runs them without Python.
 
 Compact outputs (every explainable signature, float and bytes alike):
@@ -65,16 +66,12 @@ class ServingOptions:
 
     @property
     def needs_map(self) -> bool:
-        """A compact output is a form of saliency_map, so asking for one turns the map on."""
+        """Compact outputs were asked for: they are forms of saliency_map, which they turn on."""
         return self.saliency_map_dtype != "float32" or self.saliency_png
-
-    @property
-    def compact(self) -> bool:
-        return self.needs_map
 
     def to_dict(self) -> dict:
         """The report's record (empty when nothing was asked, so old reports read the same)."""
-        if not (self.image_bytes or self.compact):
+        if not (self.image_bytes or self.needs_map):
             return {}
         record = {}
         if self.image_bytes:
@@ -172,7 +169,7 @@ def add_signatures(signatures: Signatures, plan: ExplainPlan, serving: ServingPl
     so every signature shares the one traced explainable core.
     """
     result = dict(signatures)
-    if serving.options.compact:
+    if serving.options.needs_map:
         for key in (plan.signature_key, EXPLAIN_CLASS_SIGNATURE):
             result[key] = _with_compact_outputs(result[key], plan, serving)
     if serving.options.image_bytes:
