@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from gbp_rewrite.pictures import images
 from gbp_rewrite.serving import rest
@@ -39,13 +40,52 @@ def make_request(
         ImageNet means) or 'none' (0..255), as for `explain`.
       grayscale_to_rgb: send grey-scale images as RGB (otherwise they are refused).
     """
+    inputs = make_inputs(model, image_paths, signature=signature, preprocess=preprocess,
+                         grayscale_to_rgb=grayscale_to_rgb)
+    return rest.request_body(inputs, signature_name=signature)
+
+
+def make_inputs(
+    model: str | os.PathLike,
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    signature: str = "serving_default",
+    preprocess: str = "unit",
+    grayscale_to_rgb: bool = False,
+) -> dict[str, np.ndarray]:
+    """{input key: batch} for the images: pixels for a float image input, or, for an image-bytes
+    signature (`serving_bytes`, `explain_class_bytes`: one string input), the files' own bytes,
+    each checked to decode (the model decodes, resizes and preprocesses them itself)."""
     images.check_preprocess(preprocess)
     paths = [str(p) for p in image_paths]
     if not paths:
         raise ImageError("no image files given; pass at least one --image")
-    key, spec = image_input(savedmodel.read(model), signature)
-    pixels = load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
-    return rest.request_body({key: pixels}, signature_name=signature)
+    saved = savedmodel.read(model)
+    bytes_key = image_bytes_input(saved, signature)
+    if bytes_key is not None:
+        return {bytes_key: encoded_images(paths)}
+    key, spec = image_input(saved, signature)
+    return {key: load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)}
+
+
+def image_bytes_input(model: savedmodel.SavedModelFile, signature: str) -> str | None:
+    """The key of the signature's encoded-image input when its one input is a string tensor."""
+    desc = model.signature(signature)
+    (key, tensor), *others = desc.inputs.items() or [(None, None)]
+    return key if not others and tensor is not None and tensor.dtype == tf.string else None
+
+
+def encoded_images(paths: Sequence[str]) -> np.ndarray:
+    """The files' bytes as a string batch; a file TensorFlow cannot decode is an ImageError."""
+    encoded = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+            images.decode(data)
+        except (OSError, tf.errors.OpError):
+            raise ImageError(f"'{path}': {images.diagnose(path)}") from None
+        encoded.append(data)
+    return np.array(encoded, dtype=object)
 
 
 def image_input(model: savedmodel.SavedModelFile, signature: str) -> tuple[str, images.InputSpec]:
