@@ -105,9 +105,8 @@ def add_image(parser: argparse.ArgumentParser, help_text: str) -> None:
     add_list(parser, "image", help_text, metavar="PATH")
 
 
-def add_preprocess(parser: argparse.ArgumentParser, *, purpose: str = "", default: str | None = "unit") -> None:
-    """--preprocess; `default=None` lets a command tell whether it was given (the mode is then unit)."""
-    parser.add_argument("--preprocess", default=default, choices=PREPROCESS_MODES,
+def add_preprocess(parser: argparse.ArgumentParser, *, purpose: str = "") -> None:
+    parser.add_argument("--preprocess", default="unit", choices=PREPROCESS_MODES,
                         help="how the model expects its pixels, as in Keras applications: unit = x/255, "
                              "symmetric = x/127.5-1, caffe = RGB->BGR minus ImageNet means, none = raw "
                              f"0..255 (default: unit){purpose}.")

@@ -47,18 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "them in the explainable graph (SavedModels): fewer passes over the activations, "
                     "forward and backward; predictions equal to float rounding, checked against the "
                     "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
-    # Serving options (gbp_rewrite.serving.serving_signatures).
-    common.add_bool(parser, "image_bytes_signature", "also write `serving_bytes` and `explain_class_bytes`, "
-                    "which take encoded images (`image_bytes`, string [batch]: JPEG, PNG, BMP, GIF; "
-                    "{\"b64\": ...} in TF Serving's JSON), decode, resize and preprocess them in the graph as "
-                    "`explain` does (--preprocess), and also return `image_size` [batch, 2].")
-    common.add_preprocess(parser, default=None, purpose=": the preprocessing of --image_bytes_signature, "
-                          "done in the graph and recorded in the report; only with --image_bytes_signature")
+    # Serving options (gbp_rewrite.serving.serving_signatures; docs/serving-in-production.md).
+    common.add_bool(parser, "image_bytes_signature", "also write `serving_bytes` and `explain_class_bytes`: "
+                    "encoded images in (`image_bytes`), decoded, resized and preprocessed in the graph; "
+                    "`image_size` out.")
+    parser.add_argument("--preprocess", choices=common.PREPROCESS_MODES,
+                        help="with --image_bytes_signature: the preprocessing done in the graph, as for "
+                             "explain (default: unit).")
     parser.add_argument("--saliency_map_dtype", choices=("float32", "uint8"),
-                        help="the dtype of `saliency_map`: float32 in [0, 1] (default) or uint8 in 0..255, "
-                             "4x fewer bytes; turns --saliency_map on.")
+                        help="`saliency_map` as float32 in [0, 1] (default) or uint8 0..255; turns "
+                             "--saliency_map on.")
     common.add_bool(parser, "saliency_png", "also return `saliency_png_bytes`, each example's heat map as a "
-                    "PNG string (the picture `explain` writes as <name>_heatmap.png); turns --saliency_map on.")
+                    "PNG; turns --saliency_map on.")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
