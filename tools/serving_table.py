@@ -1,4 +1,6 @@
-"""Bytes on the wire and client-to-result time per image through the stand-in (the table in docs/serving-in-production.md).
+"""Bytes on the wire and client-to-result time per image through the stand-in.
+
+The table in docs/serving-in-production.md.
 
     .venv/bin/python tools/serving_table.py                       # testdata CNN and ResNet50
     .venv/bin/python tools/serving_table.py --models shapes_cnn --rounds 20
