@@ -21,6 +21,13 @@ CLASS_INDEX = "class_index"
 EXPLAINED_CLASS = "explained_class"
 REPORT_JSON = "gbp_rewrite_report.json"
 REPORT_PATH = PurePosixPath("assets") / REPORT_JSON
+# The image-bytes signatures (gbp_rewrite.serving.serving_signatures) and TF Serving's warm-up file
+# (gbp_rewrite.serving.warmup).
+SERVING_BYTES = "serving_bytes"
+EXPLAIN_CLASS_BYTES = "explain_class_bytes"
+IMAGE_BYTES = "image_bytes"
+IMAGE_SIZE = "image_size"
+WARMUP_PATH = PurePosixPath("assets.extra") / "tf_serving_warmup_requests"
 
 # The probe batch: floats uniform in [0, 1), integers 0, strings empty; unknown non-batch dims 32.
 UNKNOWN_DIM = 32

@@ -58,3 +58,7 @@ class MissingExtraError(GbpError):
 
 class RestFormatError(GbpError):
     """A TF Serving REST request or response is not in the documented JSON format, or is an error."""
+
+
+class ServingError(GbpError):
+    """A model server (TF Serving, or the tests' stand-in) refused a request, or could not be reached."""

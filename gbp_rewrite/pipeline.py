@@ -4,9 +4,12 @@
     the conversion (graph/front_end.py for SavedModels, keras/front_end.py for Keras models: it
     reads the source, finds and selects the sites, plans the score, and supplies the forward
     function whose gradient follows the rule) -> run the source on a probe batch -> trace the
-    explainable signatures (signatures.py), recording which rule gradients were built -> save
-    into a temporary sibling of the destination (write.py) -> reload and check on the probe batch
-    (self_check.py) -> the report (report.py) -> rename into place.
+    explainable signatures (signatures.py), recording which rule gradients were built, with the
+    serving signatures and compact outputs asked for (serving/serving_signatures.py) -> save into a
+    temporary sibling of the destination (write.py), with TF Serving's warm-up requests
+    (serving/warmup.py) -> reload and check on the probe batch (self_check.py) -> the report
+    (report.py) -> rename into place; with a serving version, a batching suggestion beside the
+    versions (serving/batching.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import ConversionReport
+from gbp_rewrite.serving import batching, serving_signatures, warmup
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,10 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    image_bytes: bool = False,
+    preprocess: str = "unit",
+    saliency_map_dtype: str | None = None,
+    saliency_png: bool = False,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -77,6 +85,20 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.graph.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      image_bytes: also write the signatures `serving_bytes` and `explain_class_bytes`, which take
+        encoded images (string [batch]: JPEG, PNG, BMP, GIF), decode, resize and preprocess them in
+        the graph as `explain` does, and also return `image_size`
+        (gbp_rewrite.serving.serving_signatures).
+      preprocess: the image-bytes signatures' preprocessing: 'unit' (x/255, default), 'symmetric',
+        'caffe' or 'none', as for `explain`; recorded in the report.
+      saliency_map_dtype: 'float32' (default) or 'uint8' (0..255) for `saliency_map`; 'uint8'
+        turns `saliency_map` on.
+      saliency_png: also return `saliency_png_bytes`, each example's heat map as a PNG string (the
+        picture `explain` writes as <name>_heatmap.png); turns `saliency_map` on.
+
+      Every export carries TF Serving's warm-up requests (assets.extra/tf_serving_warmup_requests,
+      with the optional extra 'serving'); with `version`, a batching_parameters.txt suggestion is
+      written beside the versions (kept if it exists, unless `overwrite`).
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -87,17 +109,24 @@ def convert(
     started = time.perf_counter()
     signatures.check_score(score)
     rules.get_rule(rule)
+    serving = serving_signatures.check_options(image_bytes=image_bytes, preprocess=preprocess,
+                                               saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
+    saliency_map = saliency_map or serving.needs_map
     destination = write.version_directory(Path(destination), version)
     options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
-                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map)
+                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
+                      serving=serving)
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:
         prepare = graph_front_end.prepare(Path(source), destination, options, allow_file_ops=allow_file_ops,
                                           fold_batchnorms=fold_batchnorms)
     with prepare as prepared:
-        report = write_explainable(prepared, destination, rule=rule, score=score, overwrite=overwrite,
-                                   started=started)
+        report, batching_text = write_explainable(
+            prepared, destination, rule=rule, score=score, overwrite=overwrite, started=started,
+            serving=serving, suggest_batching=version is not None)
+    if batching_text is not None:
+        batching.write(destination.parent, batching_text, overwrite=overwrite)
     log.info("wrote %s: %d of %d ReLU sites rewritten with the %s rule", destination,
              len(report.rewritten), len(report.sites), rule)
     return report
@@ -105,9 +134,16 @@ def convert(
 
 def write_explainable(
     prepared: Prepared, destination: Path, *, rule: str, score: str, overwrite: bool, started: float,
-) -> ConversionReport:
-    """Probe the source, trace the explainable signatures, save, self-check and report, atomically."""
+    serving: serving_signatures.ServingOptions = serving_signatures.ServingOptions(),
+    suggest_batching: bool = False,
+) -> tuple[ConversionReport, str | None]:
+    """Probe the source, trace the explainable signatures, save, self-check and report, atomically.
+
+    Returns the report and, with `suggest_batching` (TF Serving's version layout), the text of
+    batching_parameters.txt for the caller to write beside the versions."""
     plan = prepared.plan
+    serving_plan = serving_signatures.make_serving_plan(plan, serving)
+    serving_signatures.check_kept_signatures(prepared.kept_signatures, serving)
     phase = PhaseTimer()
     probe = self_check.probe_inputs(plan.inputs)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gbp_rewrite_probe") as pool:
@@ -119,6 +155,7 @@ def write_explainable(
         with rules.record_applications() as applied, phase("trace"), \
                 prepared.tensorflow_errors(f"trace the explainable signature over {plan.signature_key!r}"):
             explainable = signatures.build_signatures(prepared.explained, plan)
+            explainable = serving_signatures.add_signatures(explainable, plan, serving_plan)
         if prepared.probe_while_tracing:
             with phase("probe (rest)"):
                 expected = probed.result()
@@ -132,6 +169,12 @@ def write_explainable(
     with write.atomic_directory(destination, overwrite=overwrite) as tmp:
         with phase("save"), prepared.tensorflow_errors("save the explainable model"):
             signatures.save(tmp, owner=prepared.owner, signatures={**prepared.kept_signatures, **explainable})
+        checks["warm-up"] = warmup.write(tmp, plan, serving_plan)
+        batching_text = None
+        if suggest_batching:  # TF Serving's layout: suggest batching beside the versions
+            with phase("batching"):
+                batching_text, checks["batching"] = batching.measured_suggestion(
+                    explainable[plan.signature_key], plan.inputs)
         with phase("self-check"):
             checks.update(self_check.self_check(tmp, plan=plan, probe=probe, expected=expected))
         if prepared.write_beside is not None:
@@ -141,11 +184,11 @@ def write_explainable(
             plan=plan, rule=rules.get_rule(rule), score=score, score_note=prepared.score_note,
             score_plan=prepared.score_plan,
             signatures={
-                **{key: plan.output_keys() for key in explainable},
+                **serving_plan.signature_outputs(plan),
                 **{k: sorted(fn.structured_outputs) for k, fn in prepared.kept_signatures.items()},
             },
             sites=entries, checks=checks, warnings=[*prepared.warnings, *([untrained] if untrained else [])],
-            started=started,
+            started=started, serving=serving.to_dict(),
         )
         report.write(tmp)
-    return report
+    return report, batching_text

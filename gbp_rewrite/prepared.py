@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from gbp_rewrite.report import SiteEntry
+from gbp_rewrite.serving.serving_signatures import ServingOptions
 from gbp_rewrite.signatures import ExplainPlan
 
 log = logging.getLogger("gbp_rewrite.pipeline")
@@ -34,6 +35,8 @@ class Options:
     score: str
     overwrite: bool
     saliency_map: bool
+    # The serving signatures and compact outputs (image bytes in, uint8/PNG maps out).
+    serving: ServingOptions = ServingOptions()
 
 
 @dataclasses.dataclass

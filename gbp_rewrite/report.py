@@ -58,12 +58,14 @@ class ConversionReport:
     seconds: float = 0.0
     saliency_maps: dict[str, str] = dataclasses.field(default_factory=dict)  # map key -> saliency key
     score_plan: str = ""  # e.g. "softmax logit", "binary sigmoid logit" (explainable.ScorePlan.name)
+    serving: dict[str, Any] = dataclasses.field(default_factory=dict)  # serving.serving_signatures.ServingOptions.to_dict()
 
     @classmethod
     def build(
         cls, *, source: str, source_format: str, destination: Path, plan, rule, score: str,
         score_note: str, score_plan: str = "", signatures: dict[str, list[str]], sites: list[SiteEntry],
         checks: dict[str, str], warnings: Iterable[str] = (), started: float,
+        serving: dict[str, Any] | None = None,
     ) -> "ConversionReport":
         """The report of a finished conversion (both paths); `plan` is the ExplainPlan written,
         `rule` the gradient rule applied, `started` the time.perf_counter() the conversion began."""
@@ -74,8 +76,20 @@ class ConversionReport:
             score_note=score_note, score_plan=score_plan, inputs=[d.describe() for d in plan.inputs.values()],
             saliency_outputs=dict(plan.saliency_outputs), saliency_maps=dict(plan.saliency_maps),
             signatures=signatures, sites=sites, checks=checks, warnings=list(warnings),
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, serving=dict(serving or {}),
         )
+
+    def _serving_lines(self) -> list[str]:
+        lines = []
+        if self.serving.get("image_bytes_signatures"):
+            lines.append(f"  image bytes   : {', '.join(self.serving['image_bytes_signatures'])} take "
+                         f"{self.serving['image_bytes_input']} (encoded images), preprocess "
+                         f"{self.serving['preprocess']} ({self.serving['preprocess_formula']})")
+        if self.serving.get("saliency_map_dtype", "float32") != "float32":
+            lines.append(f"  map dtype     : saliency_map is {self.serving['saliency_map_dtype']} (0..255)")
+        if self.serving.get("saliency_png"):
+            lines.append("  saliency png  : the heat map of each example as a PNG (inferno)")
+        return lines
 
     def write(self, export_dir: Path) -> None:
         """Save the report inside an export, under assets/ (JSON and text)."""
@@ -107,6 +121,7 @@ class ConversionReport:
             + ", ".join(f"{out} = d(score)/d({inp})" for out, inp in self.saliency_outputs.items()),
             *(f"  saliency map  : {key} = max |{saliency}| over channels, scaled per example to [0, 1]"
               for key, saliency in self.saliency_maps.items()),
+            *self._serving_lines(),
             f"  ReLU-family sites: {len(self.sites)} found, {len(self.rewritten)} rewritten",
         ]
         width = max([len(s.path) for s in self.sites] + [5])  # the layer path, as inspect names it

@@ -134,6 +134,12 @@ def _check_saliency_map(key: str, got: np.ndarray, saliency: np.ndarray) -> None
     magnitude = np.abs(saliency.astype(np.float32)).max(axis=-1)
     peak = magnitude.max(axis=(1, 2), keepdims=True)
     want = np.divide(magnitude, peak, out=np.zeros_like(magnitude), where=peak > 0)
+    if got.dtype == np.uint8:  # --saliency_map_dtype uint8: the float map as 0..255
+        want, got = np.rint(want * 255), got.astype(np.float32)
+        if got.shape != want.shape or np.max(np.abs(got - want), initial=0) > 1:
+            raise VerificationError(f"{key} (uint8 {list(got.shape)}) is not 255 * max |saliency| over "
+                                    f"channels / its per-example max (max difference {_max_diff(got, want):.3g})")
+        return
     if got.dtype != np.float32 or got.shape != want.shape or not np.allclose(got, want, rtol=1e-6, atol=1e-7):
         raise VerificationError(
             f"{key} ({got.dtype} {list(got.shape)}) is not max |saliency| over channels scaled per "

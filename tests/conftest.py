@@ -29,7 +29,7 @@ REFERENCE_INPUT_TRIES = 20
 # .ci/run's oldest-TensorFlow venv installs only the `test-core` extra and sets
 # GBP_REWRITE_TEST_CORE_ONLY=1: the test files of the optional extras are then not collected.
 # Everywhere else they are, so a missing extra fails them (a missing install step fails CI).
-OPTIONAL_EXTRA_TESTS = ["test_beam.py"]
+OPTIONAL_EXTRA_TESTS = ["test_beam.py", "test_grpc_serving.py", "test_warmup.py"]
 collect_ignore = OPTIONAL_EXTRA_TESTS if os.environ.get("GBP_REWRITE_TEST_CORE_ONLY") == "1" else []
 
 

@@ -32,7 +32,8 @@ def test_versions_are_numbered_folders(zoo, tmp_path):
     gbp_rewrite.convert(zoo.model(MODEL), base, version="next")
     assert sorted(served_versions(base)) == [1, 7, 8]
     assert all((base / v / "saved_model.pb").is_file() for v in ("1", "7", "8"))
-    assert sorted(p.name for p in base.iterdir()) == ["1", "7", "8"]  # no temporary leftovers
+    # no temporary leftovers; the batching suggestion sits beside the versions (gbp_rewrite.serving.batching)
+    assert sorted(p.name for p in base.iterdir()) == ["1", "7", "8", "batching_parameters.txt"]
     with pytest.raises(OutputError, match="already exists"):
         gbp_rewrite.convert(zoo.model(MODEL), base, version=7)
     gbp_rewrite.convert(zoo.model(MODEL), base, version=7, overwrite=True)
@@ -70,7 +71,8 @@ def test_a_polling_server_never_sees_a_partial_version(zoo, tmp_path, monkeypatc
     monkeypatch.setattr(ConversionReport, "write", fail)
     with pytest.raises(OSError, match="disk full"):
         gbp_rewrite.convert(zoo.model(MODEL), base, version="next")
-    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # nothing half-written left behind
+    # nothing half-written left behind
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "batching_parameters.txt"]
 
 
 def test_serving_version_flag(zoo, tmp_path):

@@ -47,6 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "them in the explainable graph (SavedModels): fewer passes over the activations, "
                     "forward and backward; predictions equal to float rounding, checked against the "
                     "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
+    # Serving options (gbp_rewrite.serving.serving_signatures; docs/serving-in-production.md).
+    common.add_bool(parser, "image_bytes_signature", "also write `serving_bytes` and `explain_class_bytes`: "
+                    "encoded images in (`image_bytes`), decoded, resized and preprocessed in the graph; "
+                    "`image_size` out.")
+    parser.add_argument("--preprocess", choices=common.PREPROCESS_MODES,
+                        help="with --image_bytes_signature: the preprocessing done in the graph, as for "
+                             "explain (default: unit).")
+    parser.add_argument("--saliency_map_dtype", choices=("float32", "uint8"),
+                        help="`saliency_map` as float32 in [0, 1] (default) or uint8 0..255; turns "
+                             "--saliency_map on.")
+    common.add_bool(parser, "saliency_png", "also return `saliency_png_bytes`, each example's heat map as a "
+                    "PNG; turns --saliency_map on.")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
@@ -56,12 +68,17 @@ def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pipeline import convert
 
+    if args.preprocess is not None and not args.image_bytes_signature:
+        raise common.UsageError("'convert' takes --preprocess only with --image_bytes_signature (the "
+                                "preprocessing done in the graph); without it clients send preprocessed pixels")
     report = convert(
         args.source, args.destination,
         layers=common.split_list(args.layers), exclude_layers=common.split_list(args.exclude_layers),
         rule=args.rule, signature=args.signature, output=args.output, score=args.score,
         overwrite=args.overwrite, saliency_map=args.saliency_map, version=args.serving_version,
         safe_mode=not args.unsafe_deserialization, allow_file_ops=args.allow_file_ops,
-        fold_batchnorms=args.fold_batchnorms,
+        fold_batchnorms=args.fold_batchnorms, image_bytes=args.image_bytes_signature,
+        preprocess=args.preprocess or "unit", saliency_map_dtype=args.saliency_map_dtype,
+        saliency_png=args.saliency_png,
     )
     common.emit(report, args)

@@ -13,14 +13,18 @@ NAME = "decode"
 SUMMARY = ("Turn a TF Serving REST predict response (RESPONSE is a JSON file, or - for stdin; row "
            "format 'predictions' or columnar 'outputs') into one .npy per output and, per example, the "
            "saliency heat map and guided picture as PNG in --out; with the request's --image files "
-           "also the overlays and the figures (captioned with the class, by name with --labels).")
+           "also the overlays and the figures (captioned with the class, by name with --labels); "
+           "`saliency_png*_bytes` outputs are written as the PNG files they are. With --grpc, RESPONSE "
+           "is a serialised PredictResponse (gRPC).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("response", metavar="RESPONSE", help="the response JSON file, or - for stdin.")
+    parser.add_argument("response", metavar="RESPONSE", help="the response JSON file (a PredictResponse file with --grpc), or - for stdin.")
     parser.add_argument("--out", metavar="DIR", help="the folder for the .npy files and PNGs.")
     common.add_image(parser, "the request's image file, for the overlays and figures.")
     common.add_labels(parser)
+    common.add_bool(parser, "grpc", "RESPONSE is a serialised tensorflow.serving.PredictResponse (gRPC). "
+                    "Needs the optional extra 'serving' (tensorflow-serving-api).")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -31,12 +35,20 @@ def run(args: argparse.Namespace) -> None:
 
     if not args.out:
         raise common.UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
-    try:
-        text = sys.stdin.read() if args.response == "-" else Path(args.response).read_text(encoding="utf-8")
-    except OSError as e:
-        raise RestFormatError(f"cannot read the response '{args.response}': {e.strerror}") from None
+    if args.grpc:
+        from gbp_rewrite.serving import grpc_messages
+
+        data = sys.stdin.buffer.read() if args.response == "-" else None
+        arrays = (grpc_messages.decode_predict_response(data) if data is not None
+                  else grpc_messages.read_predict_response(args.response))
+    else:
+        try:
+            text = sys.stdin.read() if args.response == "-" else Path(args.response).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or "not UTF-8 text (a gRPC PredictResponse? use --grpc)"
+            raise RestFormatError(f"cannot read the response '{args.response}': {why}") from None
+        arrays = decode_response(text)
     labels = load_labels(args.labels) if args.labels else None
-    arrays = decode_response(text)
     written = write_response_files(arrays, args.out, image_paths=common.split_paths(args.image), labels=labels)
     shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
     sys.stdout.write(f"decoded {shapes}\nwrote {len(written)} file(s) to {args.out}\n")

@@ -55,6 +55,11 @@ REPORT_PATH = Path(conventions.REPORT_PATH)
 EXPLAIN_CLASS = conventions.EXPLAIN_CLASS_SIGNATURE
 CLASS_INDEX = conventions.CLASS_INDEX
 EXPLAINED_CLASS = conventions.EXPLAINED_CLASS
+# The image-bytes signatures: probed with PNGs; explain_class_bytes is asked for the classes
+# serving_bytes picked.
+IMAGE_BYTES = conventions.IMAGE_BYTES
+CLASS_SIGNATURES = {EXPLAIN_CLASS: None, conventions.EXPLAIN_CLASS_BYTES: conventions.SERVING_BYTES}  # None: the explained one
+PROBE_IMAGE_SIZES = ((24, 40), (48, 36))  # height, width: images of different sizes share the batch
 
 UNKNOWN_DIM = conventions.UNKNOWN_DIM
 PREDICTION_RTOL = conventions.PREDICTION_RTOL
@@ -179,6 +184,18 @@ def audit_ops(types: dict[str, int], checks: Checks) -> None:
 # Running the signatures
 
 
+def probe_images(batch: int, rng) -> np.ndarray:
+    """`batch` PNG-encoded random RGB images, of different sizes: the image-bytes input's probe."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    encoded = []
+    for i in range(batch):
+        height, width = PROBE_IMAGE_SIZES[i % len(PROBE_IMAGE_SIZES)]
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        encoded.append(tf.io.encode_png(pixels).numpy())
+    return np.array(encoded, dtype=object)
+
+
 def input_specs(function) -> dict:
     return dict(sorted(function.structured_input_signature[1].items()))
 
@@ -214,7 +231,7 @@ def outputs_equal(got: np.ndarray, want: np.ndarray) -> bool:
 
 def signature_order(keys: list[str], explained: str | None) -> list[str]:
     """The explained signature first: explain_class is probed with the classes it picked."""
-    return sorted(keys, key=lambda k: (k != explained, k == EXPLAIN_CLASS, k))
+    return sorted(keys, key=lambda k: (k != explained, k in CLASS_SIGNATURES, k))
 
 
 def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) -> list[dict]:
@@ -229,10 +246,12 @@ def run_signatures(loaded, explained: str | None, config: dict, checks: Checks) 
         function = loaded.signatures[key]
         rng = np.random.default_rng(config["seed"])
         specs = input_specs(function)
-        probe = {k: probe_value(s, config["batch"], rng) for k, s in specs.items()}
+        probe = {k: probe_images(config["batch"], rng) if k == IMAGE_BYTES and s.dtype.name == "string"
+                 else probe_value(s, config["batch"], rng) for k, s in specs.items()}
+        class_source = CLASS_SIGNATURES.get(key, None) or explained
         top_classes = next((r["outputs_np"].get(EXPLAINED_CLASS) for r in results
-                            if r["key"] == explained), None)
-        if key == EXPLAIN_CLASS and CLASS_INDEX in probe and top_classes is not None:
+                            if r["key"] == class_source), None)
+        if key in CLASS_SIGNATURES and CLASS_INDEX in probe and top_classes is not None:
             probe[CLASS_INDEX] = top_classes.astype(probe[CLASS_INDEX].dtype)
         entry = {"key": key, "dir": str(work / f"sig_{index}"), "inputs_np": probe, "outputs_np": {},
                  "declared": list(function.structured_outputs)}
@@ -291,15 +310,18 @@ def check_explainable(results: list[dict], checks: Checks) -> None:
 
 
 def check_explain_class(results: list[dict], explained: str | None, checks: Checks) -> None:
-    """explain_class, asked for the top classes, must reproduce the explained signature exactly."""
+    """explain_class (and explain_class_bytes), asked for the top classes, must reproduce the
+    explained signature (serving_bytes) exactly."""
     by_key = {r["key"]: r["outputs_np"] for r in results}
-    main, by_class = by_key.get(explained), by_key.get(EXPLAIN_CLASS)
-    if not main or not by_class:
-        return
-    differ = [k for k in main if k in by_class and not np.array_equal(main[k], by_class[k])]
-    checks.add(f"consistency: {EXPLAIN_CLASS} vs {explained}", not differ,
-               f"outputs differ for the same classes: {', '.join(differ)}" if differ
-               else "same outputs for the top classes", WHY_SALIENCY)
+    for class_key, source_key in CLASS_SIGNATURES.items():
+        source_key = source_key or explained
+        main, by_class = by_key.get(source_key), by_key.get(class_key)
+        if not main or not by_class:
+            continue
+        differ = [k for k in main if k in by_class and not np.array_equal(main[k], by_class[k])]
+        checks.add(f"consistency: {class_key} vs {source_key}", not differ,
+                   f"outputs differ for the same classes: {', '.join(differ)}" if differ
+                   else "same outputs for the top classes", WHY_SALIENCY)
 
 
 def compare_with_source(results: list[dict], source_dir: str, explained: str | None, checks: Checks) -> None:
@@ -350,6 +372,45 @@ def compare_with_source(results: list[dict], source_dir: str, explained: str | N
     if not compared:
         checks.add("predictions", False, f"no signature of the export matches one of the source "
                    f"({', '.join(sorted(source.signatures))})", WHY_PREDICTIONS)
+
+
+WARMUP_FILE = Path(conventions.WARMUP_PATH)
+WHY_WARMUP = ("TF Serving replays the warm-up requests when it loads the model and fails the load "
+              "if one fails or the file does not parse")
+
+
+def check_warmup(export_dir: Path, loaded, checks: Checks) -> None:
+    """The warm-up file (if any) parses as TFRecord of PredictionLog and each request runs."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    path = export_dir / WARMUP_FILE
+    if not path.is_file():
+        return
+    name = f"warm-up requests: {WARMUP_FILE}"
+    try:
+        from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        checks.add(name, None, "tensorflow-serving-api is not installed, so the file cannot be read "
+                   "(pip install tensorflow-serving-api)")
+        return
+    ran = []
+    try:
+        for index, record in enumerate(tf.data.TFRecordDataset(str(path)).as_numpy_iterator()):
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            if log.WhichOneof("log_type") != "predict_log":
+                raise ValueError(f"record {index} is a {log.WhichOneof('log_type')}, not a predict_log")
+            request = log.predict_log.request
+            key = request.model_spec.signature_name or "serving_default"
+            if key not in loaded.signatures:
+                raise ValueError(f"record {index} calls signature {key!r}, which the model lacks")
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            call(loaded.signatures[key], inputs)
+            ran.append(key)
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        checks.add(name, False, f"{one_line(e)} (after {len(ran)} good requests)", WHY_WARMUP)
+        return
+    checks.add(name, bool(ran), f"{len(ran)} requests parse and run: {', '.join(ran)}"
+               if ran else "the file holds no request", WHY_WARMUP)
 
 
 def save_arrays(results: list[dict]) -> list[dict]:
@@ -410,6 +471,7 @@ def main(config: dict) -> dict:
     results = run_signatures(loaded, explained, config, checks)
     check_explainable(results, checks)
     check_explain_class(results, explained, checks)
+    check_warmup(export_dir, loaded, checks)
     if config.get("source_dir"):
         compare_with_source(results, config["source_dir"], explained, checks)
     result["signatures"] = save_arrays(results)

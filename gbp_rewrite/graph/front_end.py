@@ -21,6 +21,7 @@ from gbp_rewrite.graph import savedmodel, sites, staging, validation
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
 from gbp_rewrite.selection import Selection, select
+from gbp_rewrite.serving import serving_signatures
 
 
 @contextlib.contextmanager
@@ -37,6 +38,7 @@ def prepare(
     signature_desc = model.signature(signature)
     plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs,
                                 output=options.output, saliency_map=options.saliency_map)
+    serving_signatures.make_serving_plan(plan, options.serving)  # refuse early, before anything is loaded
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers, rule=rule)
     scoring = _score_plan(model, plan, score)

@@ -124,12 +124,22 @@ def preprocess(pixels: tf.Tensor, mode: str) -> tf.Tensor:
     check_preprocess(mode)
     pixels = tf.cast(pixels, tf.float32)
     if mode == "unit":
-        return pixels / 255.0
+        return pixels / _unfolded(255.0)
     if mode == "symmetric":
-        return pixels / 127.5 - 1.0
+        return pixels / _unfolded(127.5) - 1.0
     if mode == "caffe":
         return pixels[..., ::-1] - tf.constant(_CAFFE_BGR_MEANS, tf.float32)
     return pixels
+
+
+def _unfolded(divisor: float) -> tf.Tensor:
+    """A constant divisor Grappler cannot see as one.
+
+    In a model's graph (the image-bytes signatures) Grappler's constant folding turns x / c into
+    x * (1/c), which rounds differently from the division tf.data and numpy compute; a
+    PlaceholderWithDefault is never folded, so every path divides and gets the same numbers.
+    """
+    return tf.compat.v1.placeholder_with_default(tf.constant(divisor, tf.float32), [])
 
 
 def _decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -143,6 +153,24 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     rgb = tf.cond(channels >= 3, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3]))
     rgb.set_shape([None, None, 3])
     return rgb
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Bytes -> uint8 [h, w, c] with the file's own channels (a GIF's first frame).
+
+    Graph ops only (DecodeImage): the image-bytes signatures decode with it inside the model."""
+    return _decode(encoded)
+
+
+def model_pixels(image: tf.Tensor, *, spec: InputSpec, mode: str) -> tf.Tensor:
+    """uint8 [h, w, c] -> the model's input [H, W, 3] of spec.dtype: RGB, resized, preprocessed.
+
+    The one definition of "what the model sees" for `explain`, `request` and the image-bytes
+    signatures (gbp_rewrite.serving.serving_signatures), so all three give the model the same numbers.
+    """
+    resized = tf.image.resize(tf.cast(_to_rgb(image), tf.float32), [spec.height, spec.width],
+                              method="bilinear", antialias=True)
+    return tf.cast(preprocess(resized, mode), spec.dtype)
 
 
 def dataset(paths: Sequence[str], *, spec: InputSpec, mode: str, batch_size: int) -> tf.data.Dataset:
@@ -171,9 +199,7 @@ def decode_example(encoded: tf.Tensor, *, spec: InputSpec, mode: str) -> dict[st
 
     `dataset` maps it over files; the Beam pipeline (gbp_rewrite.beam) calls it on bytes it read."""
     image = _decode(encoded)
-    resized = tf.image.resize(tf.cast(_to_rgb(image), tf.float32), [spec.height, spec.width],
-                              method="bilinear", antialias=True)
-    return {"pixels": tf.cast(preprocess(resized, mode), spec.dtype), "channels": tf.shape(image)[-1]}
+    return {"pixels": model_pixels(image, spec=spec, mode=mode), "channels": tf.shape(image)[-1]}
 
 
 def channel_problem(channels: int, *, grayscale_to_rgb: bool) -> str | None:

@@ -40,6 +40,7 @@ __all__ = [
     "figure",
     "saliency_heat",
     "colormap",
+    "lookup_table",
     "overlay",
     "guided_image",
     "encode_png",
@@ -102,6 +103,15 @@ def _lookup_table(stops: np.ndarray) -> np.ndarray:
 # Built once at import: colouring a picture is then one indexing operation.
 _LOOKUP_TABLES: Mapping[str, np.ndarray] = {
     name: _lookup_table(stops) for name, stops in _COLORMAPS.items()}
+
+
+def lookup_table(name: str = "inferno") -> np.ndarray:
+    """The colormap's ``[4096, 3]`` uint8 table: :func:`colormap` colours heat ``h`` with entry
+    ``rint(h * 4095)``. For code that colours heat maps elsewhere (the serving graph's PNGs)."""
+    if name not in _LOOKUP_TABLES:
+        _fail(f"unknown colormap {name!r}; valid names are {', '.join(COLORMAP_NAMES)}")
+    return _LOOKUP_TABLES[name].copy()
+
 
 # Formats the PNG encoder accepts: grey, grey+alpha, RGB, RGBA.
 _PNG_CHANNELS = (1, 2, 3, 4)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from gbp_rewrite.pictures import images
 from gbp_rewrite import write
@@ -49,21 +50,65 @@ def make_request(
         ImageNet means) or 'none' (0..255), as for `explain`.
       grayscale_to_rgb: send grey-scale images as RGB (otherwise they are refused).
     """
+    signature = request_signature(signature, class_index)
+    inputs = make_inputs(model, image_paths, signature=signature, class_index=class_index,
+                         preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
+    return rest.request_body(inputs, signature_name=signature)
+
+
+def request_signature(signature: str | None, class_index: int | None) -> str:
+    """The signature a request calls: the one given, else explain_class with a class, else serving_default."""
+    return signature or (EXPLAIN_CLASS_SIGNATURE if class_index is not None else "serving_default")
+
+
+def make_inputs(
+    model: str | os.PathLike,
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    signature: str = "serving_default",
+    class_index: int | None = None,
+    preprocess: str = "unit",
+    grayscale_to_rgb: bool = False,
+) -> dict[str, np.ndarray]:
+    """{input key: batch} for the images: pixels for a float image input, or, for an image-bytes
+    signature (`serving_bytes`, `explain_class_bytes`: one string input), the files' own bytes,
+    each checked to decode (the model decodes, resizes and preprocesses them itself)."""
     images.check_preprocess(preprocess)
     paths = [str(p) for p in image_paths]
     if not paths:
         raise ImageError("no image files given; pass at least one --image")
-    signature = signature or (EXPLAIN_CLASS_SIGNATURE if class_index is not None else "serving_default")
     saved = savedmodel.read(write.resolve_served_version(model, command="request"))
+    bytes_key = image_bytes_input(saved, signature)
+    if bytes_key is not None and class_index is None:
+        return {bytes_key: encoded_images(paths)}
     takes_class = class_index is not None
     if takes_class:
         _check_class_input(saved, signature, class_index)
     key, spec = image_input(saved, signature, besides=(CLASS_INDEX,) if takes_class else ())
-    pixels = load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)
-    inputs = {key: pixels}
+    inputs = {key: load_pixels(paths, spec=spec, preprocess=preprocess, grayscale_to_rgb=grayscale_to_rgb)}
     if takes_class:
         inputs[CLASS_INDEX] = np.full([len(paths)], class_index, np.int64)
-    return rest.request_body(inputs, signature_name=signature)
+    return inputs
+
+
+def image_bytes_input(model: savedmodel.SavedModelFile, signature: str) -> str | None:
+    """The key of the signature's encoded-image input when its one input is a string tensor."""
+    desc = model.signature(signature)
+    (key, tensor), *others = desc.inputs.items() or [(None, None)]
+    return key if not others and tensor is not None and tensor.dtype == tf.string else None
+
+
+def encoded_images(paths: Sequence[str]) -> np.ndarray:
+    """The files' bytes as a string batch; a file TensorFlow cannot decode is an ImageError."""
+    encoded = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+            images.decode(data)
+        except (OSError, tf.errors.OpError):
+            raise ImageError(f"'{path}': {images.diagnose(path)}") from None
+        encoded.append(data)
+    return np.array(encoded, dtype=object)
 
 
 def _check_class_input(model: savedmodel.SavedModelFile, signature: str, class_index: int) -> None:

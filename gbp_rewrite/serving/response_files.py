@@ -68,6 +68,25 @@ def write_response_files(
         caption = _caption(arrays, index, labels)
         for key in keys:
             written.extend(_render(out_dir, f"{stems[index]}_{key}", arrays[key][index], image, caption))
+    written.extend(_write_pngs(out_dir, arrays, stems if paths else None))
+    return written
+
+
+def png_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Outputs that are PNG pictures already (--saliency_png): saliency_png*_bytes, strings [batch]."""
+    return [key for key, value in arrays.items()
+            if re.fullmatch(r"saliency_png\w*_bytes", key) and value.ndim == 1 and value.dtype.kind in "OS"]
+
+
+def _write_pngs(out_dir: Path, arrays: Mapping[str, np.ndarray], stems: list[str] | None) -> list[Path]:
+    """Each example's PNG of each png output as <stem>_<key less _bytes>.png, bytes as served."""
+    written = []
+    for key in png_keys(arrays):
+        names = stems or _stems([], len(arrays[key]))
+        for name, data in zip(names, arrays[key]):
+            path = out_dir / f"{name}_{key[:-len('_bytes')]}.png"
+            path.write_bytes(bytes(data))
+            written.append(path)
     return written
 
 
