@@ -73,13 +73,18 @@ def is_weight(tensor: tf.Tensor) -> bool:
         if op.type in _WEIGHT_SOURCES:
             continue
         if op.type == "Placeholder":
-            if op.outputs[0].dtype == tf.resource:
-                continue  # a captured variable handle
+            if op.outputs[0].dtype == tf.resource or _captures_a_constant(op):
+                continue  # a captured variable handle or eager constant
             return False
         if not op.inputs:
             return False  # a source we do not know (e.g. a random op): treat as data
         stack.extend(t.op for t in op.inputs)
     return True
+
+
+def _captures_a_constant(placeholder) -> bool:
+    captured = {id(internal): external for external, internal in getattr(placeholder.graph, "captures", ())}
+    return hasattr(captured.get(id(placeholder.outputs[0])), "numpy")  # an eager tensor: a value
 
 
 def _needs(tensor: tf.Tensor) -> bool:
