@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
+from gbp_rewrite.portable import export as portable_export
+from gbp_rewrite.portable import gradients as portable_gradients
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
 
@@ -39,6 +41,9 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    portable: bool = False,
+    tflite: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -69,6 +74,13 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      portable: SavedModels only: build the whole signature, gradient included, from ops that
+        TFLite builtins and ONNX both have (gbp_rewrite.portable); an op without a portable
+        gradient is a one-line error naming it and its layer.
+      tflite: also write the explained signature as this .tflite file (TFLite builtins only; implies
+        portable; needs the 'tflite' extra), checked in LiteRT on the probe batch.
+      onnx: also write it as this .onnx file (opset 17; implies portable; needs the 'onnx' extra),
+        checked by onnx.checker and in onnxruntime on the probe batch.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -76,7 +88,15 @@ def convert(
     Raises:
       GbpError: a one-line reason; the source is never modified and no destination is left behind.
     """
+    portable = portable or tflite is not None or onnx is not None
+    if portable:
+        portable_export.require_extras(tflite=tflite is not None, onnx=onnx is not None)
     if keras_loading.is_keras_source(source):
+        if portable:
+            raise OptionError(
+                "--portable/--tflite/--onnx convert SavedModels; export the Keras model first "
+                "(model.export(DIR)) and convert DIR"
+            )
         from gbp_rewrite import keras_path  # imported here: it needs Keras, the graph path does not
 
         return keras_path.convert(
@@ -100,13 +120,18 @@ def convert(
     selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
 
-    patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
+    relu_gradient = portable_gradients.relu_gradient_op_type if portable else rules.gradient_op_type
+    patches = {s.key: relu_gradient(rule, s.op_type) for s in selection.selected_sites}
     if softmax is not None:
         patches[softmax.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
+    if portable:
+        portable_gradients.register()
     phase = _PhaseTimer()
     fold_signature = signature if fold_batchnorms else None
-    with savedmodel.patched_copy(model, patches, fold_signature=fold_signature) as patched:
+    mark = portable_export.mark_portable_gradients if portable else None
+    with portable_export.staged_files(tflite=tflite, onnx=onnx, overwrite=overwrite) as staged, \
+            savedmodel.patched_copy(model, patches, fold_signature=fold_signature, also=mark) as patched:
         with phase("load"):
             loaded = savedmodel.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
@@ -126,6 +151,9 @@ def convert(
             with phase("probe (rest)"):
                 expected = probed.result()
         checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
+        if portable:
+            checks["portable ops"] = portable_export.check_ops(
+                signatures[signature], layer_of=lambda node: _layer_of(model, node))
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
                 f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "
@@ -137,6 +165,13 @@ def convert(
                 explainable.save(tmp, owner=loaded, signatures={**extra, **signatures})
             with phase("self-check"):
                 checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
+            if staged.temporary:
+                with phase("portable files"):
+                    # The reference: the explainable signature itself, as traced and saved.
+                    outputs = signatures[signature](**verify.to_tensors(probe, plan.inputs))
+                    reference = {key: value.numpy() for key, value in outputs.items()}
+                    checks.update(portable_export.write_and_check(tmp, staged, signature=signature, probe=probe,
+                                                                  expected=reference))
             report = ConversionReport.build(
                 source=str(source), source_format=model.format, destination=destination, plan=plan,
                 rule=rule_obj, score=score, score_note=score_note,
@@ -194,6 +229,12 @@ def _check_applied(selection: sites.Selection, softmax: sites.Site | None, appli
         selection.selected_sites, _site_key, applied, rule,
         softmax=None if softmax is None else (_site_key(softmax), f"Softmax '{softmax.node}'"),
     )
+
+
+def _layer_of(model: savedmodel.SavedModelFile, node: str) -> str:
+    """The layer path of an op named `node` (for the portable check's error)."""
+    return "/".join(sites.layer_path(node, sites.known_names(model.meta_graph),
+                                     keras3=savedmodel.is_keras3_export(model.meta_graph)))
 
 
 def _kept_signatures(model: savedmodel.SavedModelFile, loaded, explained: str) -> dict:
