@@ -15,7 +15,7 @@ SUMMARY = ("Write an explainable copy of SRC (a SavedModel directory, or a .kera
            "a second signature `explain_class` takes a class per example.")
 FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json",
               "saliency_map", "serving_version", "unsafe_deserialization", "allow_file_ops",
-              "fold_batchnorms"}
+              "fold_batchnorms", "portable", "tflite", "onnx"}
 
 flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
                   "rule (default: every ReLU). A nested model's name selects all its layers.")
@@ -38,6 +38,14 @@ flags.DEFINE_bool("fold_batchnorms", True, "convert: fold inference BatchNorms i
                   "before them in the explainable graph (SavedModels): fewer passes over the activations, "
                   "forward and backward; predictions equal to float rounding, checked against the source. "
                   "--nofold_batchnorms keeps the source's arithmetic exactly.")
+flags.DEFINE_bool("portable", False, "convert: build the whole signature, gradient included, from ops "
+                  "that TFLite builtins and ONNX both have (an op without a portable gradient is an error "
+                  "naming it and its layer). SavedModel sources only.")
+flags.DEFINE_string("tflite", None, "convert: also write the explained signature as this .tflite file "
+                    "(TFLite builtins only, checked in LiteRT; implies --portable; pip install -e '.[tflite]').")
+flags.DEFINE_string("onnx", None, "convert: also write the explained signature as this .onnx file "
+                    "(opset 17, checked by onnx.checker and onnxruntime; implies --portable; "
+                    "pip install -e '.[onnx]').")
 flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
                          message="--serving_version takes a non-negative integer or 'next'")
 
@@ -51,6 +59,7 @@ def run(source: str, destination: str) -> None:
         signature=FLAGS.signature, output=FLAGS.output, score=FLAGS.score, overwrite=FLAGS.overwrite,
         saliency_map=FLAGS.saliency_map, version=FLAGS.serving_version,
         safe_mode=not FLAGS.unsafe_deserialization, allow_file_ops=FLAGS.allow_file_ops,
-        fold_batchnorms=FLAGS.fold_batchnorms,
+        fold_batchnorms=FLAGS.fold_batchnorms, portable=FLAGS.portable, tflite=FLAGS.tflite,
+        onnx=FLAGS.onnx,
     )
     common.emit(report)
