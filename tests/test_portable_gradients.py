@@ -218,6 +218,11 @@ def test_reshape_squeeze_expand_dims():
     _check(lambda t: tf.expand_dims(t, 1) * 2.0, _images((2, 5, 3)), ["ExpandDims"])
 
 
+@pytest.mark.parametrize("op_type,fn", [("Sigmoid", tf.sigmoid), ("Tanh", tf.tanh)])
+def test_sigmoid_and_tanh(op_type, fn):
+    _check(lambda t: fn(t * 2.0), _images((2, 5, 6, 3)), [op_type, "Mul"])
+
+
 # ReLU rules: the gate written here, applied to TensorFlow's own true gradient where it applies.
 def _gated(rule, op_type, dy, y):
     on = (y > 0) & (y < 6) if op_type == "Relu6" else y > 0

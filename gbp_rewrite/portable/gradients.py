@@ -18,6 +18,7 @@ TensorFlow's own numbers for the input gradient:
     ConcatV2       a split with the static sizes
     BiasAdd        dy
     Reshape etc.   a reshape to the static shape
+    Sigmoid/Tanh   dy * y * (1 - y), dy * (1 - y * y)
 
 Gradients are built for data inputs only: an input computed from variables and constants alone (a
 kernel, a bias, BatchNorm's scale) gets none, which is all the explainable signature needs (it
@@ -463,6 +464,16 @@ def _matmul(op, dy):
     return grad_a, grad_b
 
 
+def _sigmoid(op, dy):
+    y = op.outputs[0]
+    return dy * (y * (1 - y))
+
+
+def _tanh(op, dy):
+    y = op.outputs[0]
+    return dy * (1 - y * y)
+
+
 # Op type -> portable gradient. ReLUs are registered per rule (RELU_RULES).
 GRADIENTS: dict[str, Callable] = {
     "Conv2D": _conv2d,
@@ -481,6 +492,8 @@ GRADIENTS: dict[str, Callable] = {
     "Squeeze": _reshape_back,
     "ExpandDims": _reshape_back,
     "MatMul": _matmul,
+    "Sigmoid": _sigmoid,
+    "Tanh": _tanh,
 }
 
 COVERED_OP_TYPES = frozenset(GRADIENTS) | frozenset(rules.REWRITABLE_OP_TYPES)
