@@ -223,6 +223,13 @@ def test_sigmoid_and_tanh(op_type, fn):
     _check(lambda t: fn(t * 2.0), _images((2, 5, 6, 3)), [op_type, "Mul"])
 
 
+def test_transpose_and_tensordot():
+    _check(lambda t: tf.transpose(t, [0, 2, 3, 1]) * 2.0, _images((2, 5, 6, 3)), ["Transpose", "Mul"])
+    weights = tf.constant(_images((3, 4), seed=12))  # a Dense layer on an image: Tensordot
+    _check(lambda t: tf.tensordot(t, weights, axes=[[3], [0]]), _images((2, 5, 6, 3)),
+           ["Transpose", "Reshape", "MatMul"])
+
+
 # ReLU rules: the gate written here, applied to TensorFlow's own true gradient where it applies.
 def _gated(rule, op_type, dy, y):
     on = (y > 0) & (y < 6) if op_type == "Relu6" else y > 0

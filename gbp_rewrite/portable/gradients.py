@@ -19,6 +19,7 @@ TensorFlow's own numbers for the input gradient:
     BiasAdd        dy
     Reshape etc.   a reshape to the static shape
     Sigmoid/Tanh   dy * y * (1 - y), dy * (1 - y * y)
+    Transpose      the inverse permutation, computed here (no InvertPermutation op)
 
 Gradients are built for data inputs only: an input computed from variables and constants alone (a
 kernel, a bias, BatchNorm's scale) gets none, which is all the explainable signature needs (it
@@ -474,6 +475,13 @@ def _tanh(op, dy):
     return dy * (1 - y * y)
 
 
+def _transpose(op, dy):
+    perm = tf.get_static_value(op.inputs[1])
+    if perm is None:
+        raise _refuse(op, "for a permutation that is not static")
+    return tf.transpose(dy, np.argsort(perm)), None
+
+
 # Op type -> portable gradient. ReLUs are registered per rule (RELU_RULES).
 GRADIENTS: dict[str, Callable] = {
     "Conv2D": _conv2d,
@@ -494,6 +502,7 @@ GRADIENTS: dict[str, Callable] = {
     "MatMul": _matmul,
     "Sigmoid": _sigmoid,
     "Tanh": _tanh,
+    "Transpose": _transpose,
 }
 
 COVERED_OP_TYPES = frozenset(GRADIENTS) | frozenset(rules.REWRITABLE_OP_TYPES)
