@@ -22,6 +22,7 @@ from gbp_rewrite import rules, self_check, signatures, write
 from gbp_rewrite.graph import front_end as graph_front_end
 from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
+from gbp_rewrite.portable import export as portable_export
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import ConversionReport
 
@@ -43,6 +44,9 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    portable: bool = False,
+    tflite: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -77,6 +81,13 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.graph.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      portable: SavedModels only: build the whole signature, gradient included, from ops that
+        TFLite builtins and ONNX both have (gbp_rewrite.portable); an op without a portable
+        gradient is a one-line error naming it and its layer. See docs/run-elsewhere.md.
+      tflite: also write the explained signature as this .tflite file (TFLite builtins only; implies
+        portable; needs the 'tflite' extra), checked in LiteRT on the probe batch.
+      onnx: also write it as this .onnx file (opset 17; implies portable; needs the 'onnx' extra),
+        checked by onnx.checker and in onnxruntime on the probe batch.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -87,9 +98,14 @@ def convert(
     started = time.perf_counter()
     signatures.check_score(score)
     rules.get_rule(rule)
+    portable = portable or tflite is not None or onnx is not None
+    if portable:
+        portable_export.require_extras(tflite=tflite is not None, onnx=onnx is not None)
     destination = write.version_directory(Path(destination), version)
     options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
-                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map)
+                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
+                      portable=portable, tflite=None if tflite is None else Path(tflite),
+                      onnx=None if onnx is None else Path(onnx))
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:

@@ -34,6 +34,10 @@ class Options:
     score: str
     overwrite: bool
     saliency_map: bool
+    # Portable exports (gbp_rewrite.portable), SavedModel sources only: tflite/onnx imply portable.
+    portable: bool = False
+    tflite: Path | None = None
+    onnx: Path | None = None
 
 
 @dataclasses.dataclass

@@ -47,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "them in the explainable graph (SavedModels): fewer passes over the activations, "
                     "forward and backward; predictions equal to float rounding, checked against the "
                     "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
+    common.add_bool(parser, "portable", "build the whole signature, gradient included, from ops that "
+                    "TFLite builtins and ONNX both have (an op without a portable gradient is an error naming "
+                    "it and its layer). SavedModel sources only. See docs/run-elsewhere.md.")
+    parser.add_argument("--tflite", metavar="FILE", help="also write the explained signature as this .tflite "
+                        "file (TFLite builtins only, checked in LiteRT; implies --portable; "
+                        "pip install -e '.[tflite]').")
+    parser.add_argument("--onnx", metavar="FILE", help="also write the explained signature as this .onnx file "
+                        "(opset 17, checked by onnx.checker and onnxruntime; implies --portable; "
+                        "pip install -e '.[onnx]').")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
@@ -62,6 +71,6 @@ def run(args: argparse.Namespace) -> None:
         rule=args.rule, signature=args.signature, output=args.output, score=args.score,
         overwrite=args.overwrite, saliency_map=args.saliency_map, version=args.serving_version,
         safe_mode=not args.unsafe_deserialization, allow_file_ops=args.allow_file_ops,
-        fold_batchnorms=args.fold_batchnorms,
+        fold_batchnorms=args.fold_batchnorms, portable=args.portable, tflite=args.tflite, onnx=args.onnx,
     )
     common.emit(report, args)

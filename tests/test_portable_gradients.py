@@ -1,0 +1,279 @@
+"""Each portable gradient against TensorFlow's own gradient of the same op (the reference), on small
+random inputs over strides, paddings, dilations, overlapping pools and many ties; and the ReLU
+rules against gates written here. Also: the portable gradients use no op outside the allow-list."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import assert_close_relative
+from gbp_rewrite.portable import export as portable_export
+from gbp_rewrite.portable import gradients as pg
+
+RTOL = 1e-6
+
+
+def _gradients(fn, x: np.ndarray, *, override: dict[str, str] | None, seed: int = 1):
+    """d(sum(fn(x) * dy))/dx for a fixed random dy, with `override` ({op type: gradient name})
+    active while `fn` builds its ops; the op types of the gradient graph as well."""
+    rng = np.random.default_rng(seed)
+    y_shape = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).structured_outputs.shape
+    dy = tf.constant(rng.normal(size=y_shape).astype(np.float32))
+
+    @tf.function
+    def grad(x):
+        with tf.compat.v1.get_default_graph().gradient_override_map(override or {}):
+            y = fn(x)
+        return tf.gradients(y, x, grad_ys=dy)[0]
+
+    concrete = grad.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32))
+    op_types = {op.type for op in concrete.graph.get_operations()}
+    return concrete(tf.constant(x)).numpy(), op_types
+
+
+def _check(fn, x, op_types, *, reference=None):
+    """`fn`'s portable gradient (for `op_types`; ReLUs with the vanilla rule) against TensorFlow's
+    own gradient of `reference` (default `fn`)."""
+    pg.register()
+    expected, _ = _gradients(reference or fn, x, override=None)
+    override = {t: pg.gradient_op_type(t) for t in op_types}
+    override.update({t: pg.relu_gradient_op_type("vanilla", t) for t in ("Relu", "Relu6")})
+    actual, used = _gradients(fn, x, override=override)
+    assert_close_relative(actual, expected, rtol=RTOL)
+    not_portable = used - portable_export.ALLOWED_OP_TYPES
+    assert not not_portable, f"non-portable ops in the gradient: {sorted(not_portable)}"
+
+
+def _images(shape, *, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _flat_colour_images(shape, *, seed=0):
+    """Images of a few flat colours scaled by 1/255: nearly every pooling window is a tie."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(0, 3, size=shape[:1] + (2, 2) + shape[3:])
+    blocks = np.repeat(np.repeat(levels, -(-shape[1] // 2), axis=1), -(-shape[2] // 2), axis=2)
+    return (blocks[:, : shape[1], : shape[2]] / 255.0).astype(np.float32)
+
+
+POOLS = [  # (window, strides, padding)
+    ((2, 2), (2, 2), "VALID"),
+    ((2, 2), (2, 2), "SAME"),
+    ((3, 3), (2, 2), "SAME"),  # overlapping (ResNet50, Xception)
+    ((3, 3), (2, 2), "VALID"),  # overlapping (InceptionV3, DenseNet121)
+    ((3, 3), (1, 1), "SAME"),  # InceptionV3's branch pools
+    ((2, 3), (1, 2), "SAME"),  # unequal windows and strides
+    ((1, 1), (2, 2), "VALID"),  # strides larger than the window
+]
+
+
+@pytest.mark.parametrize("window,strides,padding", POOLS)
+@pytest.mark.parametrize("inputs", ["random", "flat colour ties", "relu zeros"])
+def test_max_pool(window, strides, padding, inputs):
+    shape = (2, 9, 10, 3)
+    if inputs == "random":
+        x = _images(shape)
+        fn = lambda t: tf.nn.max_pool2d(t, window, strides, padding)  # noqa: E731
+    elif inputs == "flat colour ties":
+        x = _flat_colour_images(shape)
+        fn = lambda t: tf.nn.max_pool2d(t, window, strides, padding)  # noqa: E731
+    else:  # after a ReLU, most windows hold several zeros (ties at the maximum 0)
+        x = _images(shape) - 1.0
+        fn = lambda t: tf.nn.max_pool2d(tf.nn.relu(t), window, strides, padding)  # noqa: E731
+    if inputs != "random" and window != (1, 1):  # a 1x1 window cannot tie
+        assert _tie_count(x, window, strides, padding, relu=inputs == "relu zeros") > 10
+    _check(fn, x, ["MaxPool"])
+
+
+def _tie_count(x, window, strides, padding, *, relu):
+    """How many (window, channel) pairs have their maximum more than once (so the test means something)."""
+    x = np.maximum(x, 0) if relu else x
+    del padding  # SAME would pad with zeros: count the windows fully inside (VALID)
+    patches = tf.image.extract_patches(x, [1, *window, 1], [1, *strides, 1], [1, 1, 1, 1], "VALID").numpy()
+    patches = patches.reshape(*patches.shape[:3], window[0] * window[1], x.shape[-1])
+    return int(np.sum(np.sum(patches == patches.max(axis=3, keepdims=True), axis=3) > 1))
+
+
+@pytest.mark.parametrize("window,strides,padding", POOLS)
+def test_avg_pool(window, strides, padding):
+    _check(lambda t: tf.nn.avg_pool2d(t, window, strides, padding), _images((2, 9, 10, 3)), ["AvgPool"])
+
+
+CONVS = [  # (kernel size, strides, padding, dilation)
+    ((3, 3), 1, "SAME", 1),
+    ((3, 3), 1, "VALID", 1),
+    ((3, 3), 2, "SAME", 1),
+    ((3, 3), 2, "VALID", 1),
+    ((1, 1), 2, "VALID", 1),  # tf2onnx writes negative pads for this one with TF's own gradient
+    ((1, 1), 1, "SAME", 1),
+    ((5, 5), 2, "SAME", 1),
+    ((7, 7), 2, "SAME", 1),
+    ((2, 3), (1, 2), "SAME", 1),
+    ((3, 3), 1, "SAME", 2),
+    ((3, 3), 1, "VALID", 2),
+    ((3, 2), 1, "SAME", 3),
+]
+
+
+@pytest.mark.parametrize("size,strides,padding,dilation", CONVS)
+def test_conv2d(size, strides, padding, dilation):
+    kernel = tf.constant(_images((*size, 3, 4), seed=5))
+    # TensorFlow's CPU Conv2DBackpropInput refuses dilations: the reference for a dilated
+    # convolution is the same convolution written as space-to-batch around an undilated one.
+    reference = None if dilation == 1 else (lambda t: tf.nn.atrous_conv2d(t, kernel, dilation, padding))
+    _check(lambda t: tf.nn.conv2d(t, kernel, strides, padding, dilations=dilation), _images((2, 11, 10, 3)),
+           ["Conv2D"], reference=reference)
+
+
+def test_conv2d_with_a_variable_kernel():
+    kernel = tf.Variable(_images((3, 3, 3, 4), seed=5))
+    _check(lambda t: tf.nn.conv2d(t, kernel, 2, "SAME"), _images((2, 8, 8, 3)), ["Conv2D"])
+
+
+@pytest.mark.parametrize("size,strides,padding,dilation", CONVS)
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise(size, strides, padding, dilation, multiplier):
+    if dilation != 1 and strides != 1:
+        pytest.skip("TensorFlow's depthwise convolution takes dilations with stride 1 only")
+    strides = strides if isinstance(strides, tuple) else (strides, strides)
+    if strides[0] != strides[1]:
+        pytest.skip("TensorFlow's depthwise convolution takes equal strides only")
+    kernel = tf.constant(_images((*size, 3, multiplier), seed=6))
+    # tf.nn.depthwise_conv2d (and so Keras) writes a dilated one as space-to-batch around an
+    # undilated op; the dilations attr of the op itself is tested in test_depthwise_dilations_attr.
+    _check(lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, *strides, 1], padding, dilations=(dilation, dilation)),
+           _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"])
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_depthwise_dilations_attr(padding):
+    kernel = tf.constant(_images((3, 3, 3, 2), seed=6))
+    op = lambda t: tf.raw_ops.DepthwiseConv2dNative(  # noqa: E731
+        input=t, filter=kernel, strides=[1, 1, 1, 1], padding=padding, dilations=[1, 2, 2, 1])
+    _check(op, _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"],
+           reference=lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, 1, 1, 1], padding, dilations=(2, 2)))
+
+
+def test_separable_conv_depthwise_part():
+    depthwise = tf.constant(_images((3, 3, 3, 1), seed=7))
+    pointwise = tf.constant(_images((1, 1, 3, 5), seed=8))
+    _check(lambda t: tf.nn.separable_conv2d(t, depthwise, pointwise, [1, 2, 2, 1], "SAME"),
+           _images((2, 9, 9, 3)), ["DepthwiseConv2dNative", "Conv2D"])
+
+
+BROADCASTS = [  # (shape of the other operand, which operand is data)
+    ((3,), "constant"),  # BatchNorm's unfolded form: x * inv + shift, per channel
+    ((1, 1, 1, 3), "constant"),
+    ((), "constant"),
+    ((2, 5, 6, 3), "data"),  # a residual add
+    ((2, 1, 1, 3), "data"),  # squeeze-and-excitation: x * gate
+    ((2, 5, 1, 1), "data"),
+]
+
+
+@pytest.mark.parametrize("op_type,fn", [("AddV2", tf.add), ("Sub", tf.subtract), ("Mul", tf.multiply)])
+@pytest.mark.parametrize("other_shape,kind", BROADCASTS)
+@pytest.mark.parametrize("order", ["x first", "x second"])
+def test_elementwise_broadcasting(op_type, fn, other_shape, kind, order):
+    x = _images((2, 5, 6, 3))
+
+    def model(t):
+        if kind == "constant":
+            other = tf.constant(_images(other_shape, seed=9))
+        else:  # derived from the input too: both operands' gradients flow (and add up)
+            axes = [a for a, d in enumerate(other_shape) if d == 1]
+            other = tf.reduce_mean(t * 0.5, axis=axes, keepdims=True) if axes else t * 0.5
+        a, b = (t * 1.5, other) if order == "x first" else (other, t * 1.5)
+        return fn(a, b)
+
+    _check(model, x, [op_type, "Mean", "Mul"] if op_type != "Mul" else ["Mul", "Mean"])
+
+
+def test_bias_add_and_matmul():
+    weights, bias = tf.constant(_images((12, 4), seed=10)), tf.constant(_images((4,), seed=11))
+    _check(lambda t: tf.nn.bias_add(tf.matmul(t, weights), bias), _images((3, 12)), ["BiasAdd", "MatMul"])
+    _check(lambda t: tf.matmul(t, tf.transpose(weights), transpose_b=True), _images((3, 12)), ["MatMul"])
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("axes", [[1, 2], [1], [-1], [1, 2, 3]])
+def test_mean_and_sum(axes, keepdims):
+    _check(lambda t: tf.reduce_mean(t, axis=axes, keepdims=keepdims), _images((2, 5, 6, 3)), ["Mean"])
+    _check(lambda t: tf.reduce_sum(t, axis=axes, keepdims=keepdims), _images((2, 5, 6, 3)), ["Sum"])
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 3])
+def test_concat(axis):
+    def model(t):
+        return tf.concat([t * 2.0, tf.nn.relu(t), tf.reduce_mean(t, axis=axis, keepdims=True)], axis=axis)
+
+    _check(model, _images((2, 5, 6, 3)), ["ConcatV2", "Mul", "Mean"])
+
+
+def test_reshape_squeeze_expand_dims():
+    _check(lambda t: tf.reshape(t, [-1, 90]) * 2.0, _images((2, 5, 6, 3)), ["Reshape"])
+    _check(lambda t: tf.squeeze(t, [1, 2]) * 2.0, _images((2, 1, 1, 3)), ["Squeeze"])
+    _check(lambda t: tf.expand_dims(t, 1) * 2.0, _images((2, 5, 3)), ["ExpandDims"])
+
+
+@pytest.mark.parametrize("op_type,fn", [("Sigmoid", tf.sigmoid), ("Tanh", tf.tanh)])
+def test_sigmoid_and_tanh(op_type, fn):
+    _check(lambda t: fn(t * 2.0), _images((2, 5, 6, 3)), [op_type, "Mul"])
+
+
+def test_transpose_and_tensordot():
+    _check(lambda t: tf.transpose(t, [0, 2, 3, 1]) * 2.0, _images((2, 5, 6, 3)), ["Transpose", "Mul"])
+    weights = tf.constant(_images((3, 4), seed=12))  # a Dense layer on an image: Tensordot
+    _check(lambda t: tf.tensordot(t, weights, axes=[[3], [0]]), _images((2, 5, 6, 3)),
+           ["Transpose", "Reshape", "MatMul"])
+
+
+# ReLU rules: the gate written here, applied to TensorFlow's own true gradient where it applies.
+def _gated(rule, op_type, dy, y):
+    on = (y > 0) & (y < 6) if op_type == "Relu6" else y > 0
+    if rule == "guided":
+        return dy * on * (dy > 0)
+    if rule == "deconvnet":
+        return dy * (dy > 0)
+    return dy * on
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet", "vanilla"])
+@pytest.mark.parametrize("op_type,fn", [("Relu", tf.nn.relu), ("Relu6", tf.nn.relu6)])
+def test_relu_rules(rule, op_type, fn):
+    pg.register()
+    x = _images((2, 5, 6, 3)) * 5.0  # reaches past 6 for Relu6
+    x[0, 0, 0, :] = [0.0, 6.0, -0.0]  # the kinks themselves
+    dy = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    y = fn(x).numpy()
+    actual, used = _gradients(fn, x, override={op_type: pg.relu_gradient_op_type(rule, op_type)})
+    np.testing.assert_array_equal(actual, _gated(rule, op_type, dy, y))
+    assert not used - portable_export.ALLOWED_OP_TYPES
+    if rule == "vanilla":  # the true gradient: TensorFlow's own
+        np.testing.assert_array_equal(actual, _gradients(fn, x, override=None)[0])
+
+
+def test_a_kernel_computed_from_the_data_is_refused():
+    pg.register()
+
+    def model(t):
+        kernel = tf.reshape(t[0, :3, :3, :], [3, 3, 3, 1])
+        return tf.nn.conv2d(t, kernel, 1, "SAME")
+
+    with pytest.raises(pg.PortableGradientError, match=r"Conv2D.*kernel computed from the data.*without --portable"):
+        _gradients(model, _images((2, 5, 5, 3)), override={"Conv2D": pg.gradient_op_type("Conv2D")})
+
+
+def test_dynamic_spatial_size_is_refused():
+    pg.register()
+
+    @tf.function
+    def grad(x):
+        with tf.compat.v1.get_default_graph().gradient_override_map({"MaxPool": pg.gradient_op_type("MaxPool")}):
+            y = tf.nn.max_pool2d(x, 2, 2, "VALID")
+        return tf.gradients(y, x)[0]
+
+    with pytest.raises(pg.PortableGradientError, match=r"MaxPool.*dynamic shape"):
+        grad.get_concrete_function(tf.TensorSpec([None, None, None, 3], tf.float32))
