@@ -137,7 +137,7 @@ def test_each_command_help_lists_its_own_flags_with_their_values(command, own, f
             assert flag in result.stdout, (flag, result.stdout)
         for flag in foreign:
             assert f"{flag} " not in result.stdout and f"[{flag}]" not in result.stdout, (flag, result.stdout)
-        assert len(result.stdout.splitlines()) < 80
+        assert len(result.stdout.splitlines()) < 90  # its own flags only: no other command's, no absl's
 
 
 def test_repeated_list_flags_accumulate(zoo, tmp_path):

@@ -5,10 +5,9 @@ errors with nothing written."""
 
 from __future__ import annotations
 
-import logging
-import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import tensorflow as tf
 import model_zoo
 import numpy_reference as ref
 from conftest import assert_close_relative, cli_command, reference_inputs
-from gbp_rewrite import GbpError, convert
+from gbp_rewrite import cli, convert
 from gbp_rewrite.errors import OptionError, OutputError, VerificationError
 from gbp_rewrite.portable import export as portable_export
 from gbp_rewrite.portable import gradients as portable_gradients
@@ -81,29 +80,69 @@ def test_both_runtimes_equal_the_numpy_reference(zoo, tmp_path, family, kind, ru
 # Against the regular export (TensorFlow's own gradients), where the reference has no such layers
 
 
-@pytest.fixture(scope="module")
-def coverage_models(tmp_path_factory):
+class Conversions:
+    """Portable (with both files) and regular conversions of named sources, each made once per
+    module: the tests evaluate the same files on different inputs."""
+
+    def __init__(self, root: Path, sources: dict[str, Callable[[Path], Path]]):
+        self.root, self.sources = root, sources
+        self._sources: dict[str, Path] = {}
+        self._portable: dict[str, tuple] = {}
+        self._regular: dict[str, Path] = {}
+
+    def source(self, name: str) -> Path:
+        if name not in self._sources:
+            self._sources[name] = self.sources[name](self.root / "sources" / name)
+        return self._sources[name]
+
+    def portable(self, name: str):
+        """(export dir, .tflite, .onnx, report) of `name` converted with both files."""
+        if name not in self._portable:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            self._portable[name] = _portable(self.source(name), self.root / name, "portable")
+        return self._portable[name]
+
+    def regular(self, name: str) -> Path:
+        """The regular export of `name` (TensorFlow's own gradient kernels): the reference."""
+        if name not in self._regular:
+            self._regular[name] = self.root / name / "regular"
+            convert(self.source(name), self._regular[name])
+        return self._regular[name]
+
+
+def _keras_export(build: Callable) -> Callable[[Path], Path]:
+    def export(path: Path) -> Path:
+        build().export(str(path), verbose=False)
+        return path
+
+    return export
+
+
+def _small_mobilenetv2():
     import keras
 
-    root = tmp_path_factory.mktemp("portable_models")
-    builders = {
-        "pools": lambda: model_zoo.portable_pools_keras3(keras),
-        "pools_fixed_batch": lambda: model_zoo.portable_pools_keras3(keras, batch_size=2),
-        "separable": lambda: model_zoo.portable_separable_keras3(keras),
-        "uncovered": lambda: model_zoo.uncovered_op_keras3(keras),
-    }
-    paths = {}
-    for name, build in builders.items():
-        paths[name] = root / name
-        build().export(str(paths[name]), verbose=False)
-    return paths
+    keras.utils.set_random_seed(0)
+    return keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
 
 
-def _against_regular_export(source: Path, tmp_path: Path, x: np.ndarray, **options):
-    export_dir, tflite, onnx, report = _portable(source, tmp_path, "portable", **options)
-    regular_dir = tmp_path / "regular"
-    convert(source, regular_dir, **options)
-    regular = tf.saved_model.load(str(regular_dir)).signatures["serving_default"]
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory, zoo):
+    import keras
+
+    return Conversions(tmp_path_factory.mktemp("portable_models"), {
+        "pools": _keras_export(lambda: model_zoo.portable_pools_keras3(keras)),
+        "pools_fixed_batch": _keras_export(lambda: model_zoo.portable_pools_keras3(keras, batch_size=2)),
+        "separable": _keras_export(lambda: model_zoo.portable_separable_keras3(keras)),
+        "uncovered": _keras_export(lambda: model_zoo.uncovered_op_keras3(keras)),
+        "mobilenetv2": _keras_export(_small_mobilenetv2),
+        "shapes_cnn": lambda _: zoo.model("shapes_cnn"),
+    })
+
+
+def _against_regular_export(conversions: Conversions, name: str, x: np.ndarray):
+    """The portable conversion's three runs of `x` against the regular export's; its report."""
+    export_dir, tflite, onnx, report = conversions.portable(name)
+    regular = tf.saved_model.load(str(conversions.regular(name))).signatures["serving_default"]
     (key,) = regular.structured_input_signature[1]
     expected = {k: v.numpy() for k, v in regular(**{key: tf.constant(x)}).items()}
     assert np.max(np.abs(expected["saliency"])) > 0
@@ -117,47 +156,39 @@ def _against_regular_export(source: Path, tmp_path: Path, x: np.ndarray, **optio
 
 
 @pytest.mark.parametrize("name", ["pools", "pools_fixed_batch", "separable"])
-def test_coverage_models_through_both_runtimes(coverage_models, tmp_path, name):
+def test_coverage_models_through_both_runtimes(conversions, name):
     shape = {"separable": (2, 17, 17, 3)}.get(name, (2, 16, 16, 3))
     x = np.random.default_rng(4).uniform(0, 1, shape).astype(np.float32)
-    report = _against_regular_export(coverage_models[name], tmp_path, x)
+    report = _against_regular_export(conversions, name, x)
     assert "all TFLite builtins and ONNX ops" in report.checks["portable ops"]
     assert "LiteRT runs the file" in report.checks["tflite"]
     assert "onnxruntime runs the file" in report.checks["onnx"]
 
 
-def test_flat_colour_images_tie_in_every_pool(coverage_models, tmp_path):
+def test_flat_colour_images_tie_in_every_pool(conversions):
     """Flat colours scaled by 1/255: max-pool windows full of equal values, after ReLUs full of zeros."""
     rng = np.random.default_rng(5)
     x = np.repeat(np.repeat(rng.integers(0, 4, (2, 2, 2, 3)), 8, axis=1), 8, axis=2).astype(np.float32) / 255.0
-    _against_regular_export(coverage_models["pools"], tmp_path, x)
+    _against_regular_export(conversions, "pools", x)
 
 
-def test_testdata_cnn(zoo, tmp_path):
+def test_testdata_cnn(conversions):
     images = [tf.io.decode_png(tf.io.read_file(str(p))).numpy()
               for p in sorted((Path(__file__).parents[1] / "testdata" / "images").glob("*.png"))]
     x = np.stack(images).astype(np.float32) / 255.0
-    _against_regular_export(zoo.model("shapes_cnn"), tmp_path, x)
+    _against_regular_export(conversions, "shapes_cnn", x)
 
 
-def test_small_mobilenetv2(tmp_path):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    source = tmp_path / "mobilenetv2"
-    keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10).export(
-        str(source), verbose=False)
+def test_small_mobilenetv2(conversions):
     x = np.random.default_rng(6).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
-    _against_regular_export(source, tmp_path, x)
+    _against_regular_export(conversions, "mobilenetv2", x)
 
 
 @pytest.mark.xfail(strict=True, reason="known gap (issue 14, item 4): the converters store each conv "
                    "kernel in a second layout for TRANSPOSE_CONV/ConvTranspose; the files are about 2x the weights")
-def test_files_are_at_most_1_2_times_the_weights(zoo, tmp_path):
-    source = zoo.model("shapes_cnn")
-    _, tflite, onnx, _ = _portable(source, tmp_path, "portable")
-    regular_dir, _ = zoo.converted("shapes_cnn")
-    weights = _weights_bytes(regular_dir)
+def test_files_are_at_most_1_2_times_the_weights(conversions):
+    _, tflite, onnx, _ = conversions.portable("shapes_cnn")
+    weights = _weights_bytes(conversions.regular("shapes_cnn"))
     sizes = {path.name: path.stat().st_size for path in (tflite, onnx)}
     assert all(size <= SIZE_LIMIT * weights for size in sizes.values()), f"{sizes} against {weights} bytes of weights"
 
@@ -171,17 +202,17 @@ def _nothing_written(tmp_path: Path, *names: str) -> None:
     assert left == [], f"left behind: {left}"
 
 
-def test_an_op_without_portable_gradient_names_the_op_and_layer(coverage_models, tmp_path):
+def test_an_op_without_portable_gradient_names_the_op_and_layer(conversions, tmp_path):
     with pytest.raises(portable_gradients.PortableGradientError) as caught:
-        _portable(coverage_models["uncovered"], tmp_path, "m")
+        _portable(conversions.source("uncovered"), tmp_path, "m")
     message = str(caught.value)
     assert "\n" not in message
     assert "StridedSliceGrad" in message and "layer 'uncovered/crop'" in message
     _nothing_written(tmp_path)
 
 
-def test_portable_alone_writes_no_files(coverage_models, tmp_path):
-    report = convert(coverage_models["pools"], tmp_path / "m", portable=True)
+def test_portable_alone_writes_no_files(zoo, tmp_path):
+    report = convert(zoo.model("keras3@cnn"), tmp_path / "m", portable=True)
     assert "portable ops" in report.checks and "tflite" not in report.checks
     _nothing_written(tmp_path, "m")
 
@@ -217,10 +248,13 @@ def test_the_tflite_converter_refusing_flex_ops(zoo, tmp_path):
 
 
 def test_a_failing_file_check_leaves_nothing(monkeypatch, tmp_path):
-    def broken(path, inputs):
-        raise VerificationError("onnxruntime cannot run it (simulated)")
+    """The last file fails after the .tflite was written and checked and the .onnx written."""
 
-    monkeypatch.setattr(portable_export, "run_onnx", broken)
+    def broken(export_dir, signature, path):
+        path.write_bytes(b"half")
+        raise VerificationError("onnx.checker rejects it (simulated)")
+
+    monkeypatch.setattr(portable_export, "write_onnx", broken)
     source = Path(__file__).parents[1] / "testdata" / "shapes_cnn"
     with pytest.raises(VerificationError, match="simulated"):
         _portable(source, tmp_path, "m")
@@ -240,14 +274,15 @@ def test_keras_sources_are_told_to_export_first(tmp_path):
         convert(Path(__file__).parents[1] / "testdata" / "shapes_cnn.keras", tmp_path / "m", portable=True)
 
 
-def test_cli_writes_the_tflite_file(tmp_path):
+def test_cli_writes_the_tflite_file(tmp_path, capsys):
     source = Path(__file__).parents[1] / "testdata" / "shapes_cnn"
     done = subprocess.run(cli_command("convert", source, tmp_path / "m", "--tflite", tmp_path / "m.tflite"),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LiteRT runs the file" in done.stdout
     assert (tmp_path / "m.tflite").stat().st_size > 0
-    missing = subprocess.run(cli_command("convert", source, tmp_path / "n", "--onnx", tmp_path / "no" / "m.onnx"),
-                             capture_output=True, text=True, timeout=600)
-    assert missing.returncode == 1
-    assert "does not exist" in missing.stderr.strip().splitlines()[-1]
+    # In-process (no second TensorFlow start-up): the one-line error and exit status 1.
+    args = cli.parse_command_line(["gbp-rewrite", "convert", str(source), str(tmp_path / "n"),
+                                   "--onnx", str(tmp_path / "no" / "m.onnx")])
+    assert cli.main(args) == 1
+    assert "does not exist" in capsys.readouterr().err.strip().splitlines()[-1]

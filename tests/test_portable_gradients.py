@@ -4,6 +4,9 @@ rules against gates written here. Also: the portable gradients use no op outside
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Sequence
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,35 +18,61 @@ from gbp_rewrite.portable import gradients as pg
 RTOL = 1e-6
 
 
-def _gradients(fn, x: np.ndarray, *, override: dict[str, str] | None, seed: int = 1):
-    """d(sum(fn(x) * dy))/dx for a fixed random dy, with `override` ({op type: gradient name})
-    active while `fn` builds its ops; the op types of the gradient graph as well."""
+@dataclasses.dataclass
+class Case:
+    """One op configuration: `fn`'s portable gradient (for `op_types`; ReLUs with the vanilla rule)
+    against TensorFlow's own gradient of `reference` (default `fn`) at `x`."""
+
+    name: str
+    fn: Callable[[tf.Tensor], tf.Tensor]
+    x: np.ndarray
+    op_types: Sequence[str]
+    reference: Callable[[tf.Tensor], tf.Tensor] | None = None
+
+    def override(self) -> dict[str, str]:
+        override = {t: pg.gradient_op_type(t) for t in self.op_types}
+        override.update({t: pg.relu_gradient_op_type("vanilla", t) for t in ("Relu", "Relu6")})
+        return override
+
+
+def _gradients(fns, xs, overrides, *, dys=None, seed: int = 1):
+    """d(sum(fn(x) * dy))/dx of each (fn, x) for a fixed random dy (or `dys`), with its override ({op type:
+    gradient name}) active while `fn` builds its ops; the op types of the whole traced graph too.
+
+    All cases are traced into one function and run once: a case costs its ops, not a trace."""
     rng = np.random.default_rng(seed)
-    y_shape = tf.function(fn).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).structured_outputs.shape
-    dy = tf.constant(rng.normal(size=y_shape).astype(np.float32))
+    if dys is None:
+        dys = [rng.normal(size=fn(tf.constant(x)).shape).astype(np.float32) for fn, x in zip(fns, xs)]
 
-    @tf.function
-    def grad(x):
-        with tf.compat.v1.get_default_graph().gradient_override_map(override or {}):
-            y = fn(x)
-        return tf.gradients(y, x, grad_ys=dy)[0]
+    @tf.function(autograph=False)
+    def grad(*inputs):
+        graph = tf.compat.v1.get_default_graph()
+        results = []
+        for fn, x, dy, override in zip(fns, inputs, dys, overrides):
+            with graph.gradient_override_map(override):
+                y = fn(x)
+            results.append(tf.gradients(y, x, grad_ys=tf.constant(dy))[0])
+        return results
 
-    concrete = grad.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32))
+    concrete = grad.get_concrete_function(*[tf.TensorSpec([None, *x.shape[1:]], tf.float32) for x in xs])
     op_types = {op.type for op in concrete.graph.get_operations()}
-    return concrete(tf.constant(x)).numpy(), op_types
+    return [g.numpy() for g in concrete(*[tf.constant(x) for x in xs])], op_types
 
 
-def _check(fn, x, op_types, *, reference=None):
-    """`fn`'s portable gradient (for `op_types`; ReLUs with the vanilla rule) against TensorFlow's
-    own gradient of `reference` (default `fn`)."""
+def _check(cases: Sequence[Case]) -> None:
+    """Every case's portable gradient within RTOL of TensorFlow's own; no op outside the allow-list."""
     pg.register()
-    expected, _ = _gradients(reference or fn, x, override=None)
-    override = {t: pg.gradient_op_type(t) for t in op_types}
-    override.update({t: pg.relu_gradient_op_type("vanilla", t) for t in ("Relu", "Relu6")})
-    actual, used = _gradients(fn, x, override=override)
-    assert_close_relative(actual, expected, rtol=RTOL)
+    expected, _ = _gradients([c.reference or c.fn for c in cases], [c.x for c in cases], [{}] * len(cases))
+    actual, used = _gradients([c.fn for c in cases], [c.x for c in cases], [c.override() for c in cases])
+    failures = []
+    for case, got, want in zip(cases, actual, expected):
+        try:
+            assert_close_relative(got, want, rtol=RTOL)
+        except AssertionError as e:
+            failures.append(f"{case.name}: {e}")
+    assert not failures, "\n".join(failures)
     not_portable = used - portable_export.ALLOWED_OP_TYPES
-    assert not not_portable, f"non-portable ops in the gradient: {sorted(not_portable)}"
+    assert not not_portable, f"non-portable ops in the gradients: {sorted(not_portable)}"
 
 
 def _images(shape, *, seed=0):
@@ -69,22 +98,25 @@ POOLS = [  # (window, strides, padding)
 ]
 
 
-@pytest.mark.parametrize("window,strides,padding", POOLS)
+def _pool(pool, window, strides, padding, *, relu=False):
+    if relu:
+        return lambda t: pool(tf.nn.relu(t), window, strides, padding)
+    return lambda t: pool(t, window, strides, padding)
+
+
 @pytest.mark.parametrize("inputs", ["random", "flat colour ties", "relu zeros"])
-def test_max_pool(window, strides, padding, inputs):
+def test_max_pool(inputs):
     shape = (2, 9, 10, 3)
-    if inputs == "random":
-        x = _images(shape)
-        fn = lambda t: tf.nn.max_pool2d(t, window, strides, padding)  # noqa: E731
-    elif inputs == "flat colour ties":
-        x = _flat_colour_images(shape)
-        fn = lambda t: tf.nn.max_pool2d(t, window, strides, padding)  # noqa: E731
-    else:  # after a ReLU, most windows hold several zeros (ties at the maximum 0)
-        x = _images(shape) - 1.0
-        fn = lambda t: tf.nn.max_pool2d(tf.nn.relu(t), window, strides, padding)  # noqa: E731
-    if inputs != "random" and window != (1, 1):  # a 1x1 window cannot tie
-        assert _tie_count(x, window, strides, padding, relu=inputs == "relu zeros") > 10
-    _check(fn, x, ["MaxPool"])
+    x = {"random": _images(shape), "flat colour ties": _flat_colour_images(shape),
+         "relu zeros": _images(shape) - 1.0}[inputs]  # after a ReLU most windows hold several zeros
+    cases = []
+    for window, strides, padding in POOLS:
+        if inputs != "random" and window != (1, 1):  # a 1x1 window cannot tie
+            assert _tie_count(x, window, strides, padding, relu=inputs == "relu zeros") > 10
+        cases.append(Case(f"{window} {strides} {padding}",
+                          _pool(tf.nn.max_pool2d, window, strides, padding, relu=inputs == "relu zeros"),
+                          x, ["MaxPool"]))
+    _check(cases)
 
 
 def _tie_count(x, window, strides, padding, *, relu):
@@ -96,9 +128,9 @@ def _tie_count(x, window, strides, padding, *, relu):
     return int(np.sum(np.sum(patches == patches.max(axis=3, keepdims=True), axis=3) > 1))
 
 
-@pytest.mark.parametrize("window,strides,padding", POOLS)
-def test_avg_pool(window, strides, padding):
-    _check(lambda t: tf.nn.avg_pool2d(t, window, strides, padding), _images((2, 9, 10, 3)), ["AvgPool"])
+def test_avg_pool():
+    x = _images((2, 9, 10, 3))
+    _check([Case(f"{w} {s} {p}", _pool(tf.nn.avg_pool2d, w, s, p), x, ["AvgPool"]) for w, s, p in POOLS])
 
 
 CONVS = [  # (kernel size, strides, padding, dilation)
@@ -117,50 +149,63 @@ CONVS = [  # (kernel size, strides, padding, dilation)
 ]
 
 
-@pytest.mark.parametrize("size,strides,padding,dilation", CONVS)
-def test_conv2d(size, strides, padding, dilation):
+def _conv_case(size, strides, padding, dilation) -> Case:
     kernel = tf.constant(_images((*size, 3, 4), seed=5))
     # TensorFlow's CPU Conv2DBackpropInput refuses dilations: the reference for a dilated
     # convolution is the same convolution written as space-to-batch around an undilated one.
     reference = None if dilation == 1 else (lambda t: tf.nn.atrous_conv2d(t, kernel, dilation, padding))
-    _check(lambda t: tf.nn.conv2d(t, kernel, strides, padding, dilations=dilation), _images((2, 11, 10, 3)),
-           ["Conv2D"], reference=reference)
+    return Case(f"{size} {strides} {padding} dilation {dilation}",
+                lambda t: tf.nn.conv2d(t, kernel, strides, padding, dilations=dilation),
+                _images((2, 11, 10, 3)), ["Conv2D"], reference=reference)
+
+
+def test_conv2d():
+    _check([_conv_case(*conv) for conv in CONVS])
 
 
 def test_conv2d_with_a_variable_kernel():
     kernel = tf.Variable(_images((3, 3, 3, 4), seed=5))
-    _check(lambda t: tf.nn.conv2d(t, kernel, 2, "SAME"), _images((2, 8, 8, 3)), ["Conv2D"])
+    _check([Case("variable kernel", lambda t: tf.nn.conv2d(t, kernel, 2, "SAME"), _images((2, 8, 8, 3)), ["Conv2D"])])
 
 
-@pytest.mark.parametrize("size,strides,padding,dilation", CONVS)
-@pytest.mark.parametrize("multiplier", [1, 2])
-def test_depthwise(size, strides, padding, dilation, multiplier):
-    if dilation != 1 and strides != 1:
-        pytest.skip("TensorFlow's depthwise convolution takes dilations with stride 1 only")
-    strides = strides if isinstance(strides, tuple) else (strides, strides)
-    if strides[0] != strides[1]:
-        pytest.skip("TensorFlow's depthwise convolution takes equal strides only")
+def _depthwise_case(size, strides, padding, dilation, multiplier) -> Case:
     kernel = tf.constant(_images((*size, 3, multiplier), seed=6))
+    return Case(f"{size} {strides} {padding} dilation {dilation} multiplier {multiplier}",
+                lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, *strides, 1], padding, dilations=(dilation, dilation)),
+                _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"])
+
+
+def test_depthwise():
     # tf.nn.depthwise_conv2d (and so Keras) writes a dilated one as space-to-batch around an
     # undilated op; the dilations attr of the op itself is tested in test_depthwise_dilations_attr.
-    _check(lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, *strides, 1], padding, dilations=(dilation, dilation)),
-           _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"])
+    # TensorFlow's depthwise convolution takes dilations with stride 1 only, and equal strides only.
+    cases = []
+    for size, strides, padding, dilation in CONVS:
+        strides = strides if isinstance(strides, tuple) else (strides, strides)
+        if (dilation != 1 and strides != (1, 1)) or strides[0] != strides[1]:
+            continue
+        cases.extend(_depthwise_case(size, strides, padding, dilation, multiplier) for multiplier in (1, 2))
+    assert len(cases) == 22
+    _check(cases)
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID"])
-def test_depthwise_dilations_attr(padding):
+def test_depthwise_dilations_attr():
     kernel = tf.constant(_images((3, 3, 3, 2), seed=6))
-    op = lambda t: tf.raw_ops.DepthwiseConv2dNative(  # noqa: E731
-        input=t, filter=kernel, strides=[1, 1, 1, 1], padding=padding, dilations=[1, 2, 2, 1])
-    _check(op, _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"],
-           reference=lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, 1, 1, 1], padding, dilations=(2, 2)))
+
+    def case(padding):
+        op = lambda t: tf.raw_ops.DepthwiseConv2dNative(  # noqa: E731
+            input=t, filter=kernel, strides=[1, 1, 1, 1], padding=padding, dilations=[1, 2, 2, 1])
+        return Case(padding, op, _images((2, 11, 10, 3)), ["DepthwiseConv2dNative"],
+                    reference=lambda t: tf.nn.depthwise_conv2d(t, kernel, [1, 1, 1, 1], padding, dilations=(2, 2)))
+
+    _check([case("SAME"), case("VALID")])
 
 
 def test_separable_conv_depthwise_part():
     depthwise = tf.constant(_images((3, 3, 3, 1), seed=7))
     pointwise = tf.constant(_images((1, 1, 3, 5), seed=8))
-    _check(lambda t: tf.nn.separable_conv2d(t, depthwise, pointwise, [1, 2, 2, 1], "SAME"),
-           _images((2, 9, 9, 3)), ["DepthwiseConv2dNative", "Conv2D"])
+    _check([Case("separable", lambda t: tf.nn.separable_conv2d(t, depthwise, pointwise, [1, 2, 2, 1], "SAME"),
+                 _images((2, 9, 9, 3)), ["DepthwiseConv2dNative", "Conv2D"])])
 
 
 BROADCASTS = [  # (shape of the other operand, which operand is data)
@@ -173,12 +218,7 @@ BROADCASTS = [  # (shape of the other operand, which operand is data)
 ]
 
 
-@pytest.mark.parametrize("op_type,fn", [("AddV2", tf.add), ("Sub", tf.subtract), ("Mul", tf.multiply)])
-@pytest.mark.parametrize("other_shape,kind", BROADCASTS)
-@pytest.mark.parametrize("order", ["x first", "x second"])
-def test_elementwise_broadcasting(op_type, fn, other_shape, kind, order):
-    x = _images((2, 5, 6, 3))
-
+def _elementwise_case(op_type, fn, other_shape, kind, order) -> Case:
     def model(t):
         if kind == "constant":
             other = tf.constant(_images(other_shape, seed=9))
@@ -188,46 +228,58 @@ def test_elementwise_broadcasting(op_type, fn, other_shape, kind, order):
         a, b = (t * 1.5, other) if order == "x first" else (other, t * 1.5)
         return fn(a, b)
 
-    _check(model, x, [op_type, "Mean", "Mul"] if op_type != "Mul" else ["Mul", "Mean"])
+    return Case(f"{op_type} {other_shape} {kind} {order}", model, _images((2, 5, 6, 3)),
+                [op_type, "Mean", "Mul"] if op_type != "Mul" else ["Mul", "Mean"])
+
+
+@pytest.mark.parametrize("op_type,fn", [("AddV2", tf.add), ("Sub", tf.subtract), ("Mul", tf.multiply)])
+def test_elementwise_broadcasting(op_type, fn):
+    _check([_elementwise_case(op_type, fn, other_shape, kind, order)
+            for other_shape, kind in BROADCASTS for order in ("x first", "x second")])
 
 
 def test_bias_add_and_matmul():
     weights, bias = tf.constant(_images((12, 4), seed=10)), tf.constant(_images((4,), seed=11))
-    _check(lambda t: tf.nn.bias_add(tf.matmul(t, weights), bias), _images((3, 12)), ["BiasAdd", "MatMul"])
-    _check(lambda t: tf.matmul(t, tf.transpose(weights), transpose_b=True), _images((3, 12)), ["MatMul"])
+    _check([Case("bias_add", lambda t: tf.nn.bias_add(tf.matmul(t, weights), bias), _images((3, 12)),
+                 ["BiasAdd", "MatMul"]),
+            Case("transpose_b", lambda t: tf.matmul(t, tf.transpose(weights), transpose_b=True), _images((3, 12)),
+                 ["MatMul"])])
 
 
-@pytest.mark.parametrize("keepdims", [False, True])
-@pytest.mark.parametrize("axes", [[1, 2], [1], [-1], [1, 2, 3]])
-def test_mean_and_sum(axes, keepdims):
-    _check(lambda t: tf.reduce_mean(t, axis=axes, keepdims=keepdims), _images((2, 5, 6, 3)), ["Mean"])
-    _check(lambda t: tf.reduce_sum(t, axis=axes, keepdims=keepdims), _images((2, 5, 6, 3)), ["Sum"])
+def test_mean_and_sum():
+    cases = []
+    for keepdims in (False, True):
+        for axes in ([1, 2], [1], [-1], [1, 2, 3]):
+            cases.append(Case(f"mean {axes} {keepdims}", lambda t, a=axes, k=keepdims: tf.reduce_mean(t, axis=a, keepdims=k),
+                              _images((2, 5, 6, 3)), ["Mean"]))
+            cases.append(Case(f"sum {axes} {keepdims}", lambda t, a=axes, k=keepdims: tf.reduce_sum(t, axis=a, keepdims=k),
+                              _images((2, 5, 6, 3)), ["Sum"]))
+    _check(cases)
 
 
-@pytest.mark.parametrize("axis", [-1, 1, 3])
-def test_concat(axis):
-    def model(t):
-        return tf.concat([t * 2.0, tf.nn.relu(t), tf.reduce_mean(t, axis=axis, keepdims=True)], axis=axis)
+def test_concat():
+    def model(axis):
+        return lambda t: tf.concat([t * 2.0, tf.nn.relu(t), tf.reduce_mean(t, axis=axis, keepdims=True)], axis=axis)
 
-    _check(model, _images((2, 5, 6, 3)), ["ConcatV2", "Mul", "Mean"])
+    _check([Case(f"axis {axis}", model(axis), _images((2, 5, 6, 3)), ["ConcatV2", "Mul", "Mean"]) for axis in (-1, 1, 3)])
 
 
 def test_reshape_squeeze_expand_dims():
-    _check(lambda t: tf.reshape(t, [-1, 90]) * 2.0, _images((2, 5, 6, 3)), ["Reshape"])
-    _check(lambda t: tf.squeeze(t, [1, 2]) * 2.0, _images((2, 1, 1, 3)), ["Squeeze"])
-    _check(lambda t: tf.expand_dims(t, 1) * 2.0, _images((2, 5, 3)), ["ExpandDims"])
+    _check([Case("reshape", lambda t: tf.reshape(t, [-1, 90]) * 2.0, _images((2, 5, 6, 3)), ["Reshape"]),
+            Case("squeeze", lambda t: tf.squeeze(t, [1, 2]) * 2.0, _images((2, 1, 1, 3)), ["Squeeze"]),
+            Case("expand_dims", lambda t: tf.expand_dims(t, 1) * 2.0, _images((2, 5, 3)), ["ExpandDims"])])
 
 
-@pytest.mark.parametrize("op_type,fn", [("Sigmoid", tf.sigmoid), ("Tanh", tf.tanh)])
-def test_sigmoid_and_tanh(op_type, fn):
-    _check(lambda t: fn(t * 2.0), _images((2, 5, 6, 3)), [op_type, "Mul"])
+def test_sigmoid_and_tanh():
+    _check([Case(op_type, lambda t, f=fn: f(t * 2.0), _images((2, 5, 6, 3)), [op_type, "Mul"])
+            for op_type, fn in (("Sigmoid", tf.sigmoid), ("Tanh", tf.tanh))])
 
 
 def test_transpose_and_tensordot():
-    _check(lambda t: tf.transpose(t, [0, 2, 3, 1]) * 2.0, _images((2, 5, 6, 3)), ["Transpose", "Mul"])
     weights = tf.constant(_images((3, 4), seed=12))  # a Dense layer on an image: Tensordot
-    _check(lambda t: tf.tensordot(t, weights, axes=[[3], [0]]), _images((2, 5, 6, 3)),
-           ["Transpose", "Reshape", "MatMul"])
+    _check([Case("transpose", lambda t: tf.transpose(t, [0, 2, 3, 1]) * 2.0, _images((2, 5, 6, 3)), ["Transpose", "Mul"]),
+            Case("tensordot", lambda t: tf.tensordot(t, weights, axes=[[3], [0]]), _images((2, 5, 6, 3)),
+                 ["Transpose", "Reshape", "MatMul"])])
 
 
 # ReLU rules: the gate written here, applied to TensorFlow's own true gradient where it applies.
@@ -240,19 +292,23 @@ def _gated(rule, op_type, dy, y):
     return dy * on
 
 
-@pytest.mark.parametrize("rule", ["guided", "deconvnet", "vanilla"])
-@pytest.mark.parametrize("op_type,fn", [("Relu", tf.nn.relu), ("Relu6", tf.nn.relu6)])
-def test_relu_rules(rule, op_type, fn):
+def test_relu_rules():
     pg.register()
     x = _images((2, 5, 6, 3)) * 5.0  # reaches past 6 for Relu6
     x[0, 0, 0, :] = [0.0, 6.0, -0.0]  # the kinks themselves
     dy = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-    y = fn(x).numpy()
-    actual, used = _gradients(fn, x, override={op_type: pg.relu_gradient_op_type(rule, op_type)})
-    np.testing.assert_array_equal(actual, _gated(rule, op_type, dy, y))
+    cases = [(rule, op_type, fn) for rule in ("guided", "deconvnet", "vanilla")
+             for op_type, fn in (("Relu", tf.nn.relu), ("Relu6", tf.nn.relu6))]
+    actual, used = _gradients([fn for _, _, fn in cases], [x] * len(cases),
+                              [{op_type: pg.relu_gradient_op_type(rule, op_type)} for rule, op_type, _ in cases],
+                              dys=[dy] * len(cases))
     assert not used - portable_export.ALLOWED_OP_TYPES
-    if rule == "vanilla":  # the true gradient: TensorFlow's own
-        np.testing.assert_array_equal(actual, _gradients(fn, x, override=None)[0])
+    true_gradients, _ = _gradients([fn for _, _, fn in cases], [x] * len(cases), [{}] * len(cases),
+                                   dys=[dy] * len(cases))
+    for (rule, op_type, fn), got, true in zip(cases, actual, true_gradients):
+        np.testing.assert_array_equal(got, _gated(rule, op_type, dy, fn(x).numpy()), err_msg=f"{rule} {op_type}")
+        if rule == "vanilla":  # the true gradient: TensorFlow's own
+            np.testing.assert_array_equal(got, true, err_msg=op_type)
 
 
 def test_a_kernel_computed_from_the_data_is_refused():
@@ -263,7 +319,7 @@ def test_a_kernel_computed_from_the_data_is_refused():
         return tf.nn.conv2d(t, kernel, 1, "SAME")
 
     with pytest.raises(pg.PortableGradientError, match=r"Conv2D.*kernel computed from the data.*without --portable"):
-        _gradients(model, _images((2, 5, 5, 3)), override={"Conv2D": pg.gradient_op_type("Conv2D")})
+        _gradients([model], [_images((2, 5, 5, 3))], [{"Conv2D": pg.gradient_op_type("Conv2D")}])
 
 
 def test_dynamic_spatial_size_is_refused():

@@ -47,15 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "them in the explainable graph (SavedModels): fewer passes over the activations, "
                     "forward and backward; predictions equal to float rounding, checked against the "
                     "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
-    common.add_bool(parser, "portable", "build the whole signature, gradient included, from ops that "
-                    "TFLite builtins and ONNX both have (an op without a portable gradient is an error naming "
-                    "it and its layer). SavedModel sources only. See docs/run-elsewhere.md.")
-    parser.add_argument("--tflite", metavar="FILE", help="also write the explained signature as this .tflite "
-                        "file (TFLite builtins only, checked in LiteRT; implies --portable; "
-                        "pip install -e '.[tflite]').")
-    parser.add_argument("--onnx", metavar="FILE", help="also write the explained signature as this .onnx file "
-                        "(opset 17, checked by onnx.checker and onnxruntime; implies --portable; "
-                        "pip install -e '.[onnx]').")
+    common.add_bool(parser, "portable", "build the whole signature, gradient included, from ops that TFLite "
+                    "builtins and ONNX both have (SavedModels only).")
+    parser.add_argument("--tflite", metavar="FILE", help="also write this .tflite file, checked in LiteRT "
+                        "(implies --portable; extra 'tflite').")
+    parser.add_argument("--onnx", metavar="FILE", help="also write this .onnx file, checked in onnxruntime "
+                        "(implies --portable; extra 'onnx').")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
