@@ -42,7 +42,7 @@ def _gradients(fns, xs, overrides, *, dys=None, seed: int = 1):
     All cases are traced into one function and run once: a case costs its ops, not a trace."""
     rng = np.random.default_rng(seed)
     if dys is None:
-        dys = [rng.normal(size=fn(tf.constant(x)).shape).astype(np.float32) for fn, x in zip(fns, xs)]
+        dys = [rng.normal(size=shape).astype(np.float32) for shape in _output_shapes(fns, xs)]
 
     @tf.function(autograph=False)
     def grad(*inputs):
@@ -57,6 +57,17 @@ def _gradients(fns, xs, overrides, *, dys=None, seed: int = 1):
     concrete = grad.get_concrete_function(*[tf.TensorSpec([None, *x.shape[1:]], tf.float32) for x in xs])
     op_types = {op.type for op in concrete.graph.get_operations()}
     return [g.numpy() for g in concrete(*[tf.constant(x) for x in xs])], op_types
+
+
+def _output_shapes(fns, xs) -> list[tf.TensorShape]:
+    """The shape of each fn(x), from one trace (some ops have no eager CPU kernel for every attr)."""
+
+    @tf.function(autograph=False)
+    def forward(*inputs):
+        return [fn(x) for fn, x in zip(fns, inputs)]
+
+    outputs = forward.get_concrete_function(*[tf.TensorSpec(x.shape, tf.float32) for x in xs]).structured_outputs
+    return [output.shape for output in outputs]
 
 
 def _check(cases: Sequence[Case]) -> None:
