@@ -25,6 +25,7 @@ from gbp_rewrite import conventions, rules, self_check, signatures, write
 from gbp_rewrite.graph import front_end as graph_front_end
 from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
+from gbp_rewrite.portable import export as portable_export
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import ConversionReport
 from gbp_rewrite.serving import batching, serving_signatures, warmup
@@ -51,6 +52,9 @@ def convert(
     preprocess: str = "unit",
     saliency_map_dtype: str | None = None,
     saliency_png: bool = False,
+    portable: bool = False,
+    tflite: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -99,6 +103,13 @@ def convert(
       Every export carries TF Serving's warm-up requests (assets.extra/tf_serving_warmup_requests,
       with the optional extra 'serving'); with `version`, a batching_parameters.txt suggestion is
       written beside the versions (kept if it exists, unless `overwrite`).
+      portable: SavedModels only: build the whole signature, gradient included, from ops that
+        TFLite builtins and ONNX both have (gbp_rewrite.portable); an op without a portable
+        gradient is a one-line error naming it and its layer. See docs/run-elsewhere.md.
+      tflite: also write the explained signature as this .tflite file (TFLite builtins only; implies
+        portable; needs the 'tflite' extra), checked in LiteRT on the probe batch.
+      onnx: also write it as this .onnx file (opset 17; implies portable; needs the 'onnx' extra),
+        checked by onnx.checker and in onnxruntime on the probe batch.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -112,10 +123,14 @@ def convert(
     serving = serving_signatures.check_options(image_bytes=image_bytes, preprocess=preprocess,
                                                saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
     saliency_map = saliency_map or serving.needs_map
+    portable = portable or tflite is not None or onnx is not None
+    if portable:
+        portable_export.require_extras(tflite=tflite is not None, onnx=onnx is not None)
     destination = write.version_directory(Path(destination), version)
     options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
                       output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
-                      serving=serving)
+                      serving=serving, portable=portable, tflite=None if tflite is None else Path(tflite),
+                      onnx=None if onnx is None else Path(onnx))
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:

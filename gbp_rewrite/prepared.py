@@ -37,6 +37,10 @@ class Options:
     saliency_map: bool
     # The serving signatures and compact outputs (image bytes in, uint8/PNG maps out).
     serving: ServingOptions = ServingOptions()
+    # Portable exports (gbp_rewrite.portable), SavedModel sources only: tflite/onnx imply portable.
+    portable: bool = False
+    tflite: Path | None = None
+    onnx: Path | None = None
 
 
 @dataclasses.dataclass

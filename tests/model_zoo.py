@@ -704,3 +704,65 @@ def dense_spec(layer, *, activation=None, name=None):
     """A numpy_reference dense layer with a Keras layer's weights (float64)."""
     kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
     return {"type": "dense", "name": name or layer.name, "kernel": kernel, "bias": bias, "activation": activation}
+
+
+# Portable exports (gbp_rewrite.portable): models covering every op with a portable gradient
+
+
+def portable_pools_keras3(keras, *, seed=0, batch_size=None):
+    """AvgPool and an overlapping SAME max-pool concatenated, an unfolded BatchNorm (after a
+    concatenation: broadcasting Mul/Sub/Add), a strided VALID conv, ReLU6, global average pool.
+    `batch_size` fixes the batch dimension."""
+    layers = keras.layers
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16, 16, 3), batch_size=batch_size, name="image")
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv1")(inputs)
+    a = layers.AveragePooling2D(2, name="avg")(x)
+    m = layers.MaxPooling2D(3, strides=2, padding="same", name="maxpool")(x)
+    x = layers.Concatenate(name="concat")([a, m])
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU(max_value=6, name="bn_relu6")(x)
+    x = layers.Conv2D(8, 3, strides=2, padding="valid", name="conv2")(x)
+    x = layers.ReLU(name="relu")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(5, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs, name="pools")
+    _spread_weights(model, seed)
+    return model
+
+
+def portable_separable_keras3(keras, *, seed=0):
+    """A dilated separable conv, a strided depthwise conv with multiplier 2, BatchNorm folded into
+    a conv, a residual Add, a 3x3/2 VALID max-pool, a squeeze-and-excitation style Mul, flatten."""
+    layers = keras.layers
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((17, 17, 3), name="image")
+    x = layers.SeparableConv2D(6, 3, dilation_rate=2, padding="same", activation="relu", name="sep")(inputs)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="valid", depth_multiplier=2, name="dw")(x)
+    x = layers.Activation("relu6", name="dw_relu6")(x)
+    r = layers.Conv2D(12, 1, name="pw")(x)
+    r = layers.BatchNormalization(name="pw_bn")(r)
+    r = layers.ReLU(name="pw_relu")(r)
+    x = layers.Add(name="res_add")([x, r])
+    gate = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    gate = layers.Dense(12, activation="sigmoid", name="se_gate")(gate)
+    x = layers.Multiply(name="se_mul")([x, gate])
+    x = layers.MaxPooling2D(3, strides=2, name="pool")(x)
+    x = layers.Conv2D(4, 3, strides=2, padding="same", dilation_rate=1, activation="relu", name="conv_s2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="separable")
+    _spread_weights(model, seed)
+    return model
+
+
+def uncovered_op_keras3(keras, *, seed=0):
+    """A Cropping2D layer: a StridedSlice, whose gradient (StridedSliceGrad) has no portable form."""
+    layers = keras.layers
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = layers.Cropping2D(1, name="crop")(x)
+    x = layers.Flatten(name="flatten")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    return keras.Model(inputs, outputs, name="uncovered")

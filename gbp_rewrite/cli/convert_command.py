@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--saliency_map on.")
     common.add_bool(parser, "saliency_png", "also return `saliency_png_bytes`, each example's heat map as a "
                     "PNG; turns --saliency_map on.")
+    common.add_bool(parser, "portable", "build the whole signature, gradient included, from ops that TFLite "
+                    "builtins and ONNX both have (SavedModels only).")
+    parser.add_argument("--tflite", metavar="FILE", help="also write this .tflite file, checked in LiteRT "
+                        "(implies --portable; extra 'tflite').")
+    parser.add_argument("--onnx", metavar="FILE", help="also write this .onnx file, checked in onnxruntime "
+                        "(implies --portable; extra 'onnx').")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
@@ -80,5 +86,6 @@ def run(args: argparse.Namespace) -> None:
         fold_batchnorms=args.fold_batchnorms, image_bytes=args.image_bytes_signature,
         preprocess=args.preprocess or "unit", saliency_map_dtype=args.saliency_map_dtype,
         saliency_png=args.saliency_png,
+        portable=args.portable, tflite=args.tflite, onnx=args.onnx,
     )
     common.emit(report, args)

@@ -5,6 +5,10 @@
     NodeDefs in a private copy (BatchNorms folded in a twin of the signature) -> load the copy ->
     check it against its own declarations (validation) -> hand the pipeline the restored
     functions: the twin to trace the explainable signatures over, the original to probe.
+
+With `portable` (gbp_rewrite.portable) every covered op of the copy gets its forward-ops-only
+gradient, the traced signature is checked for portable ops, and the .tflite/.onnx files asked for
+are written beside the export, renamed into place only when the whole conversion succeeded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from gbp_rewrite import rules, security, self_check, signatures, write
 from gbp_rewrite.conventions import REPORT_PATH
 from gbp_rewrite.errors import SignatureError, SourceModelError
 from gbp_rewrite.graph import savedmodel, sites, staging, validation
+from gbp_rewrite.portable import export as portable_export
+from gbp_rewrite.portable import gradients as portable_gradients
 from gbp_rewrite.prepared import Options, PhaseTimer, Prepared
 from gbp_rewrite.report import SiteEntry
 from gbp_rewrite.selection import Selection, select
@@ -45,12 +51,18 @@ def prepare(
     plan = scoring.plan
     on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
 
-    patches = {s.key: rules.gradient_op_type(rule, s.op_type) for s in selection.selected_sites}
+    relu_gradient = portable_gradients.relu_gradient_op_type if options.portable else rules.gradient_op_type
+    patches = {s.key: relu_gradient(rule, s.op_type) for s in selection.selected_sites}
     for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
         patches[head.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
+    if options.portable:
+        portable_gradients.register()
     fold_signature = signature if fold_batchnorms else None
-    with staging.patched_copy(model, patches, fold_signature=fold_signature) as patched:
+    mark = portable_export.mark_portable_gradients if options.portable else None
+    with portable_export.staged_files(tflite=options.tflite, onnx=options.onnx,
+                                      overwrite=options.overwrite) as staged, \
+            staging.patched_copy(model, patches, fold_signature=fold_signature, also=mark) as patched:
         with PhaseTimer()("load"):
             loaded = staging.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)
@@ -77,6 +89,8 @@ def prepare(
             kept_signatures=_kept_signatures(model, loaded, signature), checks=checks,
             warnings=file_op_warnings, probe_while_tracing=True,
             tensorflow_errors=lambda doing: validation.tensorflow_errors(doing, source=source),
+            after_trace=[_portable_ops_check(model, signature)] if options.portable else [],
+            write_beside=_portable_files_writer(staged, plan, signature) if staged.temporary else None,
         )
 
 
@@ -96,6 +110,31 @@ def _refuse_explainable_export(source: Path) -> None:
         f"{REPORT_PATH}); convert the original model instead{hint}, or use this one as it is "
         "(explain, verify, serve)"
     )
+
+
+def _portable_ops_check(model: savedmodel.SavedModelFile, signature: str):
+    """The check that the traced explained signature uses portable ops only (naming the layer of
+    the first that is not)."""
+    known, keras3 = sites.known_names(model.meta_graph), sites.is_keras3_trace(model.meta_graph)
+
+    def layer_of(node: str) -> str:
+        return "/".join(sites.layer_path(node, known, keras3=keras3))
+
+    return lambda explainable: {"portable ops": portable_export.check_ops(explainable[signature], layer_of=layer_of)}
+
+
+def _portable_files_writer(staged: portable_export.StagedFiles, plan: signatures.ExplainPlan, signature: str):
+    """Writes the .tflite/.onnx files from the saved export and checks them against the traced
+    explainable signature itself on the probe batch."""
+
+    def write_files(export_dir: Path, explainable: dict, probe) -> dict[str, str]:
+        with PhaseTimer()("portable files"):
+            outputs = explainable[signature](**self_check.to_tensors(probe, plan.inputs))
+            expected = {key: value.numpy() for key, value in outputs.items()}
+            return portable_export.write_and_check(export_dir, staged, signature=signature, probe=probe,
+                                                   expected=expected)
+
+    return write_files
 
 
 def _score_plan(model: savedmodel.SavedModelFile, plan: signatures.ExplainPlan, score: str) -> signatures.ScorePlan:

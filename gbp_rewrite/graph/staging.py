@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
@@ -69,11 +69,13 @@ class PatchedCopy:
 
 @contextlib.contextmanager
 def patched_copy(
-    model: SavedModelFile, patches: dict[tuple[str, str], str], *, fold_signature: str | None = None
+    model: SavedModelFile, patches: dict[tuple[str, str], str], *, fold_signature: str | None = None,
+    also: Callable[[meta_graph_pb2.MetaGraphDef], object] | None = None,
 ) -> Iterator[PatchedCopy]:
     """A temporary SavedModel directory: the source with `patches` applied to its serving graph,
     TF1 reference variables made resource variables, and, with `fold_signature`, a folded twin of
-    that signature (gbp_rewrite.graph.folded_twin) beside the unchanged original."""
+    that signature (gbp_rewrite.graph.folded_twin) beside the unchanged original. `also`, when given,
+    patches the serving graph further after all that (portable gradients: every op, twin included)."""
     proto = saved_model_pb2.SavedModel()
     proto.CopyFrom(model.proto)
     meta_graph = proto.meta_graphs[model.meta_graph_index]
@@ -83,6 +85,8 @@ def patched_copy(
         log.info("converted %d TF1 reference variables to resource variables", converted)
     folded = folded_twin.add_folded_twin(meta_graph, fold_signature) if fold_signature else ()
     twin = folded_twin.twin_key(fold_signature) if folded else None
+    if also is not None:
+        also(meta_graph)
     without_saver_functions(meta_graph)  # the copy is only ever loaded by Python
     with _staged(proto, beside=model.path, prefix="gbp_rewrite_patched") as path:
         yield PatchedCopy(path, tuple(folded), twin)

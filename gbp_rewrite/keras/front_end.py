@@ -96,6 +96,11 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     mean for `gbp_rewrite.convert`. `safe_mode=False` allows loading files with Lambda layers,
     whose Python code runs while the file is loaded.
     """
+    if options.portable:
+        raise OptionError(
+            "--portable/--tflite/--onnx convert SavedModels; export the Keras model first "
+            "(model.export(DIR)) and convert DIR"
+        )
     keras_signature.check_signature_key(options.signature)
     loaded = keras_loading.load(source, safe_mode=safe_mode)
     write.check_destination(destination, source=loaded.path, overwrite=options.overwrite)

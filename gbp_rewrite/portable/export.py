@@ -1,0 +1,294 @@
+"""Portable exports: mark every op of a patched copy with its portable gradient, check that the
+traced signature uses only ops TFLite builtins and ONNX both run, write the .tflite and .onnx
+files, and run each in its own runtime on the probe batch.
+
+The files are written to hidden temporary siblings and renamed into place only when the whole
+conversion (the SavedModel included) succeeded: a failure leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from gbp_rewrite import rules
+from gbp_rewrite.graph.lean import GRADIENT_ATTR
+from gbp_rewrite.errors import OptionError, OutputError, VerificationError, one_line
+from gbp_rewrite.portable import gradients
+
+log = logging.getLogger(__name__)
+
+# Op types (forward and backward) that both TFLite's builtins and ONNX (through tf2onnx) convert,
+# plus the graph plumbing every converter removes (calls are inlined, variables frozen).
+ALLOWED_OP_TYPES = frozenset({
+    # plumbing
+    "Const", "Identity", "IdentityN", "Placeholder", "NoOp", "ReadVariableOp", "VarHandleOp",
+    "PartitionedCall", "StatefulPartitionedCall", "StopGradient", "Snapshot",
+    # neural network
+    "Conv2D", "Conv2DBackpropInput", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "MatMul",
+    "BatchMatMulV2", "BiasAdd", "Relu", "Relu6", "Softmax", "Sigmoid", "Tanh", "DepthToSpace",
+    "SpaceToDepth", "LeakyRelu", "SpaceToBatchND", "BatchToSpaceND",
+    # arithmetic and comparison
+    "AddV2", "Add", "AddN", "Sub", "Mul", "RealDiv", "Neg", "Abs", "Square", "Sqrt", "Rsqrt", "Exp",
+    "Log", "Maximum", "Minimum", "Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual",
+    "LogicalAnd", "LogicalOr", "LogicalNot", "Select", "SelectV2", "Cast", "Floor",
+    # reductions and indexing
+    "Mean", "Sum", "Max", "Min", "Prod", "ArgMax", "OneHot", "GatherV2",
+    # shapes
+    "Reshape", "Shape", "Squeeze", "ExpandDims", "ConcatV2", "Pack", "Unpack", "Split", "SplitV",
+    "StridedSlice", "Slice", "Pad", "PadV2", "Transpose", "ReverseV2", "Fill", "ZerosLike",
+    "OnesLike", "Tile", "BroadcastTo", "Range",
+})
+
+ONNX_OPSET = 17
+FILE_RTOL = 1e-5  # predictions and saliency of each file against the TensorFlow export
+
+_EXTRAS = {  # file kind -> (module the check imports, the extra that installs it)
+    "tflite": ("ai_edge_litert.interpreter", "tflite"),
+    "onnx": ("tf2onnx", "onnx"),
+}
+
+
+def require_extras(*, tflite: bool, onnx: bool) -> None:
+    """A one-line OptionError naming the extra when a requested file's converter is missing."""
+    wanted = [kind for kind, asked in (("tflite", tflite), ("onnx", onnx)) if asked]
+    modules = {"tflite": ["ai_edge_litert.interpreter"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
+    for kind in wanted:
+        for module in modules[kind]:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise OptionError(
+                    f"--{kind} needs the optional extra '{kind}' ({module} is not installed): "
+                    f"pip install -e '.[{kind}]'"
+                ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching and the op check
+
+
+def mark_portable_gradients(meta_graph: meta_graph_pb2.MetaGraphDef) -> int:
+    """Give every op of a covered type that has no gradient attr yet its portable gradient
+    (ReLUs not selected for the rule: the true gradient, portably); return how many."""
+    marked = 0
+    nodes = list(meta_graph.graph_def.node)
+    for function in meta_graph.graph_def.library.function:
+        nodes.extend(function.node_def)
+    for node in nodes:
+        if GRADIENT_ATTR in node.attr:
+            continue
+        if node.op in rules.REWRITABLE_OP_TYPES:
+            node.attr[GRADIENT_ATTR].s = gradients.relu_gradient_op_type("vanilla", node.op).encode()
+        elif node.op in gradients.GRADIENTS:
+            node.attr[GRADIENT_ATTR].s = gradients.gradient_op_type(node.op).encode()
+        else:
+            continue
+        marked += 1
+    return marked
+
+
+def check_ops(function, *, layer_of: Callable[[str], str]) -> str:
+    """Raise a one-line PortableGradientError naming the first op of the traced `function` (and
+    its nested functions) outside ALLOWED_OP_TYPES, with its layer; else describe the op types."""
+    graph_def = function.graph.as_graph_def()
+    nodes = [(node, "") for node in graph_def.node]
+    for fdef in graph_def.library.function:
+        nodes.extend((node, fdef.signature.name) for node in fdef.node_def)
+    used = {node.op for node, _ in nodes}
+    for node, _ in nodes:
+        if node.op not in ALLOWED_OP_TYPES:
+            forward = _forward_op_name(node.name)
+            part = "the gradient of" if forward != node.name else "the forward op"
+            raise gradients.PortableGradientError(
+                f"op {node.op} ('{node.name}', {part} '{forward}' in layer '{layer_of(forward)}') has no "
+                f"TFLite builtin or ONNX equivalent; portable gradients cover {_covered()}. Convert "
+                "without --portable/--tflite/--onnx (the regular export runs in TensorFlow and TF Serving)"
+            )
+    return f"{len(used)} op types, all TFLite builtins and ONNX ops ({len(nodes)} nodes)"
+
+
+def _covered() -> str:
+    names = sorted(gradients.COVERED_OP_TYPES)
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+_GRADIENT_NAME = re.compile(r"^(?:.*?/)?gradients(?:_\d+)?/(?P<forward>.+?)_grad/")
+
+
+def _forward_op_name(node_name: str) -> str:
+    """'gradients/functional_1/conv1_1/Conv2D_grad/X' -> 'functional_1/conv1_1/Conv2D'."""
+    match = _GRADIENT_NAME.match(node_name)
+    return match.group("forward") if match else node_name
+
+
+# ---------------------------------------------------------------------------------------------
+# The files
+
+
+@dataclasses.dataclass
+class StagedFiles:
+    """Where the portable files go, and the hidden temporary siblings they are written to first."""
+
+    targets: dict[str, Path]
+    temporary: dict[str, Path]
+
+
+@contextlib.contextmanager
+def staged_files(*, tflite: str | os.PathLike | None, onnx: str | os.PathLike | None,
+                 overwrite: bool) -> Iterator[StagedFiles]:
+    """Temporary names for the requested files, renamed into place when the block succeeds and
+    removed when it fails."""
+    targets = {kind: Path(path) for kind, path in (("tflite", tflite), ("onnx", onnx)) if path is not None}
+    for kind, target in targets.items():
+        if target.is_dir():
+            raise OutputError(f"--{kind} '{target}' is a directory; give a file name")
+        if target.exists() and not overwrite:
+            raise OutputError(f"--{kind} '{target}' exists; pass --overwrite to replace it")
+        if not target.parent.is_dir():
+            raise OutputError(f"--{kind} '{target}': the folder '{target.parent}' does not exist")
+    temporary = {kind: t.with_name(f".{t.name}.gbp-tmp-{os.getpid()}") for kind, t in targets.items()}
+    try:
+        yield StagedFiles(targets, temporary)
+    except BaseException:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+        raise
+    for kind, path in temporary.items():
+        os.replace(path, targets[kind])
+
+
+def write_and_check(export_dir: Path, staged: StagedFiles, *, signature: str, probe: Mapping[str, np.ndarray],
+                    expected: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Write each staged file from the export at `export_dir`, run it on `probe` in its runtime and
+    compare every output with `expected` (the TensorFlow export's); return the check results."""
+    checks = {}
+    if "tflite" in staged.temporary:
+        path = staged.temporary["tflite"]
+        write_tflite(export_dir, signature, path)
+        checks["tflite"] = _compare("LiteRT", run_tflite(path, signature, probe), expected, path)
+    if "onnx" in staged.temporary:
+        path = staged.temporary["onnx"]
+        write_onnx(export_dir, signature, path)
+        checks["onnx"] = _compare("onnxruntime", run_onnx(path, probe), expected, path)
+    return checks
+
+
+def write_tflite(export_dir: Path, signature: str, path: Path) -> None:
+    """The export's `signature` as a .tflite file of TFLite builtins only (no Flex ops)."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(export_dir), signature_keys=[signature])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        path.write_bytes(converter.convert())
+    except Exception as e:  # noqa: BLE001 - the converter raises its own error types
+        raise VerificationError(f"the TFLite converter refused the portable export: {_converter_reason(e)}") from None
+
+
+def _converter_reason(error: BaseException) -> str:
+    text = str(error)
+    ops = re.search(r"(?:ops? that can be supported by the flex runtime|not supported)[^\n]*?:?\s*\n?\s*(.*)", text)
+    return one_line(error) if ops is None else one_line(error) + " " + ops.group(1)[:200]
+
+
+class _UnsupportedOps(logging.Handler):
+    """Collects tf2onnx's log lines about ops it left unconverted (its exit status says nothing)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "not supported" in message or "Unsupported ops" in message:
+            self.lines.append(message)
+
+
+def write_onnx(export_dir: Path, signature: str, path: Path) -> None:
+    """The export's `signature` as an ONNX file (opset ONNX_OPSET), refused when tf2onnx leaves an
+    op unconverted or onnx.checker finds the model invalid."""
+    import onnx
+    import tf2onnx
+
+    loaded = tf.saved_model.load(str(export_dir))
+    function = loaded.signatures[signature]
+    _, specs = function.structured_input_signature
+    keys = sorted(specs)
+
+    @tf.function(autograph=False)
+    def call(*args):
+        return function(**dict(zip(keys, args)))
+
+    input_signature = [tf.TensorSpec(specs[k].shape, specs[k].dtype, name=k) for k in keys]
+    unsupported = _UnsupportedOps()
+    tf2onnx_log = logging.getLogger("tf2onnx")
+    tf2onnx_log.addHandler(unsupported)
+    try:
+        model, _ = tf2onnx.convert.from_function(call, input_signature=input_signature, opset=ONNX_OPSET)
+    except Exception as e:  # noqa: BLE001 - tf2onnx raises many types
+        raise VerificationError(f"tf2onnx cannot convert the portable export: {one_line(e)}") from None
+    finally:
+        tf2onnx_log.removeHandler(unsupported)
+    if unsupported.lines:
+        raise VerificationError(f"tf2onnx left ops unconverted in the ONNX model: {unsupported.lines[-1]}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - onnx.checker's ValidationError and friends
+        raise VerificationError(f"onnx.checker rejects the converted model: {one_line(e)}") from None
+    path.write_bytes(model.SerializeToString())
+
+
+def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` through the .tflite file's signature in LiteRT (ai_edge_litert)."""
+    from ai_edge_litert import interpreter
+
+    try:
+        runner = interpreter.Interpreter(model_path=str(path)).get_signature_runner(signature)
+        return {k: np.asarray(v) for k, v in runner(**inputs).items()}
+    except Exception as e:  # noqa: BLE001 - LiteRT raises RuntimeError/ValueError
+        raise VerificationError(f"LiteRT cannot run '{path}': {one_line(e)}") from None
+
+
+def run_onnx(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` through the .onnx file in onnxruntime (CPU)."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(inputs))))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors
+        raise VerificationError(f"onnxruntime cannot run '{path}': {one_line(e)}") from None
+
+
+def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], path: Path) -> str:
+    worst = 0.0
+    for key, want in expected.items():
+        if key not in got:
+            raise VerificationError(f"{runtime}'s run of the written file has no output {key!r} (it has {', '.join(sorted(got))})")
+        have = np.asarray(got[key])
+        if have.shape != want.shape:
+            raise VerificationError(f"{runtime}: output {key!r} has shape {have.shape}, the TensorFlow export's {want.shape}")
+        if want.dtype.kind in "iub":
+            if not np.array_equal(have, want):
+                raise VerificationError(f"{runtime}: output {key!r} differs from the TensorFlow export's")
+            continue
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        diff = float(np.max(np.abs(have.astype(np.float64) - want))) if want.size else 0.0
+        relative = diff / scale if scale > 0 else diff
+        if not np.isfinite(diff) or relative > FILE_RTOL:
+            raise VerificationError(
+                f"{runtime}: output {key!r} of the written file differs from the TensorFlow export's "
+                f"by {relative:.3g} relative (limit {FILE_RTOL})"
+            )
+        worst = max(worst, relative)
+    return f"{runtime} runs the file; every output within {worst:.2g} relative of the TensorFlow export"
