@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from gbp_rewrite import cam as cam_maps
 from gbp_rewrite import explainable, export, keras_loading, rules, savedmodel, security, sites, validation, verify
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.report import ConversionReport, SiteEntry
@@ -39,6 +40,8 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    cam: bool = False,
+    cam_layer: str | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -69,6 +72,12 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      cam: also return `gradcam` ([batch, H, W] float32, Grad-CAM of the explained class at the
+        chosen layer, from the true gradient) and `guided_gradcam` (the saliency times gradcam);
+        image inputs [batch, H, W, C] only (gbp_rewrite.cam).
+      cam_layer: the layer Grad-CAM uses (a name, nested model, path or glob, as for `layers`;
+        default: the last 4-D [batch, h, w, c] output with h, w > 1 before the explained output).
+        Implies cam=True.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -82,7 +91,7 @@ def convert(
         return keras_path.convert(
             source, destination, layers=layers, exclude_layers=exclude_layers, rule=rule,
             signature=signature, output=output, score=score, overwrite=overwrite,
-            saliency_map=saliency_map, version=version, safe_mode=safe_mode,
+            saliency_map=saliency_map, version=version, safe_mode=safe_mode, cam=cam, cam_layer=cam_layer,
         )
     started = time.perf_counter()
     explainable.check_score(score)
@@ -94,8 +103,9 @@ def convert(
                                       source=source)
     export.check_destination(destination, source=source, overwrite=overwrite)
     signature_desc = model.signature(signature)
+    cam = cam or cam_layer is not None
     plan = explainable.make_plan(signature, signature_desc.inputs, signature_desc.outputs, output=output,
-                                 saliency_map=saliency_map)
+                                 saliency_map=saliency_map, cam=cam)
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = sites.select(found, layers=layers, exclude_layers=exclude_layers)
     softmax, score_note = _softmax_plan(model, plan, score)
@@ -122,10 +132,20 @@ def convert(
             probed = pool.submit(verify.run_probe, lambda inputs: source_signature(**inputs), plan, probe)
             with rules.record_applications() as applied, phase("trace"), \
                     validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
-                signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+                if cam:  # the forward ops inline, so the chosen layer's activation is at hand
+                    cam_options = cam_maps.CamOptions(
+                        cam_layer, known=frozenset(sites.known_names(model.meta_graph)),
+                        keras3=savedmodel.is_keras3_export(model.meta_graph), prefix="gbp_source")
+                    forward = cam_maps.inline_forward(source_fn, list(plan.outputs),
+                                                      variables=explainable.variables_of(loaded), prefix="gbp_source")
+                    signatures = explainable.build_signatures(forward, plan, cam=cam_options)
+                    checks_cam = {"grad-cam layer": cam_options.chosen.describe()}
+                else:
+                    signatures = explainable.build_signatures(lambda inputs: source_fn(**inputs), plan)
+                    checks_cam = {}
             with phase("probe (rest)"):
                 expected = probed.result()
-        checks = {"rule applied": _check_applied(selection, softmax, applied, rule)}
+        checks = {"rule applied": _check_applied(selection, softmax, applied, rule), **checks_cam}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
                 f"{len(patched.folded_batchnorms)} BatchNorms folded into the convolutions before them "

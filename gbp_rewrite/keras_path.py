@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from gbp_rewrite import cam as cam_maps
 from gbp_rewrite import explainable, export, keras_loading, keras_signature, keras_sites, rules, sites, verify
 from gbp_rewrite.errors import OptionError, SelectionError, SignatureError, SourceModelError, one_line
 from gbp_rewrite.inspection import ModelInfo
@@ -100,28 +101,36 @@ def convert(
     saliency_map: bool = False,
     version: int | str | None = None,
     safe_mode: bool = True,
+    cam: bool = False,
+    cam_layer: str | None = None,
 ) -> ConversionReport:
     """Write an explainable SavedModel of a Keras model (in memory, or a .keras/.h5 file).
 
     The export has the graph path's layout (`serving_default` with the model's outputs, `saliency`
     and `explained_class`; `explain_class`), report and self-check; the options mean what they
     mean for `gbp_rewrite.convert`. `safe_mode=False` allows loading files with Lambda layers,
-    whose Python code runs while the file is loaded.
+    whose Python code runs while the file is loaded. `cam`/`cam_layer`: Grad-CAM outputs, as
+    for `gbp_rewrite.convert`.
     """
     started = time.perf_counter()
     _check_signature_key(signature)
     destination = export.version_directory(Path(destination), version)
     loaded = keras_loading.load(source, safe_mode=safe_mode)
     export.check_destination(destination, source=loaded.path, overwrite=overwrite)
+    cam = cam or cam_layer is not None
     rewrite = plan_rewrite(loaded.model, layers=layers, exclude_layers=exclude_layers, rule=rule,
-                           score=score, output=output, saliency_map=saliency_map)
+                           score=score, output=output, saliency_map=saliency_map, cam=cam)
     clone = clone_model(loaded.model, rewrite.replacements)
     plan = rewrite.plan
     probe = verify.probe_inputs(plan.inputs)
     expected = verify.run_probe(lambda inputs: rewrite.signature.call(loaded.model, inputs), plan, probe)
+    cam_options = _cam_options(clone, cam_layer) if cam else None
     with rules.record_applications() as applied:
-        signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan)
+        signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan,
+                                                  cam=cam_options)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
+    if cam_options is not None:
+        checks["grad-cam layer"] = cam_options.chosen.describe()
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
@@ -192,13 +201,14 @@ def plan_rewrite(
     score: str,
     output: str | None,
     saliency_map: bool = False,
+    cam: bool = False,
 ) -> Rewrite:
     """Find and select the sites, and decide how the clone replaces each chosen layer."""
     rules.get_rule(rule)
     explainable.check_score(score)
     signature = keras_signature.describe(model)
     plan = explainable.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
-                                 saliency_map=saliency_map)
+                                 saliency_map=saliency_map, cam=cam)
     found = keras_sites.find_sites(model, signature)
     selection = sites.select([s.site for s in found], layers=layers, exclude_layers=exclude_layers)
     chosen, warnings = _rewritable_choice(found, selection, explicit=bool(sites.patterns(layers)))
@@ -430,6 +440,12 @@ def _copy_weights(model, clone) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Conversion helpers
+
+
+def _cam_options(clone, cam_layer: str | None) -> cam_maps.CamOptions:
+    """Grad-CAM's layer naming for the clone's ops, traced inline (the layer paths sites uses)."""
+    known = frozenset(name for path in keras_sites.layer_tree(clone) for name in path)
+    return cam_maps.CamOptions(cam_layer, known=known, keras3=True)
 
 
 def _check_signature_key(signature: str) -> None:
