@@ -15,7 +15,7 @@ SUMMARY = ("Write an explainable copy of SRC (a SavedModel directory, or a .kera
            "a second signature `explain_class` takes a class per example.")
 FLAG_NAMES = {"layers", "exclude_layers", "rule", "signature", "output", "score", "overwrite", "json",
               "saliency_map", "serving_version", "unsafe_deserialization", "allow_file_ops",
-              "fold_batchnorms"}
+              "fold_batchnorms", "cam", "cam_layer"}
 
 flags.DEFINE_list("layers", None, "convert: names or glob patterns of the layers whose ReLUs get the "
                   "rule (default: every ReLU). A nested model's name selects all its layers.")
@@ -38,6 +38,13 @@ flags.DEFINE_bool("fold_batchnorms", True, "convert: fold inference BatchNorms i
                   "before them in the explainable graph (SavedModels): fewer passes over the activations, "
                   "forward and backward; predictions equal to float rounding, checked against the source. "
                   "--nofold_batchnorms keeps the source's arithmetic exactly.")
+flags.DEFINE_bool("cam", False, "convert: also return `gradcam` ([batch, H, W] float32: Grad-CAM of the "
+                  "explained class at the last 4-D layer output, from the true gradient, scaled per "
+                  "example to [0, 1]) and `guided_gradcam` (the saliency times gradcam; class-sensitive). "
+                  "Image inputs only.")
+flags.DEFINE_string("cam_layer", None, "convert: the layer Grad-CAM uses (a name, nested model, path or "
+                    "glob, as for --layers; default: the last 4-D [batch, h, w, c] output with h, w > 1). "
+                    "Implies --cam.")
 flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),
                          message="--serving_version takes a non-negative integer or 'next'")
 
@@ -51,6 +58,6 @@ def run(source: str, destination: str) -> None:
         signature=FLAGS.signature, output=FLAGS.output, score=FLAGS.score, overwrite=FLAGS.overwrite,
         saliency_map=FLAGS.saliency_map, version=FLAGS.serving_version,
         safe_mode=not FLAGS.unsafe_deserialization, allow_file_ops=FLAGS.allow_file_ops,
-        fold_batchnorms=FLAGS.fold_batchnorms,
+        fold_batchnorms=FLAGS.fold_batchnorms, cam=FLAGS.cam, cam_layer=FLAGS.cam_layer,
     )
     common.emit(report)
