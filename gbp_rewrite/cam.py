@@ -244,10 +244,10 @@ def _check_head(ops: Sequence, activation: tf.Tensor, output: tf.Tensor, layer: 
     calls = sorted(op.name for op in head if op.type in _CALL_OPS)
     if calls:
         raise SignatureError(
-            f"--cam: the layers above '{layer}' are computed by nested functions ({_listing(calls, 3)}), "
-            "as in tf-keras SavedModels, whose true gradient cannot be taken beside the guided one; "
-            "convert the Keras model file (.keras or .h5) instead, or choose a later layer with "
-            f"{CAM_LAYER_FLAG}"
+            f"--cam: the layers above '{layer}' are computed by nested functions ({_listing(calls, 3)}; "
+            "a model whose layers are separate tf.functions), whose true gradient TensorFlow cannot "
+            "build beside the guided one; convert the Keras model or its Keras 3 export, or choose a "
+            f"later layer with {CAM_LAYER_FLAG}"
         )
 
 
