@@ -4,8 +4,9 @@
 
 For each image: <stem>_heatmap.png (the saliency as a heat map, at the model's input size),
 <stem>_overlay.png (the heat map over the image, at the image's own size) and <stem>_guided.png
-(the guided-backpropagation picture); for the run: results.csv (one line per image) and
-summary.json. Images stream through tf.data in batches and every batch is written before the next
+(the guided-backpropagation picture), and for an export converted with --cam <stem>_gradcam.png
+(the Grad-CAM heat over the image) and <stem>_guided_gradcam.png; for the run: results.csv (one
+line per image) and summary.json. Images stream through tf.data in batches and every batch is written before the next
 is run, so memory does not grow with the number of images. Images that cannot be explained
 (corrupt, not an image, grey-scale) are named with their reason; the others are still explained.
 """
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite import images, render, security
+from gbp_rewrite import cam_pictures, images, render, security
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
 from gbp_rewrite.explainable import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
 from gbp_rewrite.report import REPORT_JSON
@@ -47,6 +48,7 @@ class ExplainableModel:
     num_classes: int
     spec: images.InputSpec
     loaded: object  # the restored SavedModel
+    cam_keys: tuple[str, ...] = ()  # gradcam, guided_gradcam when converted with --cam
 
     def run(self, pixels: np.ndarray, class_index: int | None) -> dict[str, np.ndarray]:
         """Outputs of the signature for one batch: the explained output, saliency, class."""
@@ -57,7 +59,8 @@ class ExplainableModel:
         else:
             classes = tf.fill([len(pixels)], tf.constant(class_index, tf.int64))
             outputs = signatures[EXPLAIN_CLASS_SIGNATURE](**inputs, **{CLASS_INDEX: classes})
-        return {key: outputs[key].numpy() for key in (self.output_key, self.saliency_key, EXPLAINED_CLASS)}
+        keys = (self.output_key, self.saliency_key, EXPLAINED_CLASS, *self.cam_keys)
+        return {key: outputs[key].numpy() for key in keys}
 
 
 @dataclasses.dataclass
@@ -70,6 +73,7 @@ class Explained:
     score: float
     saliency: np.ndarray  # [H, W, 3], the model's input size
     encoded: bytes  # the file's bytes, to decode the image at its own size
+    cam: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # gradcam, guided_gradcam
 
     def image(self) -> np.ndarray:
         return images.decode_rgb(self.encoded).numpy()
@@ -161,8 +165,9 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     spec = _input_spec(path, input_key, serve.structured_input_signature[1][input_key])
     output_shape = serve.structured_outputs[output_key].shape
     num_classes = 1 if output_shape.rank == 1 else int(output_shape[-1])
+    cam_keys = cam_pictures.cam_outputs(serve.structured_outputs)
     return ExplainableModel(str(path), signature_key, input_key, saliency_key, output_key, num_classes,
-                            spec, loaded)
+                            spec, loaded, cam_keys)
 
 
 def _not_explainable(path: Path, why: str) -> SourceModelError:
@@ -247,7 +252,8 @@ def _explained(model, outputs, n: int, index: int, paths, encoded: bytes) -> Exp
     explained_class = int(outputs[EXPLAINED_CLASS][n])
     values = outputs[model.output_key][n]
     score = float(values if np.ndim(values) == 0 else values[explained_class])
-    return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded)
+    cam = {key: outputs[key][n] for key in model.cam_keys}
+    return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded, cam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ def explain(
     }
     failed: list[Failed] = []
     explained = done = 0
-    with ResultFiles(out_dir, header) as results:
+    with ResultFiles(out_dir, header, cam=bool(loaded.cam_keys)) as results:
         for batch in explain_batches(loaded, paths, class_index=class_index, preprocess=preprocess,
                                      batch_size=batch_size, grayscale_to_rgb=grayscale_to_rgb):
             for item in batch:
@@ -360,7 +366,10 @@ def _unique_stems(paths: Sequence[str]) -> list[str]:
 def _render(item: Explained, out_dir: Path, stem: str) -> dict[str, str] | Failed:
     """Write the item's pictures: {kind: file name}, or Failed if its saliency is unusable."""
     try:
-        written = render.render_all(item.image(), item.saliency, out_dir=out_dir, stem=stem)
+        image = item.image()
+        written = render.render_all(image, item.saliency, out_dir=out_dir, stem=stem)
+        if item.cam:
+            written.update(cam_pictures.render_cam(image, item.cam, out_dir=out_dir, stem=stem))
     except RenderError as e:  # e.g. a NaN saliency: this image fails, the run goes on
         return Failed(item.index, item.file, f"cannot render the saliency: {e}")
     except OSError as e:

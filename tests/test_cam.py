@@ -193,3 +193,34 @@ def test_nested_function_head_is_refused(sources, tmp_path):
     with pytest.raises(GbpError, match="nested functions"):
         gbp_rewrite.convert(sources("tf2_module"), tmp_path / "out", cam=True)
     assert not (tmp_path / "out").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes_cam_export(tmp_path_factory):
+    destination = tmp_path_factory.mktemp("shapes_cam") / "export"
+    report = gbp_rewrite.convert(REPO / "testdata" / "shapes_cnn", destination, cam=True)
+    return destination, report
+
+
+def test_explain_writes_and_names_the_cam_pictures(shapes_cam_export, tmp_path):
+    import csv
+    import json
+
+    export_dir, _ = shapes_cam_export
+    images = [str(REPO / "testdata" / "images" / name) for name in ("circle_0.png", "cross_0.png")]
+    summary = gbp_rewrite.explain(export_dir, images, out_dir=tmp_path / "out")
+    assert summary.explained == 2 and not summary.failed
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for row, entry, stem in zip(rows, record["images"], ("circle_0", "cross_0")):
+        for kind in ("gradcam", "guided_gradcam"):
+            assert row[kind] == entry["outputs"][kind] == f"{stem}_{kind}.png"
+            picture = tf.io.decode_png((tmp_path / "out" / row[kind]).read_bytes()).numpy()
+            assert picture.shape[-1] == 3 and picture.std() > 0  # a picture, not a blank
+    # the Grad-CAM heat is over the image at its own size, as the overlay
+    overlay = tf.io.decode_png((tmp_path / "out" / "circle_0_overlay.png").read_bytes())
+    heat = tf.io.decode_png((tmp_path / "out" / "circle_0_gradcam.png").read_bytes())
+    assert overlay.shape == heat.shape
