@@ -21,6 +21,7 @@ _LAZY = {
     "inspect": ("gbp_rewrite.inspection", "inspect"),
     "guided_model": ("gbp_rewrite.keras_path", "guided_model"),
     "explain": ("gbp_rewrite.explainer", "explain"),
+    "sanity": ("gbp_rewrite.sanity_checks.run", "sanity"),
     "verify_export": ("gbp_rewrite.deploy_check", "verify_export"),
     "make_request": ("gbp_rewrite.serving_request", "make_request"),
     "decode_response": ("gbp_rewrite.rest", "decode_response"),

@@ -124,13 +124,13 @@ def convert(
     plan = rewrite.plan
     probe = verify.probe_inputs(plan.inputs)
     expected = verify.run_probe(lambda inputs: rewrite.signature.call(loaded.model, inputs), plan, probe)
-    cam_options = _cam_options(clone, cam_layer) if cam else None
+    cam_spec = cam_options(clone, cam_layer) if cam else None
     with rules.record_applications() as applied:
         signatures = explainable.build_signatures(lambda inputs: rewrite.signature.call(clone, inputs), plan,
-                                                  cam=cam_options)
+                                                  cam=cam_spec)
     checks = {"rule applied": _check_applied(rewrite, applied, rule)}
-    if cam_options is not None:
-        checks["grad-cam layer"] = cam_options.chosen.describe()
+    if cam_spec is not None:
+        checks["grad-cam layer"] = cam_spec.chosen.describe()
     with export.atomic_directory(destination, overwrite=overwrite) as tmp:
         explainable.save(tmp, owner=clone, signatures=signatures)
         checks.update(verify.self_check(tmp, plan=plan, probe=probe, expected=expected))
@@ -442,7 +442,7 @@ def _copy_weights(model, clone) -> None:
 # Conversion helpers
 
 
-def _cam_options(clone, cam_layer: str | None) -> cam_maps.CamOptions:
+def cam_options(clone, cam_layer: str | None) -> cam_maps.CamOptions:
     """Grad-CAM's layer naming for the clone's ops, traced inline (the layer paths sites uses)."""
     known = frozenset(name for path in keras_sites.layer_tree(clone) for name in path)
     return cam_maps.CamOptions(cam_layer, known=known, keras3=True)

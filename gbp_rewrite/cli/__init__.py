@@ -21,12 +21,14 @@ from absl import logging as absl_logging  # noqa: E402
 from gbp_rewrite._version import __version__  # noqa: E402
 from gbp_rewrite.cli import common, convert_command, explain_command, inspect_command  # noqa: E402
 from gbp_rewrite.cli import decode_command, request_command, verify_command  # noqa: E402
+from gbp_rewrite.cli import sanity_command  # noqa: E402
 
 PROGRAM = "gbp-rewrite"
 FLAGS = flags.FLAGS
 
 COMMANDS = {module.NAME: module for module in (inspect_command, convert_command, explain_command,
-                                               verify_command, request_command, decode_command)}
+                                               verify_command, request_command, decode_command,
+                                               sanity_command)}
 _GLOBAL_FLAGS = {"verbose"}
 
 
