@@ -224,3 +224,16 @@ def test_explain_writes_and_names_the_cam_pictures(shapes_cam_export, tmp_path):
     overlay = tf.io.decode_png((tmp_path / "out" / "circle_0_overlay.png").read_bytes())
     heat = tf.io.decode_png((tmp_path / "out" / "circle_0_gradcam.png").read_bytes())
     assert overlay.shape == heat.shape
+
+
+@pytest.mark.parametrize("family", ["keras3", "tf1"])
+def test_gradcam_over_a_residual_block_with_folded_batchnorm(zoo, family):
+    """The graph path's folded twin (BatchNorm folded into the convolution) and a residual Add."""
+    spec = zoo.spec("residual_bn")
+    export_dir, report = zoo.converted(f"{family}@residual_bn", cam=True)
+    assert report.checks["grad-cam layer"] == "layer 'add', output [?, 6, 6, 4]"
+    x = reference_inputs(spec)
+    outputs = _run(export_dir, x)
+    heat, guided, _ = ref.grad_cam(spec, x, layer="add")
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
