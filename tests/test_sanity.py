@@ -112,3 +112,22 @@ def test_savedmodel_is_refused_with_the_way_round(tmp_path):
 def test_layers_to_randomize_out_of_range(tmp_path):
     with pytest.raises(OptionError, match=r"--layers_to_randomize 99 is out of range; the model has \d+ layers"):
         gbp_rewrite.sanity(SHAPES, IMAGES, out_dir=tmp_path, layers_to_randomize=99, max_images=1)
+
+
+def test_command_line(tmp_path):
+    from conftest import cli_command, run_cli_concurrently
+
+    results = run_cli_concurrently({
+        "sanity": cli_command("sanity", SHAPES, "--dir", IMAGES, "--out", tmp_path / "s",
+                              "--layers_to_randomize", "1", "--max_images", "1", "--json"),
+        "no out": cli_command("sanity", SHAPES, "--dir", IMAGES),
+        "cam layer": cli_command("convert", REPO / "testdata" / "shapes_cnn", tmp_path / "c", "--cam_layer", "nope"),
+    })
+    done = results["sanity"]
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert [s["layer"] for s in record["steps"]] == ["predictions"] and len(record["images"]) == 1
+    assert results["no out"].returncode == 2 and "needs --out" in results["no out"].stderr
+    wrong = results["cam layer"]
+    assert wrong.returncode == 1 and not (tmp_path / "c").exists()
+    assert wrong.stderr.strip().count("\n") == 0 and "--cam_layer 'nope' names no layer" in wrong.stderr
