@@ -13,7 +13,8 @@ FLAGS = flags.FLAGS
 NAME = "explain"
 ARGS = ("MODEL",)
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
-           "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
+           "per image a heat map, an overlay and the guided-backprop picture as PNG (and the Grad-CAM "
+           "pictures of an export converted with --cam), plus results.csv "
            "and summary.json, into --out. Exit status 1 if any image could not be explained.")
 FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops"}
 
