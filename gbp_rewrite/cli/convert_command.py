@@ -42,7 +42,7 @@ flags.DEFINE_bool("cam", False, "convert: also return `gradcam` ([batch, H, W] f
                   "explained class at the last 4-D layer output, from the true gradient, scaled per "
                   "example to [0, 1]) and `guided_gradcam` (the saliency times gradcam; class-sensitive). "
                   "Image inputs only.")
-flags.DEFINE_string("cam_layer", None, "convert: the layer Grad-CAM uses (a name, nested model, path or "
+flags.DEFINE_string("cam_layer", None, "convert, sanity: the layer Grad-CAM uses (a name, nested model, path or "
                     "glob, as for --layers; default: the last 4-D [batch, h, w, c] output with h, w > 1). "
                     "Implies --cam.")
 flags.register_validator("serving_version", lambda v: v is None or v == "next" or v.isdigit(),

@@ -18,7 +18,7 @@ SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--im
            "and summary.json, into --out. Exit status 1 if any image could not be explained.")
 FLAG_NAMES = {"image", "dir", "out", "class", "preprocess", "batch_size", "grayscale_to_rgb", "allow_file_ops"}
 
-flags.DEFINE_string("dir", None, "explain: a folder of images (its .png/.jpg/.jpeg/.bmp/.gif files; "
+flags.DEFINE_string("dir", None, "explain, sanity: a folder of images (its .png/.jpg/.jpeg/.bmp/.gif files; "
                     "other files are skipped and named).")
 flags.DEFINE_integer("class", None, "explain: explain this class for every image (the `explain_class` "
                      "signature) instead of each image's top class.", lower_bound=0)
