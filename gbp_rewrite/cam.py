@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from gbp_rewrite import rules, sites
 from gbp_rewrite.errors import OptionError, SignatureError
+from gbp_rewrite.savedmodel import is_keras3_export
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,17 @@ def _check_head(ops: Sequence, activation: tf.Tensor, output: tf.Tensor, layer: 
 # The graph path: the restored function's body, inline
 
 
+_IMPORT_SCOPE = "gbp_source"
+
+
+def graph_options(meta_graph, cam_layer: str | None) -> CamOptions:
+    """CamOptions naming the ops `inline_forward` imports as `sites` names the source's ops."""
+    return CamOptions(cam_layer, known=frozenset(sites.known_names(meta_graph)),
+                      keras3=is_keras3_export(meta_graph), prefix=_IMPORT_SCOPE)
+
+
 def inline_forward(function, output_keys: Sequence[str], *, variables: Sequence[tf.Variable] = (),
-                   prefix: str = "gbp_source") -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+                   prefix: str = _IMPORT_SCOPE) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """A forward function that builds the ops of the restored signature `function` inline.
 
     The signature function of a TF2 SavedModel calls the model's function (which may call another):

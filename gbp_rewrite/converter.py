@@ -133,11 +133,9 @@ def convert(
             with rules.record_applications() as applied, phase("trace"), \
                     validation.tensorflow_errors(f"trace the explainable signature over {signature!r}", source=source):
                 if cam:  # the forward ops inline, so the chosen layer's activation is at hand
-                    cam_options = cam_maps.CamOptions(
-                        cam_layer, known=frozenset(sites.known_names(model.meta_graph)),
-                        keras3=savedmodel.is_keras3_export(model.meta_graph), prefix="gbp_source")
+                    cam_options = cam_maps.graph_options(model.meta_graph, cam_layer)
                     forward = cam_maps.inline_forward(source_fn, list(plan.outputs),
-                                                      variables=explainable.variables_of(loaded), prefix="gbp_source")
+                                                      variables=explainable.variables_of(loaded))
                     signatures = explainable.build_signatures(forward, plan, cam=cam_options)
                     checks_cam = {"grad-cam layer": cam_options.chosen.describe()}
                 else:
