@@ -58,8 +58,9 @@ class CamLayer:
 class CamOptions:
     """What the explainable signatures need for Grad-CAM; `chosen` is filled in while tracing.
 
-    `naming(op_name)` gives an op's layer path, or None for ops that are not the model's (those
-    created before the forward pass); `known` and `keras3` are `sites.layer_path`'s arguments.
+    `cam_layer` is --cam_layer (None: the default choice); `known` and `keras3` are
+    `sites.layer_path`'s arguments for naming the forward pass's ops by layer, after `prefix` (the
+    scope the graph path imports them under) is taken off.
     """
 
     cam_layer: str | None = None
@@ -211,8 +212,9 @@ def explain(
     options: CamOptions,
     *,
     seed_and_classes: Callable,
-) -> dict[str, tf.Tensor]:
-    """The explainable signature's outputs plus `gradcam` and `guided_gradcam` (one forward pass).
+) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """(the source's outputs, the saliency, `gradcam` and `guided_gradcam`; the explained classes),
+    from one forward pass. Sets `options.chosen`.
 
     `seed_and_classes(explained)` -> (output gradient seed, explained classes), as the plain core.
     """
