@@ -43,6 +43,8 @@ def convert(
     safe_mode: bool = True,
     allow_file_ops: bool = False,
     fold_batchnorms: bool = True,
+    cam: bool = False,
+    cam_layer: str | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -77,6 +79,12 @@ def convert(
         into the convolution before them in the explainable graph (gbp_rewrite.graph.fold_batchnorm):
         fewer full passes over the activations forward and backward, predictions equal to float
         rounding (checked against the unfolded source). False keeps the source's arithmetic.
+      cam: also return `gradcam` ([batch, H, W] float32, Grad-CAM of the explained class at the
+        chosen layer, from the true gradient) and `guided_gradcam` (the saliency times gradcam);
+        image inputs [batch, H, W, C] only (gbp_rewrite.cam).
+      cam_layer: the layer Grad-CAM uses (a name, nested model, path or glob, as for `layers`;
+        default: the last 4-D [batch, h, w, c] output with h, w > 1 before the explained output).
+        Implies cam=True.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -89,7 +97,8 @@ def convert(
     rules.get_rule(rule)
     destination = write.version_directory(Path(destination), version)
     options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
-                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map)
+                      output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
+                      cam=cam or cam_layer is not None, cam_layer=cam_layer)
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:
@@ -118,7 +127,7 @@ def write_explainable(
                 expected = self_check.run_probe(prepared.source_forward, plan, probe)
         with rules.record_applications() as applied, phase("trace"), \
                 prepared.tensorflow_errors(f"trace the explainable signature over {plan.signature_key!r}"):
-            explainable = signatures.build_signatures(prepared.explained, plan)
+            explainable = signatures.build_signatures(prepared.explained, plan, cam=prepared.cam)
         if prepared.probe_while_tracing:
             with phase("probe (rest)"):
                 expected = probed.result()

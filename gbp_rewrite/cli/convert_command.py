@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "them in the explainable graph (SavedModels): fewer passes over the activations, "
                     "forward and backward; predictions equal to float rounding, checked against the "
                     "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
+    common.add_bool(parser, "cam", "also return `gradcam` ([batch, H, W] float32: Grad-CAM of the explained "
+                    "class at the last 4-D layer output, from the true gradient, scaled per example to [0, 1]) "
+                    "and `guided_gradcam` (the saliency times gradcam; class-sensitive). Image inputs only.")
+    parser.add_argument("--cam_layer", metavar="NAME", help="the layer Grad-CAM uses (a name, nested model, "
+                        "path or glob, as for --layers; default: the last 4-D [batch, h, w, c] output with "
+                        "h, w > 1). Implies --cam.")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
@@ -63,5 +69,6 @@ def run(args: argparse.Namespace) -> None:
         overwrite=args.overwrite, saliency_map=args.saliency_map, version=args.serving_version,
         safe_mode=not args.unsafe_deserialization, allow_file_ops=args.allow_file_ops,
         fold_batchnorms=args.fold_batchnorms,
+        cam=args.cam, cam_layer=args.cam_layer,
     )
     common.emit(report, args)

@@ -11,7 +11,8 @@ from gbp_rewrite.errors import ImageError
 
 NAME = "explain"
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
-           "per image a heat map, an overlay and the guided-backprop picture as PNG, plus results.csv "
+           "per image a heat map, an overlay and the guided-backprop picture as PNG (and the Grad-CAM "
+           "pictures of an export converted with --cam), plus results.csv "
            "and summary.json, into --out. Exit status 1 if any image could not be explained.")
 
 

@@ -4,8 +4,9 @@
 
 For each image: <stem>_heatmap.png (the saliency as a heat map, at the model's input size),
 <stem>_overlay.png (the heat map over the image, at the image's own size) and <stem>_guided.png
-(the guided-backpropagation picture); for the run: results.csv (one line per image) and
-summary.json. Images stream through tf.data in batches and every batch is written before the next
+(the guided-backpropagation picture), and for an export converted with --cam <stem>_gradcam.png
+(the Grad-CAM heat over the image) and <stem>_guided_gradcam.png; for the run: results.csv (one
+line per image) and summary.json. Images stream through tf.data in batches and every batch is written before the next
 is run, so memory does not grow with the number of images. Images that cannot be explained
 (corrupt, not an image, grey-scale) are named with their reason; the others are still explained.
 """
@@ -24,10 +25,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite.pictures import images, render
 from gbp_rewrite import security
+from gbp_rewrite.pictures import cam_pictures
+from gbp_rewrite.pictures import images
+from gbp_rewrite.pictures import render
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
-from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON
+from gbp_rewrite.signatures import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
+from gbp_rewrite.report import REPORT_JSON
 from gbp_rewrite.pictures.results import ResultFiles
 
 log = logging.getLogger(__name__)
@@ -44,10 +48,10 @@ class ExplainableModel:
     input_key: str
     saliency_key: str
     output_key: str
-    num_classes: int  # the classes `explain_class` accepts (2 for a binary sigmoid output)
+    num_classes: int
     spec: images.InputSpec
     loaded: object  # the restored SavedModel
-    binary: bool = False  # one sigmoid unit p: class 1 scores p, class 0 scores 1 - p
+    cam_keys: tuple[str, ...] = ()  # gradcam, guided_gradcam when converted with --cam
 
     def run(self, pixels: np.ndarray, class_index: int | None) -> dict[str, np.ndarray]:
         """Outputs of the signature for one batch: the explained output, saliency, class."""
@@ -58,7 +62,8 @@ class ExplainableModel:
         else:
             classes = tf.fill([len(pixels)], tf.constant(class_index, tf.int64))
             outputs = signatures[EXPLAIN_CLASS_SIGNATURE](**inputs, **{CLASS_INDEX: classes})
-        return {key: outputs[key].numpy() for key in (self.output_key, self.saliency_key, EXPLAINED_CLASS)}
+        keys = (self.output_key, self.saliency_key, EXPLAINED_CLASS, *self.cam_keys)
+        return {key: outputs[key].numpy() for key in keys}
 
 
 @dataclasses.dataclass
@@ -71,6 +76,7 @@ class Explained:
     score: float
     saliency: np.ndarray  # [H, W, 3], the model's input size
     encoded: bytes  # the file's bytes, to decode the image at its own size
+    cam: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # gradcam, guided_gradcam
 
     def image(self) -> np.ndarray:
         return images.decode_rgb(self.encoded).numpy()
@@ -139,7 +145,6 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     try:
         report = json.loads(report_file.read_text(encoding="utf-8"))
         signature_key, output_key = report["signature"], report["explained_output"]
-        binary = str(report.get("score_plan", "")).startswith("binary")
         saliency_outputs = dict(report["saliency_outputs"])
     except (ValueError, KeyError, TypeError) as e:
         raise SourceModelError(f"the conversion report '{report_file}' is damaged: {one_line(e)}") from None
@@ -162,9 +167,10 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
         raise _not_explainable(path, f"its signature {signature_key!r} has no {saliency_key!r} output")
     spec = _input_spec(path, input_key, serve.structured_input_signature[1][input_key])
     output_shape = serve.structured_outputs[output_key].shape
-    num_classes = 2 if binary else 1 if output_shape.rank == 1 else int(output_shape[-1])
+    num_classes = 1 if output_shape.rank == 1 else int(output_shape[-1])
+    cam_keys = cam_pictures.cam_outputs(serve.structured_outputs)
     return ExplainableModel(str(path), signature_key, input_key, saliency_key, output_key, num_classes,
-                            spec, loaded, binary)
+                            spec, loaded, cam_keys)
 
 
 def _not_explainable(path: Path, why: str) -> SourceModelError:
@@ -253,7 +259,8 @@ def _explained(model, outputs, n: int, index: int, paths, encoded: bytes) -> Exp
         score = p if explained_class == 1 else 1.0 - p
     else:
         score = float(values if np.ndim(values) == 0 else values[explained_class])
-    return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded)
+    cam = {key: outputs[key][n] for key in model.cam_keys}
+    return Explained(index, paths[index], explained_class, score, outputs[model.saliency_key][n], encoded, cam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +317,7 @@ def explain(
     }
     failed: list[Failed] = []
     explained = done = 0
-    with ResultFiles(out_dir, header) as results:
+    with ResultFiles(out_dir, header, cam=bool(loaded.cam_keys)) as results:
         for batch in explain_batches(loaded, paths, class_index=class_index, preprocess=preprocess,
                                      batch_size=batch_size, grayscale_to_rgb=grayscale_to_rgb):
             for item in batch:
@@ -366,7 +373,10 @@ def _unique_stems(paths: Sequence[str]) -> list[str]:
 def _render(item: Explained, out_dir: Path, stem: str) -> dict[str, str] | Failed:
     """Write the item's pictures: {kind: file name}, or Failed if its saliency is unusable."""
     try:
-        written = render.render_all(item.image(), item.saliency, out_dir=out_dir, stem=stem)
+        image = item.image()
+        written = render.render_all(image, item.saliency, out_dir=out_dir, stem=stem)
+        if item.cam:
+            written.update(cam_pictures.render_cam(image, item.cam, out_dir=out_dir, stem=stem))
     except RenderError as e:  # e.g. a NaN saliency: this image fails, the run goes on
         return Failed(item.index, item.file, f"cannot render the saliency: {e}")
     except OSError as e:

@@ -6,6 +6,7 @@ on; summary.json is written under a temporary name and renamed when the run ends
 summary.json that exists is always complete, valid JSON.
 
     results.csv   file,status,class,score,heatmap,overlay,guided,reason
+                  (with Grad-CAM in the export: ...,guided,gradcam,guided_gradcam,reason)
     summary.json  {<run settings>, "images": [{"file", "status", "class", "score", "outputs"} or
                    {"file", "status", "reason"}, ...], "skipped": [...], "counts": {...}, "seconds"}
 """
@@ -24,17 +25,20 @@ RESULTS_CSV = "results.csv"
 SUMMARY_JSON = "summary.json"
 CSV_COLUMNS = ("file", "status", "class", "score", "heatmap", "overlay", "guided", "reason")
 PICTURES = ("heatmap", "overlay", "guided")
+CAM_PICTURES = ("gradcam", "guided_gradcam")  # exports converted with --cam (gbp_rewrite.cam)
 
 
 class ResultFiles:
     """Writes results.csv and summary.json in `out_dir`; use as a context manager."""
 
-    def __init__(self, out_dir: Path, header: Mapping[str, Any]):
+    def __init__(self, out_dir: Path, header: Mapping[str, Any], *, cam: bool = False):
         self.csv_path = out_dir / RESULTS_CSV
         self.json_path = out_dir / SUMMARY_JSON
         self._json_tmp = out_dir / f".{SUMMARY_JSON}.{os.getpid()}.tmp"
         self._header = dict(header)
         self._counts = {"explained": 0, "failed": 0}
+        self._pictures = PICTURES + (CAM_PICTURES if cam else ())
+        self._columns = CSV_COLUMNS[:-1] + (CAM_PICTURES if cam else ()) + CSV_COLUMNS[-1:]
 
     def __enter__(self) -> "ResultFiles":
         try:
@@ -44,7 +48,7 @@ class ResultFiles:
         except OSError as e:
             raise OutputError(f"cannot write the results in '{self.csv_path.parent}': {e.strerror}") from None
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(CSV_COLUMNS)
+        self._csv.writerow(self._columns)
         self._json_file.write("{\n")
         for key, value in self._header.items():
             self._json_file.write(f"  {json.dumps(key)}: {json.dumps(value)},\n")
@@ -54,13 +58,13 @@ class ResultFiles:
 
     def add_explained(self, file: str, class_index: int, score: float, pictures: Mapping[str, str]) -> None:
         self._csv.writerow([file, "explained", class_index, repr(float(score)),
-                            *(pictures[kind] for kind in PICTURES), ""])
+                            *(pictures[kind] for kind in self._pictures), ""])
         self._add_json({"file": file, "status": "explained", "class": class_index, "score": float(score),
-                        "outputs": {kind: pictures[kind] for kind in PICTURES}})
+                        "outputs": {kind: pictures[kind] for kind in self._pictures}})
         self._counts["explained"] += 1
 
     def add_failed(self, file: str, reason: str) -> None:
-        self._csv.writerow([file, "failed", "", "", "", "", "", reason])
+        self._csv.writerow([file, "failed", *([""] * (len(self._columns) - 3)), reason])
         self._add_json({"file": file, "status": "failed", "reason": reason})
         self._counts["failed"] += 1
 
