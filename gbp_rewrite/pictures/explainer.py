@@ -25,13 +25,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from gbp_rewrite.pictures import cam_pictures, images, render
 from gbp_rewrite import security
-from gbp_rewrite.pictures import cam_pictures
-from gbp_rewrite.pictures import images
-from gbp_rewrite.pictures import render
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
-from gbp_rewrite.signatures import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS
-from gbp_rewrite.report import REPORT_JSON
+from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON
 from gbp_rewrite.pictures.results import ResultFiles
 
 log = logging.getLogger(__name__)
@@ -48,9 +45,10 @@ class ExplainableModel:
     input_key: str
     saliency_key: str
     output_key: str
-    num_classes: int
+    num_classes: int  # the classes `explain_class` accepts (2 for a binary sigmoid output)
     spec: images.InputSpec
     loaded: object  # the restored SavedModel
+    binary: bool = False  # one sigmoid unit p: class 1 scores p, class 0 scores 1 - p
     cam_keys: tuple[str, ...] = ()  # gradcam, guided_gradcam when converted with --cam
 
     def run(self, pixels: np.ndarray, class_index: int | None) -> dict[str, np.ndarray]:
@@ -145,6 +143,7 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     try:
         report = json.loads(report_file.read_text(encoding="utf-8"))
         signature_key, output_key = report["signature"], report["explained_output"]
+        binary = str(report.get("score_plan", "")).startswith("binary")
         saliency_outputs = dict(report["saliency_outputs"])
     except (ValueError, KeyError, TypeError) as e:
         raise SourceModelError(f"the conversion report '{report_file}' is damaged: {one_line(e)}") from None
@@ -167,10 +166,10 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
         raise _not_explainable(path, f"its signature {signature_key!r} has no {saliency_key!r} output")
     spec = _input_spec(path, input_key, serve.structured_input_signature[1][input_key])
     output_shape = serve.structured_outputs[output_key].shape
-    num_classes = 1 if output_shape.rank == 1 else int(output_shape[-1])
+    num_classes = 2 if binary else 1 if output_shape.rank == 1 else int(output_shape[-1])
     cam_keys = cam_pictures.cam_outputs(serve.structured_outputs)
     return ExplainableModel(str(path), signature_key, input_key, saliency_key, output_key, num_classes,
-                            spec, loaded, cam_keys)
+                            spec, loaded, binary, cam_keys)
 
 
 def _not_explainable(path: Path, why: str) -> SourceModelError:
