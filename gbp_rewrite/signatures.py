@@ -254,14 +254,7 @@ def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], 
         tape.watch(watched)
         outputs = dict(forward(inputs))
     explained = outputs[plan.output_key]
-    if plan.binary:
-        classes, seed = _binary_classes_and_seed(explained, class_index)
-    else:
-        classes = _explained_classes(explained, plan.num_classes, class_index)
-        if plan.num_classes == 1 and len(plan.explained.shape) == 1:
-            seed = tf.ones_like(explained)
-        else:
-            seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
+    seed, classes = _seed_and_classes(explained, plan, class_index)
     gradients = tape.gradient(
         explained, watched, output_gradients=seed,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -276,6 +269,9 @@ def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], 
 
 def _seed_and_classes(explained: tf.Tensor, plan: ExplainPlan, class_index: tf.Tensor):
     """The output gradient that selects each example's explained class, and those classes."""
+    if plan.binary:
+        classes, seed = _binary_classes_and_seed(explained, class_index)
+        return seed, classes
     classes = _explained_classes(explained, plan.num_classes, class_index)
     if plan.num_classes == 1 and len(plan.explained.shape) == 1:
         seed = tf.ones_like(explained)
