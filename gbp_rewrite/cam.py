@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
-from gbp_rewrite import rules
+from gbp_rewrite import rules, tf_internals
 from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph.savedmodel import is_keras3_export
@@ -324,7 +324,7 @@ def _flat_body(function, output_keys: Sequence[str]):
         call = _common_call(tensors.values())
         if call is None or any(t.op.type != "Placeholder" or t.graph is not graph for t in call.inputs):
             return graph, feeds, tensors
-        inner = graph._get_function(call.get_attr("f").name)  # noqa: SLF001 - the restored body
+        inner = tf_internals.graph_function(graph, call.get_attr("f").name)  # the restored body
         if inner is None:
             return graph, feeds, tensors
         position = {t.name: i for i, t in enumerate(graph.inputs)}
