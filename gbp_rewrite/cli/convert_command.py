@@ -44,15 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to DST/N, N a number or 'next' (one more than the highest version in DST, 1 "
                              "when there is none); the folder appears only when complete.")
     common.add_bool(parser, "fold_batchnorms", "fold inference BatchNorms into the convolution before "
-                    "them in the explainable graph (SavedModels): fewer passes over the activations, "
-                    "forward and backward; predictions equal to float rounding, checked against the "
-                    "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
-    common.add_bool(parser, "cam", "also return `gradcam` ([batch, H, W] float32: Grad-CAM of the explained "
-                    "class at the last 4-D layer output, from the true gradient, scaled per example to [0, 1]) "
-                    "and `guided_gradcam` (the saliency times gradcam; class-sensitive). Image inputs only.")
-    parser.add_argument("--cam_layer", metavar="NAME", help="the layer Grad-CAM uses (a name, nested model, "
-                        "path or glob, as for --layers; default: the last 4-D [batch, h, w, c] output with "
-                        "h, w > 1). Implies --cam.")
+                    "them (SavedModels): fewer passes over the activations; predictions equal to "
+                    "float rounding, checked against the source; off keeps the source's arithmetic.", default=True)
+    common.add_bool(parser, "cam", "also return Grad-CAM: `gradcam`, `guided_gradcam`.")
+    parser.add_argument("--cam_layer", metavar="NAME", help="Grad-CAM's layer (as for --layers); implies --cam.")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
