@@ -21,6 +21,7 @@ _LAZY = {
     "inspect": ("gbp_rewrite.inspection", "inspect"),
     "guided_model": ("gbp_rewrite.keras.front_end", "guided_model"),
     "explain": ("gbp_rewrite.pictures.explainer", "explain"),
+    "sanity": ("gbp_rewrite.sanity_checks.run", "sanity"),
     "verify_export": ("gbp_rewrite.deploy.check", "verify_export"),
     "make_request": ("gbp_rewrite.serving.request", "make_request"),
     "decode_response": ("gbp_rewrite.serving.rest", "decode_response"),

@@ -55,6 +55,8 @@ def convert(
     portable: bool = False,
     tflite: str | os.PathLike | None = None,
     onnx: str | os.PathLike | None = None,
+    cam: bool = False,
+    cam_layer: str | None = None,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -110,6 +112,12 @@ def convert(
         portable; needs the 'tflite' extra), checked in LiteRT on the probe batch.
       onnx: also write it as this .onnx file (opset 17; implies portable; needs the 'onnx' extra),
         checked by onnx.checker and in onnxruntime on the probe batch.
+      cam: also return `gradcam` ([batch, H, W] float32, Grad-CAM of the explained class at the
+        chosen layer, from the true gradient) and `guided_gradcam` (the saliency times gradcam);
+        image inputs [batch, H, W, C] only (gbp_rewrite.cam).
+      cam_layer: the layer Grad-CAM uses (a name, nested model, path or glob, as for `layers`;
+        default: the last 4-D [batch, h, w, c] output with h, w > 1 before the explained output).
+        Implies cam=True.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -130,7 +138,8 @@ def convert(
     options = Options(layers=layers, exclude_layers=exclude_layers, rule=rule, signature=signature,
                       output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
                       serving=serving, portable=portable, tflite=None if tflite is None else Path(tflite),
-                      onnx=None if onnx is None else Path(onnx))
+                      onnx=None if onnx is None else Path(onnx),
+                      cam=cam or cam_layer is not None, cam_layer=cam_layer)
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:
@@ -169,7 +178,7 @@ def write_explainable(
                 expected = self_check.run_probe(prepared.source_forward, plan, probe)
         with rules.record_applications() as applied, phase("trace"), \
                 prepared.tensorflow_errors(f"trace the explainable signature over {plan.signature_key!r}"):
-            explainable = signatures.build_signatures(prepared.explained, plan)
+            explainable = signatures.build_signatures(prepared.explained, plan, cam=prepared.cam)
             explainable = serving_signatures.add_signatures(explainable, plan, serving_plan)
         if prepared.probe_while_tracing:
             with phase("probe (rest)"):

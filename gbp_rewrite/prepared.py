@@ -41,6 +41,8 @@ class Options:
     portable: bool = False
     tflite: Path | None = None
     onnx: Path | None = None
+    cam: bool = False
+    cam_layer: str | None = None
 
 
 @dataclasses.dataclass
@@ -66,6 +68,8 @@ class Prepared:
     # network that hides most of the probe's time. Only for restored functions (a Keras model's
     # Python call is not run from two threads).
     probe_while_tracing: bool = False
+    # Grad-CAM's options (gbp_rewrite.cam.CamOptions) for signatures.build_signatures, with --cam.
+    cam: Any = None
     # More checks on the traced explainable signatures (by key), for the report.
     after_trace: list[Callable[[dict], dict[str, str]]] = dataclasses.field(default_factory=list)
     # Files written with the export and checked after its self-check: (export dir, explainable

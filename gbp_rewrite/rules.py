@@ -131,7 +131,7 @@ def register_graph_gradients() -> None:
             return
         for rule in RULES.values():
             for op_type, fn in rule.gradients.items():
-                _register(gradient_op_type(rule.name, op_type), fn)
+                _register(gradient_op_type(rule.name, op_type), fn, RULES["vanilla"].gradients[op_type])
         _register_pass_through(SOFTMAX_PASS_THROUGH)
         _registered = True
 
@@ -192,9 +192,37 @@ def _note_name(name: str | None) -> None:
         seen.add(name)
 
 
-def _register(name: str, fn: GradientFn) -> None:
+# ---- Grad-CAM (gbp_rewrite.cam): the true ReLU gradient on demand ----------------------------
+# Grad-CAM's channel weights need the TRUE gradient of the score at a layer above which the ReLUs
+# carry a rule. Within `true_relu_gradients()`, the gradient functions registered here and the
+# `activation`s build the true ReLU/ReLU6 gradient (and record nothing), so a second symbolic
+# gradient over the same forward ops gives it; the softmax pass-through is unaffected.
+_true_mode = threading.local()
+
+
+@contextlib.contextmanager
+def true_relu_gradients():
+    """Within, on this thread, every rule's ReLU gradient is built as the true gradient."""
+    previous = getattr(_true_mode, "on", False)
+    _true_mode.on = True
+    try:
+        yield
+    finally:
+        _true_mode.on = previous
+
+
+def _true_gradients_on() -> bool:
+    return getattr(_true_mode, "on", False)
+# ---- end Grad-CAM -----------------------------------------------------------------------------
+
+
+def _register(name: str, rule_fn: GradientFn, true_fn: GradientFn) -> None:
     def _gradient(op, dy):
-        _note(op)
+        if _true_gradients_on():
+            fn = true_fn
+        else:
+            fn = rule_fn
+            _note(op)
         pooled = _gate_before_max_pool(fn, op, dy)
         return pooled if pooled is not None else fn(dy, op.outputs[0])
 
@@ -254,6 +282,8 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
         _note_name(forward_token(op_token(name, y)))
 
         def _gradient(dy):
+            if _true_gradients_on():
+                return RULES["vanilla"].gradient(op_type, dy, y)
             _note_name(op_token(name, y))
             return rule.gradient(op_type, dy, y)
 

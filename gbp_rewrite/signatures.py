@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from gbp_rewrite import tf_internals
 from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, some_names
+from gbp_rewrite import cam as cam_maps
 from gbp_rewrite.errors import OptionError, SignatureError
 from gbp_rewrite.graph.lean import finish_export
 from gbp_rewrite.graph.savedmodel import TensorDesc
@@ -59,6 +60,7 @@ class ExplainPlan:
     # A binary sigmoid output ([batch] or [batch, 1] probability p of class 1): class 1 is explained
     # where p > 0.5, else class 0, whose score is the negated one (-z, or 1 - p).
     binary: bool = False
+    cam_outputs: tuple[str, ...] = ()  # gradcam, guided_gradcam with --cam (gbp_rewrite.cam)
 
     @property
     def explained(self) -> TensorDesc:
@@ -76,7 +78,8 @@ class ExplainPlan:
         return 2 if self.binary else self.num_classes
 
     def output_keys(self) -> list[str]:
-        return list(self.outputs) + list(self.saliency_outputs) + list(self.saliency_maps) + [EXPLAINED_CLASS]
+        return (list(self.outputs) + list(self.saliency_outputs) + list(self.saliency_maps)
+                + list(self.cam_outputs) + [EXPLAINED_CLASS])
 
 
 def check_score(score: str) -> None:
@@ -154,10 +157,12 @@ def make_plan(
     *,
     output: str | None = None,
     saliency_map: bool = False,
+    cam: bool = False,
 ) -> ExplainPlan:
     """Check that the signature can be explained and decide the layout of the exported one.
 
-    `saliency_map` adds a [batch, H, W] heat map output per saliency (image inputs only).
+    `saliency_map` adds a [batch, H, W] heat map output per saliency (image inputs only); `cam`
+    adds `gradcam` and `guided_gradcam` (gbp_rewrite.cam; one image input only).
     """
     _check_input_keys(signature_key, inputs)
     float_inputs = [k for k, d in inputs.items() if d.dtype is not None and d.dtype.is_floating]
@@ -175,14 +180,18 @@ def make_plan(
     else:
         saliency = {f"{SALIENCY}_{k}": k for k in float_inputs}
     maps = _saliency_maps(signature_key, inputs, saliency) if saliency_map else {}
-    clashes = sorted((set(saliency) | set(maps) | {EXPLAINED_CLASS}) & set(outputs))
+    cam_outputs = cam_maps.OUTPUT_KEYS if cam else ()
+    clashes = sorted((set(saliency) | set(maps) | set(cam_outputs) | {EXPLAINED_CLASS}) & set(outputs))
     if clashes or CLASS_INDEX in inputs:
         taken = ", ".join(clashes + ([CLASS_INDEX] if CLASS_INDEX in inputs else []))
         raise SignatureError(
             f"signature {signature_key!r} already uses the name(s) {taken}, which the explainable "
             "signature adds; rename them in the source model"
         )
-    return ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key, maps)
+    plan = ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key, maps, cam_outputs)
+    if cam:
+        cam_maps.check_plan(plan)
+    return plan
 
 
 def _saliency_maps(signature_key: str, inputs: Mapping[str, TensorDesc], saliency: dict[str, str]) -> dict[str, str]:
@@ -246,20 +255,39 @@ def _explain(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], 
         tape.watch(watched)
         outputs = dict(forward(inputs))
     explained = outputs[plan.output_key]
-    if plan.binary:
-        classes, seed = _binary_classes_and_seed(explained, class_index)
-    else:
-        classes = _explained_classes(explained, plan.num_classes, class_index)
-        if plan.num_classes == 1 and len(plan.explained.shape) == 1:
-            seed = tf.ones_like(explained)
-        else:
-            seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
+    seed, classes = _seed_and_classes(explained, plan, class_index)
     gradients = tape.gradient(
         explained, watched, output_gradients=seed,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
     result = {key: outputs[key] for key in plan.outputs}
     result.update(zip(plan.saliency_outputs, gradients))
+    for map_key, saliency_key in plan.saliency_maps.items():
+        result[map_key] = _saliency_map(result[saliency_key])
+    result[EXPLAINED_CLASS] = classes
+    return result
+
+
+def _seed_and_classes(explained: tf.Tensor, plan: ExplainPlan, class_index: tf.Tensor):
+    """The output gradient that selects each example's explained class, and those classes."""
+    if plan.binary:
+        classes, seed = _binary_classes_and_seed(explained, class_index)
+        return seed, classes
+    classes = _explained_classes(explained, plan.num_classes, class_index)
+    if plan.num_classes == 1 and len(plan.explained.shape) == 1:
+        seed = tf.ones_like(explained)
+    else:
+        seed = tf.one_hot(classes, plan.num_classes, dtype=explained.dtype)
+    return seed, classes
+
+
+def _explain_with_cam(forward: Forward, plan: ExplainPlan, inputs: dict[str, tf.Tensor], class_index: tf.Tensor,
+                      cam: cam_maps.CamOptions):
+    """_explain's outputs plus gradcam and guided_gradcam, from the same forward pass (gbp_rewrite.cam)."""
+    result, classes = cam_maps.explain(
+        forward, plan, inputs, class_index, cam,
+        seed_and_classes=lambda explained: _seed_and_classes(explained, plan, class_index),
+    )
     for map_key, saliency_key in plan.saliency_maps.items():
         result[map_key] = _saliency_map(result[saliency_key])
     result[EXPLAINED_CLASS] = classes
@@ -313,11 +341,15 @@ def _checked_classes(class_index: tf.Tensor, batch_input: tf.Tensor, num_classes
         return tf.identity(class_index)
 
 
-def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.experimental.ConcreteFunction]:
+def build_signatures(
+    forward: Forward, plan: ExplainPlan, *, cam: cam_maps.CamOptions | None = None,
+) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """The two explainable signatures as concrete functions, keyed by signature name.
 
     Both call one traced core, so the forward and backward graphs are built (and saved) once;
-    `serving_default` passes class -1 ("the top class") for every example.
+    `serving_default` passes class -1 ("the top class") for every example. With `cam` (a plan
+    made with cam=True), `forward` must build its ops inline (gbp_rewrite.cam) and the core also
+    returns gradcam and guided_gradcam; `cam.chosen` names the layer afterwards.
     """
     specs = {key: desc.spec() for key, desc in plan.inputs.items()}
     batch_source = next(iter(plan.saliency_outputs.values()))
@@ -325,6 +357,8 @@ def build_signatures(forward: Forward, plan: ExplainPlan) -> dict[str, tf.types.
     # autograph=False: no Python control flow depends on tensors here, and tracing is faster.
     @tf.function(autograph=False)
     def core(inputs, class_index):
+        if cam is not None:
+            return _explain_with_cam(forward, plan, inputs, class_index, cam)
         return _explain(forward, plan, inputs, class_index)
 
     @tf.function(autograph=False)

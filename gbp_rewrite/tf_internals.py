@@ -110,10 +110,17 @@ def _check_gradient_attr() -> None:
         raise missing_api_error(f"the NodeDef attr {GRADIENT_OP_TYPE_ATTR!r} set by gradient_override_map", why) from None
 
 
+def _check_graph_functions() -> None:
+    """tf.Graph must still keep the functions it calls by name in `_get_function`."""
+    if not callable(getattr(tf.Graph(), "_get_function", None)):
+        raise missing_api_error("tf.Graph._get_function", "inline a restored signature's body for --cam")
+
+
 def check_tensorflow() -> None:
     for api in TENSORFLOW_APIS:
         api.resolve()
     _check_gradient_attr()
+    _check_graph_functions()
 
 
 gen_nn_ops = importlib.import_module(GEN_NN_OPS)
@@ -148,6 +155,12 @@ def is_registered_op(op_type: str) -> bool:
 def kernel_devices(op_type: str) -> set[str]:
     """The device types with a kernel registered for `op_type` ('CPU', 'GPU', 'DEFAULT', ...)."""
     return {k.device_type for k in TENSORFLOW_APIS[7].resolve()(op_type).kernel}
+
+
+def graph_function(graph: tf.Graph, name: str):
+    """The function `graph` calls under `name` (a restored function's body; None if it has none).
+    tf.Graph keeps no public accessor; gbp_rewrite.cam inlines a signature's body with it."""
+    return graph._get_function(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,14 @@ def test_the_gradient_attr_check_fails_when_tensorflow_reads_another_attr(monkey
         tf_internals.check_tensorflow()
 
 
+def test_the_graph_function_check_fails_without_get_function(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.delattr(tf.Graph, "_get_function")
+    with pytest.raises(UnsupportedTensorFlowError, match=r"no tf\.Graph\._get_function .*--cam"):
+        tf_internals.check_tensorflow()
+
+
 def test_a_missing_keras_api_names_itself(monkeypatch):
     from keras.src.saving import serialization_lib
 

@@ -26,12 +26,13 @@ from absl.flags import argparse_flags  # noqa: E402
 
 from gbp_rewrite._version import __version__  # noqa: E402
 from gbp_rewrite.cli import common, convert_command, explain_command, inspect_command  # noqa: E402
-from gbp_rewrite.cli import decode_command, request_command, verify_command  # noqa: E402
+from gbp_rewrite.cli import decode_command, request_command, sanity_command, verify_command  # noqa: E402
 from gbp_rewrite.cli.common import PROGRAM, UsageError  # noqa: E402
 from gbp_rewrite.errors import GbpError, one_line  # noqa: E402
 
 COMMANDS = {module.NAME: module for module in (inspect_command, convert_command, explain_command,
-                                               verify_command, request_command, decode_command)}
+                                               verify_command, request_command, decode_command,
+                                               sanity_command)}
 EXIT_STATUS = "Exit status: 0 success, 1 the job failed (a one-line reason on stderr), 2 bad usage."
 
 

@@ -40,17 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "inputs only).")
     common.add_bool(parser, "overwrite", "replace DST if it exists (otherwise it is left untouched).")
     parser.add_argument("--serving_version", type=_serving_version, metavar="N|next",
-                        help="write TF Serving's layout: DST is the model's base path and the export goes "
-                             "to DST/N, N a number or 'next' (one more than the highest version in DST, 1 "
-                             "when there is none); the folder appears only when complete.")
+                        help="write TF Serving's layout: the export goes to DST/N, N a number or 'next' "
+                             "(docs/deployment.md); the folder appears only when complete.")
     common.add_bool(parser, "fold_batchnorms", "fold inference BatchNorms into the convolution before "
-                    "them in the explainable graph (SavedModels): fewer passes over the activations, "
-                    "forward and backward; predictions equal to float rounding, checked against the "
-                    "source. --nofold_batchnorms keeps the source's arithmetic exactly.", default=True)
+                    "them (SavedModels): fewer passes over the activations; predictions equal to "
+                    "float rounding, checked against the source; off keeps the source's arithmetic.", default=True)
     # Serving options (gbp_rewrite.serving.serving_signatures; docs/serving-in-production.md).
-    common.add_bool(parser, "image_bytes_signature", "also write `serving_bytes` and `explain_class_bytes`: "
-                    "encoded images in (`image_bytes`), decoded, resized and preprocessed in the graph; "
-                    "`image_size` out.")
+    common.add_bool(parser, "image_bytes_signature", "also write `serving_bytes`, `explain_class_bytes`: "
+                    "encoded images in, decoded in the graph.")
     parser.add_argument("--preprocess", choices=common.PREPROCESS_MODES,
                         help="with --image_bytes_signature: the preprocessing done in the graph, as for "
                              "explain (default: unit).")
@@ -59,12 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--saliency_map on.")
     common.add_bool(parser, "saliency_png", "also return `saliency_png_bytes`, each example's heat map as a "
                     "PNG; turns --saliency_map on.")
-    common.add_bool(parser, "portable", "build the whole signature, gradient included, from ops that TFLite "
-                    "builtins and ONNX both have (SavedModels only).")
+    common.add_bool(parser, "portable", "build the signature, gradient included, from ops TFLite and ONNX "
+                    "both have (SavedModels).")
     parser.add_argument("--tflite", metavar="FILE", help="also write this .tflite file, checked in LiteRT "
                         "(implies --portable; extra 'tflite').")
     parser.add_argument("--onnx", metavar="FILE", help="also write this .onnx file, checked in onnxruntime "
                         "(implies --portable; extra 'onnx').")
+    common.add_bool(parser, "cam", "also return Grad-CAM: `gradcam`, `guided_gradcam`.")
+    parser.add_argument("--cam_layer", metavar="NAME", help="Grad-CAM's layer (as for --layers); implies --cam.")
     common.add_json(parser)
     common.add_unsafe_deserialization(parser)
     common.add_allow_file_ops(parser)
@@ -87,5 +86,6 @@ def run(args: argparse.Namespace) -> None:
         preprocess=args.preprocess or "unit", saliency_map_dtype=args.saliency_map_dtype,
         saliency_png=args.saliency_png,
         portable=args.portable, tflite=args.tflite, onnx=args.onnx,
+        cam=args.cam, cam_layer=args.cam_layer,
     )
     common.emit(report, args)

@@ -17,9 +17,9 @@ NAME = "explain"
 SUMMARY = ("Run an explainable MODEL (written by `convert`) on image files (--image or --dir) and write "
            "per image <stem>_figure.png (the image, the overlay and the guided-backprop picture side by "
            "side, with the class and score: look at it first), the heat map, overlay and guided picture "
-           "as PNG, plus results.csv and summary.json, into --out. Exit status 1 if any image could not "
-           "be explained. With --runner: the same as an Apache Beam pipeline over the files of --glob "
-           "(sharded results-*.csv/.jsonl).")
+           "as PNG (and the Grad-CAM pictures of an export converted with --cam), plus results.csv and "
+           "summary.json, into --out. Exit status 1 if any image could not be explained. With --runner: "
+           "the same as an Apache Beam pipeline over the files of --glob (sharded results-*.csv/.jsonl).")
 TAKES_PASSTHROUGH = True  # Beam's pipeline options after `--` (with --runner)
 
 

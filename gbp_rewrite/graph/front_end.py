@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from gbp_rewrite import cam as cam_maps
 from gbp_rewrite import rules, security, self_check, signatures, write
 from gbp_rewrite.conventions import REPORT_PATH
 from gbp_rewrite.errors import SignatureError, SourceModelError
@@ -43,7 +44,7 @@ def prepare(
     write.check_destination(destination, source=source, overwrite=options.overwrite)
     signature_desc = model.signature(signature)
     plan = signatures.make_plan(signature, signature_desc.inputs, signature_desc.outputs,
-                                output=options.output, saliency_map=options.saliency_map)
+                                output=options.output, saliency_map=options.saliency_map, cam=options.cam)
     serving_signatures.make_serving_plan(plan, options.serving)  # refuse early, before anything is loaded
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
     selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers, rule=rule)
@@ -71,6 +72,11 @@ def prepare(
         # signature is traced over the folded twin when there is one.
         source_signature = loaded.signatures[signature]
         source_fn = loaded.signatures[patched.folded_signature or signature]
+        explained, cam_options = (lambda inputs: source_fn(**inputs)), None
+        if options.cam:  # the forward ops inline, so the chosen layer's activation is at hand
+            cam_options = cam_maps.graph_options(model.meta_graph, options.cam_layer)
+            explained = cam_maps.inline_forward(source_fn, list(plan.outputs),
+                                                variables=signatures.variables_of(loaded))
         checks = {}
         if patched.folded_batchnorms:
             checks["batchnorm folding"] = (
@@ -82,14 +88,15 @@ def prepare(
             score_plan=scoring.name, owner=loaded,
             sites=lambda applied: _site_entries(found, selection, _reached_sites(selection, applied, on_path),
                                                 passed_through={s.key for s in scoring.pass_through}),
-            explained=lambda inputs: source_fn(**inputs),
+            explained=explained, cam=cam_options,
             source_forward=lambda inputs: source_signature(**inputs),
             check_applied=lambda applied: _check_applied(
                 selection, scoring.pass_through, applied, _reached_sites(selection, applied, on_path), rule),
             kept_signatures=_kept_signatures(model, loaded, signature), checks=checks,
             warnings=file_op_warnings, probe_while_tracing=True,
             tensorflow_errors=lambda doing: validation.tensorflow_errors(doing, source=source),
-            after_trace=[_portable_ops_check(model, signature)] if options.portable else [],
+            after_trace=([_portable_ops_check(model, signature)] if options.portable else [])
+                        + _cam_layer(cam_options),
             write_beside=_portable_files_writer(staged, plan, signature) if staged.temporary else None,
         )
 
@@ -153,6 +160,13 @@ def _reached_sites(selection: Selection, applied: set[str], on_path: set[tuple[s
     gradient was built for the op (the recorder), and the op is on the explained output's gradient
     path (a restored function's gradient is built for all its outputs at once, other heads too)."""
     return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
+
+
+def _cam_layer(cam_options) -> list:
+    """The report's line naming the layer Grad-CAM chose (known once the signatures are traced)."""
+    if cam_options is None:
+        return []
+    return [lambda explainable: {"grad-cam layer": cam_options.chosen.describe()}]
 
 
 def _site_entries(found, selection: Selection, reached: set[tuple[str, str]], *,

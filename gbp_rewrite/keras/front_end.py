@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import keras
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from gbp_rewrite import cam as cam_maps
 from gbp_rewrite import rules, self_check, signatures, tf_internals, write
 from gbp_rewrite.graph import sites
 from gbp_rewrite.keras import loading as keras_loading, signature as keras_signature, sites as keras_sites
@@ -94,7 +95,8 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     The export has the graph path's layout (`serving_default` with the model's outputs, `saliency`
     and `explained_class`; `explain_class`), report and self-check; the options mean what they
     mean for `gbp_rewrite.convert`. `safe_mode=False` allows loading files with Lambda layers,
-    whose Python code runs while the file is loaded.
+    whose Python code runs while the file is loaded. `options.cam`/`cam_layer`: Grad-CAM
+    outputs, as for `gbp_rewrite.convert`.
     """
     if options.portable:
         raise OptionError(
@@ -106,8 +108,9 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     write.check_destination(destination, source=loaded.path, overwrite=options.overwrite)
     rewrite = plan_rewrite(loaded.model, layers=options.layers, exclude_layers=options.exclude_layers,
                            rule=options.rule, score=options.score, output=options.output,
-                           saliency_map=options.saliency_map)
+                           saliency_map=options.saliency_map, cam=options.cam)
     clone = clone_model(loaded.model, rewrite.replacements)
+    cam_spec = cam_options(clone, options.cam_layer) if options.cam else None
     yield Prepared(
         source=loaded.description, source_format=loaded.format, plan=rewrite.plan,
         score_note=rewrite.score.note, score_plan=rewrite.score.name,
@@ -115,6 +118,8 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
         owner=clone, explained=lambda inputs: rewrite.signature.call(clone, inputs),
         source_forward=lambda inputs: rewrite.signature.call(loaded.model, inputs),
         check_applied=lambda applied: _check_applied(rewrite, applied, options.rule), warnings=rewrite.warnings,
+        cam=cam_spec,
+        after_trace=[] if cam_spec is None else [lambda explainable: {"grad-cam layer": cam_spec.chosen.describe()}],
     )
 
 
@@ -131,13 +136,14 @@ def plan_rewrite(
     score: str,
     output: str | None,
     saliency_map: bool = False,
+    cam: bool = False,
 ) -> Rewrite:
     """Find and select the sites, and decide how the clone replaces each chosen layer."""
     rules.get_rule(rule)
     signatures.check_score(score)
     signature = keras_signature.describe(model)
     plan = signatures.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
-                                 saliency_map=saliency_map)
+                                saliency_map=saliency_map, cam=cam)
     graph = keras_sites.trace(model, signature)
     found = keras_sites.find_sites(model, signature, graph=graph)
     selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule)
@@ -354,6 +360,12 @@ def _copy_weights(model, clone) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Conversion helpers
+
+
+def cam_options(clone, cam_layer: str | None) -> cam_maps.CamOptions:
+    """Grad-CAM's layer naming for the clone's ops, traced inline (the layer paths sites uses)."""
+    known = frozenset(name for path in keras_sites.layer_tree(clone) for name in path)
+    return cam_maps.CamOptions(cam_layer, known=known, keras3=True)
 
 
 def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:

@@ -6,7 +6,9 @@ For each image: <stem>_figure.png (the image, the overlay and the guided picture
 captioned with the class name and score: the one to look at first), <stem>_heatmap.png (the
 saliency as a heat map), <stem>_overlay.png (the heat blended over the image by the heat) and
 <stem>_guided.png (the guided-backpropagation picture), all at the image's own size enlarged to
-at least 224 px (gbp_rewrite.pictures.render); with top_k, <stem>_top<k>_* per class. For the
+at least 224 px (gbp_rewrite.pictures.render); with top_k, <stem>_top<k>_* per class. For an
+export converted with --cam also <stem>_gradcam.png (the Grad-CAM heat over the image) and
+<stem>_guided_gradcam.png, at the same size. For the
 run: results.csv (one line per explained class) and summary.json; a later run into the same
 folder first removes the pictures this summary lists. Images stream through tf.data in batches and every batch is written before the next
 is run, so memory does not grow with the number of images. Images that cannot be explained
@@ -27,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gbp_rewrite.pictures import images, render
+from gbp_rewrite.pictures import cam_pictures, images, render
 from gbp_rewrite import security, write
 from gbp_rewrite.errors import ImageError, OptionError, OutputError, RenderError, SourceModelError, one_line
 from gbp_rewrite.conventions import CLASS_INDEX, EXPLAIN_CLASS_SIGNATURE, EXPLAINED_CLASS, REPORT_JSON, untrained_warning
@@ -52,6 +54,7 @@ class ExplainableModel:
     spec: images.InputSpec
     loaded: object  # the restored SavedModel
     binary: bool = False  # one sigmoid unit p: class 1 scores p, class 0 scores 1 - p
+    cam_keys: tuple[str, ...] = ()  # gradcam, guided_gradcam when converted with --cam
 
     def run(self, pixels: np.ndarray, class_index: int | np.ndarray | None) -> dict[str, np.ndarray]:
         """Outputs of the signature for one batch: the explained output, saliency, class.
@@ -64,7 +67,8 @@ class ExplainableModel:
         else:
             classes = tf.constant(np.broadcast_to(np.asarray(class_index, np.int64), [len(pixels)]))
             outputs = signatures[EXPLAIN_CLASS_SIGNATURE](**inputs, **{CLASS_INDEX: classes})
-        return {key: outputs[key].numpy() for key in (self.output_key, self.saliency_key, EXPLAINED_CLASS)}
+        keys = (self.output_key, self.saliency_key, EXPLAINED_CLASS, *self.cam_keys)
+        return {key: outputs[key].numpy() for key in keys}
 
 
 @dataclasses.dataclass
@@ -78,6 +82,7 @@ class Explained:
     saliency: np.ndarray  # [H, W, 3], the model's input size
     encoded: bytes  # the file's bytes, to decode the image at its own size
     rank: int = 1  # 1 for the top class (or the class asked for), k for the k-th best with top_k
+    cam: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # gradcam, guided_gradcam
 
     def image(self) -> np.ndarray:
         return images.decode_rgb(self.encoded).numpy()
@@ -171,8 +176,9 @@ def load_model(path: str | os.PathLike, *, allow_file_ops: bool = False) -> Expl
     spec = _input_spec(path, input_key, serve.structured_input_signature[1][input_key])
     output_shape = serve.structured_outputs[output_key].shape
     num_classes = 2 if binary else 1 if output_shape.rank == 1 else int(output_shape[-1])
+    cam_keys = cam_pictures.cam_outputs(serve.structured_outputs)
     return ExplainableModel(str(path), signature_key, input_key, saliency_key, output_key, num_classes,
-                            spec, loaded, binary)
+                            spec, loaded, binary, cam_keys)
 
 
 def _not_explainable(path: Path, why: str) -> SourceModelError:
@@ -291,7 +297,8 @@ def _best_classes(model: ExplainableModel, values: np.ndarray, k: int) -> np.nda
 
 
 def _explained(model, outputs, n: int, index: int, paths, encoded: bytes, rank: int = 1) -> Explained:
-    return Explained(index, paths[index], *explained_values(model, outputs, n), encoded, rank)
+    cam = {key: outputs[key][n] for key in model.cam_keys}  # empty unless converted with --cam
+    return Explained(index, paths[index], *explained_values(model, outputs, n), encoded, rank, cam)
 
 
 def explained_values(model: ExplainableModel, outputs: dict[str, np.ndarray], n: int) -> tuple[int, float, np.ndarray]:
@@ -382,7 +389,7 @@ def explain(
     }
     failed: list[Failed] = []
     explained = done = 0
-    with ResultFiles(out_dir, header) as results:
+    with ResultFiles(out_dir, header, cam=bool(loaded.cam_keys)) as results:
         for batch in explain_batches(loaded, paths, class_index=class_index, top_k=top_k,
                                      preprocess=preprocess, batch_size=batch_size,
                                      grayscale_to_rgb=grayscale_to_rgb):
@@ -460,8 +467,11 @@ def _unique_stems(paths: Sequence[str]) -> list[str]:
 def _render(item: Explained, out_dir: Path, stem: str, caption: str, drawing: dict) -> dict[str, str] | Failed:
     """Write the item's pictures: {kind: file name}, or Failed if its saliency is unusable."""
     try:
-        written = render.render_all(item.image(), item.saliency, out_dir=out_dir, stem=stem,
+        image = item.image()
+        written = render.render_all(image, item.saliency, out_dir=out_dir, stem=stem,
                                     caption=caption, **drawing)
+        if item.cam:
+            written.update(cam_pictures.render_cam(image, item.cam, out_dir=out_dir, stem=stem))
     except RenderError as e:  # e.g. a NaN saliency: this image fails, the run goes on
         return Failed(item.index, item.file, f"cannot render the saliency: {e}")
     except OSError as e:

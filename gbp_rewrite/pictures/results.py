@@ -6,6 +6,7 @@ on; summary.json is written under a temporary name and renamed when the run ends
 summary.json that exists is always complete, valid JSON.
 
     results.csv   file,status,class,label,rank,score,figure,heatmap,overlay,guided,reason
+                  (with Grad-CAM in the export: ...,guided,gradcam,guided_gradcam,reason)
     summary.json  {<run settings>, "images": [{"file", "status", "class", "label", "rank", "score",
                    "outputs"} or {"file", "status", "reason"}, ...], "skipped": [...],
                    "counts": {...}, "seconds"}
@@ -30,32 +31,42 @@ SUMMARY_JSON = "summary.json"
 CSV_COLUMNS = ("file", "status", "class", "label", "rank", "score", "figure", "heatmap", "overlay",
                "guided", "reason")
 PICTURES = ("figure", "heatmap", "overlay", "guided")
+CAM_PICTURES = ("gradcam", "guided_gradcam")  # exports converted with --cam (gbp_rewrite.cam)
+
+
+def csv_columns(*, cam: bool = False) -> tuple[str, ...]:
+    """results.csv's columns: CSV_COLUMNS, with the Grad-CAM pictures before `reason` if `cam`."""
+    return CSV_COLUMNS[:-1] + (CAM_PICTURES if cam else ()) + CSV_COLUMNS[-1:]
 
 
 def explained_entry(file: str, class_index: int, score: float, pictures: Mapping[str, str], *,
-                    label: str | None = None, rank: int = 1) -> tuple[list, dict]:
-    """An explained image's results.csv row (CSV_COLUMNS) and summary.json record."""
+                    label: str | None = None, rank: int = 1, cam: bool = False) -> tuple[list, dict]:
+    """An explained image's results.csv row (csv_columns(cam=cam)) and summary.json record."""
+    kinds = PICTURES + (CAM_PICTURES if cam else ())
     row = [file, "explained", class_index, label or "", rank, repr(float(score)),
-           *(pictures[kind] for kind in PICTURES), ""]
+           *(pictures[kind] for kind in kinds), ""]
     record = {"file": file, "status": "explained", "class": class_index, "label": label, "rank": rank,
-              "score": float(score), "outputs": {kind: pictures[kind] for kind in PICTURES}}
+              "score": float(score), "outputs": {kind: pictures[kind] for kind in kinds}}
     return row, record
 
 
-def failed_entry(file: str, reason: str) -> tuple[list, dict]:
-    """A failed image's results.csv row (CSV_COLUMNS) and summary.json record."""
-    return [file, "failed", *[""] * (len(CSV_COLUMNS) - 3), reason], {"file": file, "status": "failed", "reason": reason}
+def failed_entry(file: str, reason: str, *, cam: bool = False) -> tuple[list, dict]:
+    """A failed image's results.csv row (csv_columns(cam=cam)) and summary.json record."""
+    blanks = [""] * (len(csv_columns(cam=cam)) - 3)
+    return [file, "failed", *blanks, reason], {"file": file, "status": "failed", "reason": reason}
 
 
 class ResultFiles:
     """Writes results.csv and summary.json in `out_dir`; use as a context manager."""
 
-    def __init__(self, out_dir: Path, header: Mapping[str, Any]):
+    def __init__(self, out_dir: Path, header: Mapping[str, Any], *, cam: bool = False):
         self.csv_path = out_dir / RESULTS_CSV
         self.json_path = out_dir / SUMMARY_JSON
         self._json_tmp = out_dir / f".{SUMMARY_JSON}.{os.getpid()}.tmp"
         self._header = dict(header)
         self._counts = {"explained": 0, "failed": 0}
+        self._cam = cam
+        self._columns = csv_columns(cam=cam)
 
     def __enter__(self) -> "ResultFiles":
         try:
@@ -65,7 +76,7 @@ class ResultFiles:
         except OSError as e:
             raise OutputError(f"cannot write the results in '{self.csv_path.parent}': {e.strerror}") from None
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(CSV_COLUMNS)
+        self._csv.writerow(self._columns)
         self._json_file.write("{\n")
         for key, value in self._header.items():
             self._json_file.write(f"  {json.dumps(key)}: {json.dumps(value)},\n")
@@ -75,10 +86,10 @@ class ResultFiles:
 
     def add_explained(self, file: str, class_index: int, score: float, pictures: Mapping[str, str], *,
                       label: str | None = None, rank: int = 1) -> None:
-        self._add(*explained_entry(file, class_index, score, pictures, label=label, rank=rank))
+        self._add(*explained_entry(file, class_index, score, pictures, label=label, rank=rank, cam=self._cam))
 
     def add_failed(self, file: str, reason: str) -> None:
-        self._add(*failed_entry(file, reason))
+        self._add(*failed_entry(file, reason, cam=self._cam))
 
     def _add(self, row: list, record: dict) -> None:
         self._csv.writerow(row)

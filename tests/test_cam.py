@@ -1,0 +1,239 @@
+"""convert --cam: gradcam and guided_gradcam against the float64 numpy reference (numpy_reference.grad_cam).
+
+The model has a ReLU in the head above the Grad-CAM layer whose upstream gradient is negative for
+some units, so Grad-CAM weights from guided gradients would differ (test_guided_head_would_differ
+proves the reference tells them apart on these inputs). Built flat and with a nested backbone, on
+the Keras path and the graph path (Keras 3 export, TF1 graph, tf-keras SavedModel).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gbp_rewrite
+import model_zoo
+import numpy_reference as ref
+from conftest import INPUT_SHAPE, assert_close_relative, reference_inputs
+from gbp_rewrite.errors import GbpError, OptionError, SignatureError
+
+
+def cam_spec(seed: int = 7):
+    """conv1 relu, max-pool, conv2 relu (the Grad-CAM layer, 4x4), gap, fc relu, logits softmax."""
+    rng = np.random.default_rng(seed)
+    return [
+        ref._random_conv(rng, "conv1", 3, 4, activation="relu"),
+        {"type": "maxpool", "name": "pool1", "pool": 2, "strides": 2},
+        ref._random_conv(rng, "conv2", 4, 6, activation="relu"),
+        {"type": "gap", "name": "gap"},
+        ref._random_dense(rng, "fc", 6, 6, activation="relu"),
+        ref._random_dense(rng, "logits", 6, 5, gain=2.0),
+        {"type": "softmax", "name": "softmax"},
+    ]
+
+
+SPEC = cam_spec()
+BACKBONE = 3  # layers conv1, pool1, conv2 form the nested backbone
+
+
+def nested_keras_model(spec):
+    """The same function with conv1..conv2 inside a nested functional model 'backbone'."""
+    import keras
+
+    inner_input = keras.Input(shape=INPUT_SHAPE)
+    backbone = keras.Model(inner_input, ref._keras_layers(keras, spec[:BACKBONE], inner_input), name="backbone")
+    outer_input = keras.Input(shape=INPUT_SHAPE, name="image")
+    outputs = ref._keras_layers(keras, spec[BACKBONE:], backbone(outer_input))
+    return keras.Model(outer_input, outputs, name="outer")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Source models by case name, built on first use."""
+    root = tmp_path_factory.mktemp("cam_sources")
+    built = {}
+
+    def source(case: str):
+        if case not in built:
+            if case == "keras_path":
+                built[case] = ref.keras_model(SPEC, INPUT_SHAPE)
+            elif case == "keras_path_nested":
+                built[case] = nested_keras_model(SPEC)
+            elif case == "keras3_nested":
+                built[case] = root / case
+                nested_keras_model(SPEC).export(str(root / case), verbose=False)
+            else:
+                built[case] = model_zoo.FAMILIES[case](SPEC, INPUT_SHAPE, root / case)
+        return built[case]
+
+    return source
+
+
+@pytest.fixture(scope="module")
+def exports(sources, tmp_path_factory):
+    """(export dir, report) by (case, options), converted once."""
+    root = tmp_path_factory.mktemp("cam_exports")
+    done = {}
+
+    def export(case: str, **options):
+        key = (case, tuple(sorted(options.items())))
+        if key not in done:
+            destination = root / f"{case}-{len(done)}"
+            done[key] = (destination, gbp_rewrite.convert(sources(case), destination, **options))
+        return done[key]
+
+    return export
+
+
+def _run(export_dir: Path, x: np.ndarray, **extra) -> dict[str, np.ndarray]:
+    signature = tf.saved_model.load(str(export_dir)).signatures["explain_class" if extra else "serving_default"]
+    (key,) = [k for k in signature.structured_input_signature[1] if k != "class_index"]
+    extra = {k: tf.constant(v, tf.int64) for k, v in extra.items()}
+    return {k: v.numpy() for k, v in signature(**{key: tf.constant(x)}, **extra).items()}
+
+
+CASES = ["keras_path", "keras_path_nested", "keras3", "keras3_nested", "tf1", "tf_keras"]
+LAYER = {"keras_path_nested": "backbone/conv2", "keras3_nested": "backbone/conv2"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcam_equals_numpy_reference(exports, case):
+    export_dir, report = exports(case, cam=True)
+    x = reference_inputs(SPEC)
+    outputs = _run(export_dir, x)
+    heat, guided, classes = ref.grad_cam(SPEC, x, layer="conv2")
+    np.testing.assert_array_equal(outputs["explained_class"], classes)
+    assert outputs["gradcam"].dtype == np.float32 and outputs["gradcam"].shape == x.shape[:3]
+    assert_close_relative(outputs["gradcam"], heat)
+    assert outputs["guided_gradcam"].shape == x.shape and outputs["guided_gradcam"].dtype == x.dtype
+    assert_close_relative(outputs["guided_gradcam"], guided)
+    expected_saliency, _ = ref.saliency(SPEC, x)
+    assert_close_relative(outputs["saliency"], expected_saliency)
+    assert report.checks["grad-cam layer"] == f"layer '{LAYER.get(case, 'conv2')}', output [?, 4, 4, 6]"
+
+
+def test_explain_class_gradcam_equals_reference_for_other_classes(exports):
+    export_dir, _ = exports("keras3", cam=True)
+    x = reference_inputs(SPEC)
+    classes = (ref.forward(SPEC, x).argmax(-1) + 2) % 5
+    outputs = _run(export_dir, x, class_index=classes)
+    heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+
+
+def test_guided_head_would_differ():
+    """The test above has power: Grad-CAM with guided head gradients gives other maps here."""
+    x = reference_inputs(SPEC)
+    true_heat, _, _ = ref.grad_cam(SPEC, x, layer="conv2")
+    guided_heat, _, _ = ref.grad_cam(SPEC, x, layer="conv2", head_rule="guided")
+    assert np.max(np.abs(true_heat - guided_heat)) > 0.05
+
+
+def test_paths_agree(exports):
+    x = reference_inputs(SPEC, seed=11)
+    keras_outputs = _run(exports("keras_path", cam=True)[0], x)
+    graph_outputs = _run(exports("keras3", cam=True)[0], x)
+    for key in ("gradcam", "guided_gradcam", "saliency"):
+        np.testing.assert_allclose(keras_outputs[key], graph_outputs[key], rtol=0, atol=1e-5)
+
+
+def test_saliency_unchanged_by_cam(exports):
+    x = reference_inputs(SPEC, seed=5)
+    with_cam = _run(exports("keras3", cam=True)[0], x)
+    without = _run(exports("keras3")[0], x)
+    assert "gradcam" not in without
+    np.testing.assert_allclose(with_cam["saliency"], without["saliency"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(with_cam["output_0"], without["output_0"])
+
+
+@pytest.mark.parametrize("case,cam_layer,expected", [
+    ("keras3", "pool1", "layer 'pool1', output [?, 4, 4, 4]"),
+    ("keras_path", "conv1", "layer 'conv1', output [?, 8, 8, 4]"),
+    ("tf1", "conv1", "layer 'conv1', output [?, 8, 8, 4]"),
+    ("tf_keras", "pool*", "layer 'pool1', output [?, 4, 4, 4]"),
+    ("keras3_nested", "backbone", "layer 'backbone/conv2', output [?, 4, 4, 6]"),
+])
+def test_cam_layer_chooses_the_named_layer(exports, case, cam_layer, expected):
+    export_dir, report = exports(case, cam_layer=cam_layer)
+    assert report.checks["grad-cam layer"] == expected
+    if cam_layer == "conv1":
+        x = reference_inputs(SPEC)
+        heat, _, _ = ref.grad_cam(SPEC, x, layer="conv1")
+        assert_close_relative(_run(export_dir, x)["gradcam"], heat)
+
+
+def test_unknown_cam_layer_is_an_error_listing_the_layers(sources, tmp_path):
+    with pytest.raises(OptionError, match=r"--cam_layer 'fc' names no layer .*; such layers: conv1, pool1, conv2$"):
+        gbp_rewrite.convert(sources("keras3"), tmp_path / "out", cam_layer="fc")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_without_feature_maps_is_an_error_naming_the_flag(tmp_path):
+    spec = ref.random_spec("mlp", seed=1, input_shape=INPUT_SHAPE)
+    source = model_zoo.spec_keras3(spec, INPUT_SHAPE, tmp_path / "mlp")
+    with pytest.raises(SignatureError, match="no 4-D activation .* name one with --cam_layer"):
+        gbp_rewrite.convert(source, tmp_path / "out", cam=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_image_input_is_refused(tmp_path):
+    import keras
+
+    inputs = keras.Input((6,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="relu")(inputs))
+    with pytest.raises(SignatureError, match=r"--cam needs an image input .*features: float32 \[\?, 6\]"):
+        gbp_rewrite.convert(model, tmp_path / "out", cam=True)
+
+
+def test_nested_function_head_is_refused(sources, tmp_path):
+    with pytest.raises(GbpError, match="nested functions"):
+        gbp_rewrite.convert(sources("tf2_module"), tmp_path / "out", cam=True)
+    assert not (tmp_path / "out").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes_cam_export(tmp_path_factory):
+    destination = tmp_path_factory.mktemp("shapes_cam") / "export"
+    report = gbp_rewrite.convert(REPO / "testdata" / "shapes_cnn", destination, cam=True)
+    return destination, report
+
+
+def test_explain_writes_and_names_the_cam_pictures(shapes_cam_export, tmp_path):
+    import csv
+    import json
+
+    export_dir, _ = shapes_cam_export
+    images = [str(REPO / "testdata" / "images" / name) for name in ("circle_0.png", "cross_0.png")]
+    summary = gbp_rewrite.explain(export_dir, images, out_dir=tmp_path / "out")
+    assert summary.explained == 2 and not summary.failed
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for row, entry, stem in zip(rows, record["images"], ("circle_0", "cross_0")):
+        for kind in ("gradcam", "guided_gradcam"):
+            assert row[kind] == entry["outputs"][kind] == f"{stem}_{kind}.png"
+            picture = tf.io.decode_png((tmp_path / "out" / row[kind]).read_bytes()).numpy()
+            assert picture.shape[-1] == 3 and picture.std() > 0  # a picture, not a blank
+    # the Grad-CAM heat is over the image at its own size, as the overlay
+    overlay = tf.io.decode_png((tmp_path / "out" / "circle_0_overlay.png").read_bytes())
+    heat = tf.io.decode_png((tmp_path / "out" / "circle_0_gradcam.png").read_bytes())
+    assert overlay.shape == heat.shape
+
+
+@pytest.mark.parametrize("family", ["keras3", "tf1"])
+def test_gradcam_over_a_residual_block_with_folded_batchnorm(zoo, family):
+    """The graph path's folded twin (BatchNorm folded into the convolution) and a residual Add."""
+    spec = zoo.spec("residual_bn")
+    export_dir, report = zoo.converted(f"{family}@residual_bn", cam=True)
+    assert report.checks["grad-cam layer"] == "layer 'add', output [?, 6, 6, 4]"
+    x = reference_inputs(spec)
+    outputs = _run(export_dir, x)
+    heat, guided, _ = ref.grad_cam(spec, x, layer="add")
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
