@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gbp_rewrite import conventions, rules, self_check, signatures, write
+from gbp_rewrite.errors import OptionError
 from gbp_rewrite.graph import front_end as graph_front_end
 from gbp_rewrite.keras import front_end as keras_front_end
 from gbp_rewrite.keras import loading as keras_loading
@@ -114,7 +115,8 @@ def convert(
         checked by onnx.checker and in onnxruntime on the probe batch.
       cam: also return `gradcam` ([batch, H, W] float32, Grad-CAM of the explained class at the
         chosen layer, from the true gradient) and `guided_gradcam` (the saliency times gradcam);
-        image inputs [batch, H, W, C] only (gbp_rewrite.cam).
+        image inputs [batch, H, W, C] only (gbp_rewrite.cam). Not with portable, tflite or onnx
+        (an OptionError): Grad-CAM's resize has no portable form.
       cam_layer: the layer Grad-CAM uses (a name, nested model, path or glob, as for `layers`;
         default: the last 4-D [batch, h, w, c] output with h, w > 1 before the explained output).
         Implies cam=True.
@@ -132,6 +134,11 @@ def convert(
                                                saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
     saliency_map = saliency_map or serving.needs_map
     portable = portable or tflite is not None or onnx is not None
+    cam = cam or cam_layer is not None
+    if cam and portable:  # refused before anything is read or written
+        raise OptionError("--cam and --portable/--tflite/--onnx exclude each other: Grad-CAM resizes its "
+                          "map with ResizeBilinear, which has no portable form; convert twice, one export "
+                          "with --cam and one with --portable")
     if portable:
         portable_export.require_extras(tflite=tflite is not None, onnx=onnx is not None)
     destination = write.version_directory(Path(destination), version)
@@ -139,7 +146,7 @@ def convert(
                       output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
                       serving=serving, portable=portable, tflite=None if tflite is None else Path(tflite),
                       onnx=None if onnx is None else Path(onnx),
-                      cam=cam or cam_layer is not None, cam_layer=cam_layer)
+                      cam=cam, cam_layer=cam_layer)
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:

@@ -188,7 +188,8 @@ def make_plan(
             f"signature {signature_key!r} already uses the name(s) {taken}, which the explainable "
             "signature adds; rename them in the source model"
         )
-    plan = ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key, maps, cam_outputs)
+    plan = ExplainPlan(signature_key, dict(inputs), dict(outputs), saliency, output_key, maps,
+                       cam_outputs=cam_outputs)
     if cam:
         cam_maps.check_plan(plan)
     return plan

@@ -237,3 +237,26 @@ def test_gradcam_over_a_residual_block_with_folded_batchnorm(zoo, family):
     heat, guided, _ = ref.grad_cam(spec, x, layer="add")
     assert_close_relative(outputs["gradcam"], heat)
     assert_close_relative(outputs["guided_gradcam"], guided)
+
+
+def test_report_lists_the_cam_outputs_the_export_has(shapes_cam_export):
+    """The report's signature layout names gradcam and guided_gradcam, as the saved signatures
+    return them (the plan's cam outputs, not its binary flag, carry them)."""
+    export_dir, report = shapes_cam_export
+    loaded = tf.saved_model.load(str(export_dir))
+    for key in ("serving_default", "explain_class"):
+        saved = set(loaded.signatures[key].structured_outputs)
+        assert {"gradcam", "guided_gradcam"} <= saved
+        assert set(report.signatures[key]) == saved
+
+
+@pytest.mark.parametrize("extra", [{"portable": True}, {"tflite": "m.tflite"}, {"onnx": "m.onnx"}])
+def test_cam_and_portable_exports_are_refused_before_anything_is_written(tmp_path, extra):
+    """Grad-CAM's ResizeBilinear has no portable form: a one-line OptionError naming both options."""
+    from gbp_rewrite.errors import OptionError
+
+    extra = {k: (str(tmp_path / v) if isinstance(v, str) else v) for k, v in extra.items()}
+    with pytest.raises(OptionError, match=r"--cam and --portable/--tflite/--onnx exclude each other") as info:
+        gbp_rewrite.convert(REPO / "testdata" / "shapes_cnn", tmp_path / "out", cam_layer="pool2", **extra)
+    assert "\n" not in str(info.value)
+    assert sorted(tmp_path.iterdir()) == []
