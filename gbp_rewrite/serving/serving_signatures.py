@@ -21,7 +21,8 @@ Compact outputs (every explainable signature, float and bytes alike):
     saliency_map_dtype='uint8'  saliency_map as uint8 [batch, H, W]: round(255 * the float map),
                                 the float map being max |saliency| over channels / its per-example max
     saliency_png=True           saliency_png_bytes string [batch]: the heat map as a PNG, the picture
-                                `explain` writes as <name>_heatmap.png (render.saliency_heat with its
+                                `explain` writes as <name>_heatmap.png at the input's size (explain
+                                enlarges it by a whole factor below 224 px; render.saliency_heat with its
                                 99.5th-percentile white point, render.colormap 'inferno'), encoded
                                 in the graph with EncodePng (the `_bytes` suffix makes TF Serving's
                                 REST API send it as {"b64": ...})
