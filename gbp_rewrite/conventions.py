@@ -85,13 +85,14 @@ def some_names(names, *, more: str = " (see inspect)") -> str:
 _EQUAL_RELATIVE = 1e-5
 
 
-def constant_outputs(values) -> str | None:
+def constant_outputs(values, *, across_examples: bool = True) -> str | None:
     """Why a model looks untrained or saturated from its explained output on a batch, or None.
 
     `values`: [batch] or [batch, classes]. Suspicious when every example gives all its classes the
     same value (an untrained or zeroed head), or every example gives the same values whatever its
     input (saturated units: the output no longer depends on the input). Either way the gradient is
-    noise or zero."""
+    noise or zero. `across_examples=False` drops the second test: on random probe inputs a trained
+    classifier's softmax often saturates to the same class for all of them, which proves nothing."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 0 or values.shape[0] == 0 or not np.all(np.isfinite(values)):
         return None
@@ -99,14 +100,14 @@ def constant_outputs(values) -> str | None:
     tolerance = _EQUAL_RELATIVE * max(1.0, float(np.max(np.abs(rows))))
     if rows.shape[1] > 1 and np.all(np.ptp(rows, axis=1) <= tolerance):
         return f"all {rows.shape[1]} class scores are equal within float rounding for every example"
-    if rows.shape[0] > 1 and np.all(np.ptp(rows, axis=0) <= tolerance):
+    if across_examples and rows.shape[0] > 1 and np.all(np.ptp(rows, axis=0) <= tolerance):
         return "every example gets the same scores whatever its input"
     return None
 
 
-def untrained_warning(values, *, where: str) -> str | None:
+def untrained_warning(values, *, where: str, across_examples: bool = True) -> str | None:
     """The one-line warning for constant_outputs, or None."""
-    why = constant_outputs(values)
+    why = constant_outputs(values, across_examples=across_examples)
     if why is None:
         return None
     return (f"the model looks untrained or saturated: on {where}, {why}; its saliency will be noise "

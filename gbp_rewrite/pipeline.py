@@ -191,7 +191,10 @@ def write_explainable(
             with phase("probe (rest)"):
                 expected = probed.result()
     # Shown in the report (text and JSON), so the user knows why the saliency is noise.
-    untrained = conventions.untrained_warning(expected[plan.output_key], where="the probe batch")
+    # The probe batch is random noise: only a head that scores every class alike is evidence here
+    # (explain applies both tests to real images).
+    untrained = conventions.untrained_warning(expected[plan.output_key], where="the probe batch",
+                                              across_examples=False)
     checks = {"rule applied": prepared.check_applied(applied)}
     for check in prepared.after_trace:
         checks.update(check(explainable))
