@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -59,16 +58,18 @@ class LoadedModel:
         self._preprocess = preprocess
         self._grayscale_to_rgb = grayscale_to_rgb
 
-    def decode(self, encoded: bytes) -> np.ndarray | Refusal:
-        """The model's pixels for one file's bytes, or why it cannot be explained."""
-        # Eagerly, not in a tf.function: a traced function's resize and preprocessing differed from
-        # explain's tf.data values in the last bit (TF 2.21); eager kernels give explain's values.
-        try:
-            decoded = images.decode_example(tf.constant(encoded), spec=self._model.spec, mode=self._preprocess)
-        except tf.errors.OpError:
-            return Refusal(images.diagnose_encoded(encoded))
-        problem = images.channel_problem(int(decoded["channels"]), grayscale_to_rgb=self._grayscale_to_rgb)
-        return Refusal(problem) if problem else decoded["pixels"].numpy()
+    def decode(self, batch: Sequence[bytes]) -> list[np.ndarray | Refusal]:
+        """The model's pixels for each file's bytes, or why that file cannot be explained."""
+        decoded: dict[int, np.ndarray | Refusal] = {}
+        for chunk in images.encoded_dataset(batch, spec=self._model.spec, mode=self._preprocess,
+                                            batch_size=len(batch)):
+            for index, pixels, channels in zip(chunk["index"].numpy(), chunk["pixels"].numpy(),
+                                               chunk["channels"].numpy()):
+                problem = images.channel_problem(int(channels), grayscale_to_rgb=self._grayscale_to_rgb)
+                decoded[int(index)] = Refusal(problem) if problem else pixels
+        # A file the stream dropped did not decode: say why, as `explain` does.
+        return [decoded[n] if n in decoded else Refusal(images.diagnose_encoded(encoded))
+                for n, encoded in enumerate(batch)]
 
     def explain(self, pixels: np.ndarray, class_index: int | None) -> list[Explanation]:
         """One model call (`explain`'s) on a batch of pixels: an Explanation per image."""
@@ -115,8 +116,7 @@ class ExplainableModelHandler(ModelHandler[bytes, PredictionResult, LoadedModel]
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         results: list[Explanation | Refusal | None] = []
         good: list[tuple[int, np.ndarray]] = []  # (slot in results, pixels)
-        for encoded in batch:
-            decoded = model.decode(encoded)
+        for decoded in model.decode(batch):
             if isinstance(decoded, Refusal):
                 results.append(decoded)
             else:
