@@ -68,7 +68,7 @@ def run_explain(model: str, patterns: Sequence[str], *, out: str, runner: str = 
         explainer.check_class(explainer.load_model(model, allow_file_ops=allow_file_ops), class_index)
     _prepare_out(out)
     try:
-        options = PipelineOptions(list(beam_args), runner=runner)
+        options = PipelineOptions(list(beam_args), runner=_local_runner(runner))
     except (ValueError, SystemExit) as e:
         raise OptionError(f"bad Beam pipeline options {' '.join(beam_args)!r}: {one_line(e)}") from None
     pipeline = beam.Pipeline(options=options)
@@ -88,6 +88,20 @@ def run_explain(model: str, patterns: Sequence[str], *, out: str, runner: str = 
         raise PipelineError(f"the pipeline ended in state {state} on {runner}")
     return PipelineSummary(runner, out, _counter(result, "explained"), _counter(result, "failed"),
                            time.perf_counter() - started)
+
+
+def _local_runner(runner: str) -> str:
+    """The runner to hand Beam: Beam's FnApiRunner for DirectRunner.
+
+    Beam's DirectRunner first hands a batch pipeline to its Prism runner, which it downloads from
+    GitHub (failing offline, after a delay) and which runs the workers as threads of this process
+    (LOOPBACK), ignoring --direct_num_workers and --direct_running_mode; the FnApiRunner, where
+    DirectRunner falls back to, honours them (multi_processing: one worker process each).
+    """
+    if runner.lower() in ("direct", "directrunner"):
+        log.info("running DirectRunner's pipeline on Beam's FnApiRunner (it honours --direct_num_workers)")
+        return "FnApiRunner"
+    return runner
 
 
 def _check_patterns(patterns: Sequence[str]) -> None:
