@@ -92,37 +92,6 @@ def test_an_unknown_suffix_is_refused_with_the_real_names(zoo):
         gbp_rewrite.convert(zoo.model("default_names_tf_keras"), zoo.root / "never", layers=["dense_3"])
 
 
-def _namer(*variables, keras3=False):
-    from tensorflow.core.protobuf import meta_graph_pb2
-
-    meta_graph = meta_graph_pb2.MetaGraphDef()
-    root = meta_graph.object_graph_def.nodes.add()
-    if keras3:
-        for child in ("_all_variables", "_misc_assets"):
-            root.children.add(local_name=child, node_id=0)
-    for name in variables:
-        meta_graph.object_graph_def.nodes.add().variable.name = name
-    return sites._LayerNamer(meta_graph)
-
-
-@pytest.mark.parametrize("keras3,node,expected", [
-    # tf-keras and TF1: the scope is the layer; dense_1 is a layer of its own.
-    (False, "sequential/dense_1/Relu", ("sequential", "dense_1")),
-    (False, "dense_1/Relu", ("dense_1",)),
-    (False, "dense/Relu_1", ("dense",)),  # tf-keras: a shared layer's second call
-    (False, "fc_1/Relu", ("fc",)),  # TF1: variable scope fc re-entered for shared weights
-    (False, "block_1/Relu", ("block_1",)),  # TF1: a scope without variables is its own name
-    # Keras 3: exactly one suffix is TensorFlow's, whatever the layer is called.
-    (True, "sequential_1/dense_1/Relu", ("sequential", "dense")),
-    (True, "sequential_1/dense_1_2/Relu", ("sequential", "dense_1")),
-    (True, "sequential_1/dense_2_1/Relu", ("sequential", "dense_2")),
-    (True, "outer_1/sequential_1/dense_1_2/Relu", ("outer", "sequential", "dense_1")),
-])
-def test_layer_paths_with_default_names(keras3, node, expected):
-    namer = _namer("dense/kernel", "dense_1/kernel", "dense_2/kernel", "fc/kernel", keras3=keras3)
-    assert namer.path("f", node) == expected
-
-
 def test_keras3_model_saved_by_tf_saved_model_save_is_named_as_keras3(tmp_path):
     """A Keras 3 model inside a tf.Module: its scopes are Keras 3's, though it is no model.export."""
     import keras
