@@ -209,9 +209,10 @@ def test_explain_and_request_refuse_the_same_inputs_in_their_own_words(shape, ex
         explainer._input_spec(Path("m"), "image", tf.TensorSpec(shape, tf.float32))
     with pytest.raises(SignatureError, match=request_says):
         serving_request.image_input(_OneInputModel(TensorDesc("image", "image:0", tf.float32, shape)), "s")
-    fixed = (None, 32, 32, 3)
-    assert explainer._input_spec(Path("m"), "image", tf.TensorSpec(fixed, tf.float32)) == (
-        serving_request.image_input(_OneInputModel(TensorDesc("image", "image:0", tf.float32, fixed)), "s")[1])
+    fixed, size = (None, 32, 24, 3), images.InputSpec(32, 24, tf.float32)
+    assert explainer._input_spec(Path("m"), "image", tf.TensorSpec(fixed, tf.float32)) == size
+    assert serving_request.image_input(
+        _OneInputModel(TensorDesc("image", "image:0", tf.float32, fixed)), "s") == ("image", size)
 
 
 # ---------------------------------------------------------------------------------------------
