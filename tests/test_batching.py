@@ -82,3 +82,26 @@ def test_suggestion_follows_the_measured_ratio(single, batch, max_batch, timeout
     assert params.batch_timeout_micros.value == timeout
     assert list(params.allowed_batch_sizes) == [s for s in (1, 2, 4, 8) if s <= max_batch]
     assert params.num_batch_threads.value == 2 and not params.pad_variable_length_inputs
+
+
+def test_measure_takes_the_median_warm_call_at_batch_1_and_8(monkeypatch):
+    """A fake clock that each call of the fake signature advances by a known cost: the warm-up call of
+    each shape costs 100x more (as the first run of a graph does) and must not count."""
+    import tensorflow as tf
+
+    from gbp_rewrite.graph.savedmodel import TensorDesc
+
+    now, seen = [0.0], []
+    cost = {1: [0.010, 0.011, 0.009, 0.010, 0.012], batching.LARGE_BATCH: [0.030, 0.041, 0.040, 0.039, 0.050]}
+
+    def signature(*, image):
+        size = int(image.shape[0])
+        first = size not in seen
+        seen.append(size)
+        now[0] += 1.0 if first else cost[size].pop(0)
+
+    monkeypatch.setattr(batching.time, "perf_counter", lambda: now[0])
+    inputs = {"image": TensorDesc("image", "image:0", tf.float32, (None, 4, 4, 3))}
+    single, batch = batching.measure(signature, inputs, rounds=5)
+    assert (single, batch) == pytest.approx((0.010, 0.040))
+    assert sorted(set(seen)) == [1, batching.LARGE_BATCH] and len(seen) == 12

@@ -162,3 +162,14 @@ def test_repeated_list_flags_accumulate(zoo, tmp_path):
         rewritten[name] = sorted(s["layer"] for s in json.loads(done.stdout)["sites"] if s["status"] == "rewritten")
     assert rewritten["repeated"] == rewritten["comma"] == ["relu1", "relu6_2"]
     assert rewritten["one"] == ["relu6_2"]
+
+
+@pytest.mark.parametrize("command", ["explain", "sanity"])
+@pytest.mark.parametrize("sources", [[], ["--image", "a.png", "--dir", "images"]])
+def test_images_come_from_either_image_or_dir(command, sources):
+    from gbp_rewrite.cli import COMMANDS, parse_command_line
+    from gbp_rewrite.cli.common import UsageError
+
+    args = parse_command_line(["gbp-rewrite", command, "model", "--out", "out", *sources])
+    with pytest.raises(UsageError, match=rf"^'{command}' takes the images with either --image or --dir"):
+        COMMANDS[command].run(args)

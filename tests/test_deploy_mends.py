@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from conftest import REPO
 from gbp_rewrite.deploy import cpp_check, check as deploy_check, clean_process
-from gbp_rewrite import report, self_check, signatures
 from gbp_rewrite.pictures import explainer, images
 from gbp_rewrite.serving import response_files, request as serving_request
 from gbp_rewrite.cli import common
@@ -161,14 +160,17 @@ def test_preprocess_flag_offers_exactly_the_preprocessing_modes():
     assert common.PREPROCESS_MODES == tuple(images.PREPROCESSING)
 
 
-def test_clean_process_copies_the_package_constants():
-    """clean_process cannot import gbp_rewrite; it loads conventions.py by path, so these are equal."""
-    assert clean_process.CLASS_INDEX == signatures.CLASS_INDEX
-    assert clean_process.EXPLAINED_CLASS == signatures.EXPLAINED_CLASS
-    assert clean_process.EXPLAIN_CLASS == signatures.EXPLAIN_CLASS_SIGNATURE
-    assert clean_process.REPORT_PATH == Path("assets") / report.REPORT_JSON
-    assert clean_process.PREDICTION_RTOL == self_check.PREDICTION_RTOL
-    assert clean_process.PREDICTION_ATOL == self_check.PREDICTION_ATOL
+def test_clean_process_looks_for_what_an_export_holds(zoo):
+    """clean_process cannot import gbp_rewrite (it loads conventions.py by path): the names it looks
+    for must be those of a real export, checked here on one rather than against the constants that
+    both sides read from conventions.py."""
+    export_dir, _ = zoo.converted("shapes_cnn")
+    loaded = zoo.loaded(export_dir)
+    explain_class = loaded.signatures[clean_process.EXPLAIN_CLASS]
+    assert clean_process.CLASS_INDEX in explain_class.structured_input_signature[1]
+    assert clean_process.EXPLAINED_CLASS in explain_class.structured_outputs
+    assert clean_process.EXPLAINED_CLASS in loaded.signatures["serving_default"].structured_outputs
+    assert (export_dir / clean_process.REPORT_PATH).is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +211,10 @@ def test_explain_and_request_refuse_the_same_inputs_in_their_own_words(shape, ex
         explainer._input_spec(Path("m"), "image", tf.TensorSpec(shape, tf.float32))
     with pytest.raises(SignatureError, match=request_says):
         serving_request.image_input(_OneInputModel(TensorDesc("image", "image:0", tf.float32, shape)), "s")
-    fixed = (None, 32, 32, 3)
-    assert explainer._input_spec(Path("m"), "image", tf.TensorSpec(fixed, tf.float32)) == (
-        serving_request.image_input(_OneInputModel(TensorDesc("image", "image:0", tf.float32, fixed)), "s")[1])
+    fixed, size = (None, 32, 24, 3), images.InputSpec(32, 24, tf.float32)
+    assert explainer._input_spec(Path("m"), "image", tf.TensorSpec(fixed, tf.float32)) == size
+    assert serving_request.image_input(
+        _OneInputModel(TensorDesc("image", "image:0", tf.float32, fixed)), "s") == ("image", size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,13 +233,12 @@ def test_verify_runs_the_bytes_signatures_in_python_and_cpp(export, serving_chec
     assert not any("PyFunc" in op for op in report.op_types)
 
 
-def test_the_clean_check_uses_the_names_the_converter_writes():
-    """The clean process reads the names from conventions.py by file path; they must be the ones
-    the serving signatures and the warm-up writer use."""
-    from gbp_rewrite.deploy import clean_process as standalone_check
-    from gbp_rewrite.serving import warmup
+def test_the_clean_check_uses_the_names_the_converter_writes(export, loaded):
+    """The clean process (no gbp_rewrite imported) looks for the bytes input, the class signatures
+    and the warm-up file by name: each must be what a real export holds."""
+    from gbp_rewrite.deploy import clean_process
 
-    assert standalone_check.IMAGE_BYTES == serving_bytes.IMAGE_BYTES
-    assert standalone_check.CLASS_SIGNATURES == {"explain_class": None,
-                                                 serving_bytes.EXPLAIN_CLASS_BYTES: serving_bytes.SERVING_BYTES}
-    assert standalone_check.WARMUP_FILE == warmup.WARMUP_FILE
+    assert set(loaded.signatures["serving_bytes"].structured_input_signature[1]) == {clean_process.IMAGE_BYTES}
+    for class_key, source_key in clean_process.CLASS_SIGNATURES.items():
+        assert class_key in loaded.signatures and (source_key is None or source_key in loaded.signatures)
+    assert (Path(export) / clean_process.WARMUP_FILE).is_file()

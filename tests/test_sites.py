@@ -51,6 +51,25 @@ def test_layer_paths(keras3, function, node, expected):
     assert namer.path(function, node) == expected
 
 
+@pytest.mark.parametrize("keras3,node,expected", [
+    # tf-keras and TF1: the scope is the layer; dense_1 is a layer of its own.
+    (False, "sequential/dense_1/Relu", ("sequential", "dense_1")),
+    (False, "dense_1/Relu", ("dense_1",)),
+    (False, "dense/Relu_1", ("dense",)),  # tf-keras: a shared layer's second call
+    (False, "fc_1/Relu", ("fc",)),  # TF1: variable scope fc re-entered for shared weights
+    (False, "block_1/Relu", ("block_1",)),  # TF1: a scope without variables is its own name
+    # Keras 3: exactly one suffix is TensorFlow's, whatever the layer is called.
+    (True, "sequential_1/dense_1/Relu", ("sequential", "dense")),
+    (True, "sequential_1/dense_1_2/Relu", ("sequential", "dense_1")),
+    (True, "sequential_1/dense_2_1/Relu", ("sequential", "dense_2")),
+    (True, "outer_1/sequential_1/dense_1_2/Relu", ("outer", "sequential", "dense_1")),
+])
+def test_layer_paths_with_default_names(keras3, node, expected):
+    namer = sites._LayerNamer(_meta_graph_with_variables("dense/kernel", "dense_1/kernel", "dense_2/kernel",
+                                                         "fc/kernel", keras3=keras3))
+    assert namer.path("f", node) == expected
+
+
 def _site(path, op_type="Relu", node=None):
     return sites.Site("f", node or "/".join(path) + "/" + op_type, op_type, tuple(path))
 

@@ -108,6 +108,12 @@ def add_image(parser: argparse.ArgumentParser, help_text: str) -> None:
     add_list(parser, "image", help_text, metavar="PATH")
 
 
+def require_one_image_source(args: argparse.Namespace, command: str) -> None:
+    """A command that reads images takes them from --image or --dir, exactly one of the two."""
+    if bool(args.image) == bool(args.dir):
+        raise UsageError(f"'{command}' takes the images with either --image or --dir (one of them)")
+
+
 def add_preprocess(parser: argparse.ArgumentParser, *, purpose: str = "") -> None:
     parser.add_argument("--preprocess", default="unit", choices=PREPROCESS_MODES,
                         help="how the model expects its pixels, as in Keras applications: unit = x/255, "

@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.recursive and not args.dir:
         raise common.UsageError("--recursive goes with --dir FOLDER")
-    if bool(args.image) == bool(args.dir):
-        raise common.UsageError("'explain' takes the images with either --image or --dir (one of them)")
+    common.require_one_image_source(args, "explain")
     if not args.out:
         raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
     if args.dir and not Path(args.dir).is_dir():  # refused before the model is loaded

@@ -36,8 +36,7 @@ def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.sanity_checks.run import sanity
 
-    if bool(args.image) == bool(args.dir):
-        raise common.UsageError("'sanity' takes the images with either --image or --dir (one of them)")
+    common.require_one_image_source(args, "sanity")
     if not args.out:
         raise common.UsageError("'sanity' needs --out DIR, the folder for sanity.txt, sanity.json and sanity.png")
     result = sanity(

@@ -191,19 +191,15 @@ def _not_explainable(path: Path, why: str) -> SourceModelError:
 
 
 def _input_spec(path: Path, key: str, spec: tf.TensorSpec) -> images.InputSpec:
-    input_spec = images.rgb_input_spec(spec.shape, spec.dtype)
     described = f"{key}: {spec.dtype.name} {spec.shape}"
-    if input_spec == images.NOT_RGB_INPUT:
-        raise SourceModelError(
+    return images.require_rgb_input(spec.shape, spec.dtype, refusals={
+        images.NOT_RGB_INPUT: SourceModelError(
             f"the model '{path}' takes {described}; explain feeds RGB images to models whose input is "
-            "float [batch, height, width, 3]"
-        )
-    if input_spec == images.NO_FIXED_SIZE:
-        raise SourceModelError(
+            "float [batch, height, width, 3]"),
+        images.NO_FIXED_SIZE: SourceModelError(
             f"the model '{path}' takes {described}, with no fixed height and width; explain resizes "
-            "images to the model's input size, so it needs a model with a fixed input size"
-        )
-    return input_spec
+            "images to the model's input size, so it needs a model with a fixed input size"),
+    })
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import tensorflow as tf
@@ -66,6 +66,16 @@ def rgb_input_spec(shape: tf.TensorShape | Sequence[int | None] | None,
     if shape[1] is None or shape[2] is None:
         return NO_FIXED_SIZE
     return InputSpec(int(shape[1]), int(shape[2]), dtype)
+
+
+def require_rgb_input(shape: tf.TensorShape | Sequence[int | None] | None, dtype: tf.DType | None, *,
+                      refusals: Mapping[str, Exception]) -> InputSpec:
+    """rgb_input_spec's InputSpec, else the error `refusals` gives for the reason (NOT_RGB_INPUT,
+    NO_FIXED_SIZE): each command words its own refusal."""
+    spec = rgb_input_spec(shape, dtype)
+    if isinstance(spec, str):
+        raise refusals[spec]
+    return spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,17 +137,14 @@ def image_input(model: savedmodel.SavedModelFile, signature: str, *,
             "fills one image input (build other bodies with gbp_rewrite.serving.rest.request_body)"
         )
     (key, tensor), = others.items()
-    spec = images.rgb_input_spec(tensor.shape, tensor.dtype)
-    if spec == images.NOT_RGB_INPUT:
-        raise SignatureError(
+    spec = images.require_rgb_input(tensor.shape, tensor.dtype, refusals={
+        images.NOT_RGB_INPUT: SignatureError(
             f"signature {signature!r} takes {tensor.describe()}; `request` sends RGB images to a float "
-            "[batch, height, width, 3] input"
-        )
-    if spec == images.NO_FIXED_SIZE:
-        raise SignatureError(
+            "[batch, height, width, 3] input"),
+        images.NO_FIXED_SIZE: SignatureError(
             f"signature {signature!r} takes {tensor.describe()}, with no fixed height and width; "
-            "`request` resizes images to the signature's size, so it needs a fixed one"
-        )
+            "`request` resizes images to the signature's size, so it needs a fixed one"),
+    })
     return key, spec
 
 
