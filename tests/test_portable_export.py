@@ -382,6 +382,11 @@ def _scaled_max_pool_gradient(factor: float) -> str:
     return name
 
 
+def _writing_from(writer: Callable, export_dir: Path) -> Callable:
+    """`writer` (write_tflite/write_onnx) writing from `export_dir` whatever export it is given."""
+    return lambda _, signature, path: writer(export_dir, signature, path)
+
+
 def test_a_wrong_gradient_in_the_file_still_fails(conversions, monkeypatch, tmp_path):
     """The files are written from an export whose MaxPool gradient is 1.001 times the right one
     (an error smaller than ResNet50's kink flip, 3.6e-3): on a model without kinks at the probe,
@@ -399,12 +404,9 @@ def test_a_wrong_gradient_in_the_file_still_fails(conversions, monkeypatch, tmp_
                 for d in (right, tmp_path / "wrong")]
     assert 1e-4 < np.max(np.abs(saliency[1] - saliency[0])) / np.max(np.abs(saliency[0])) < 1e-2
     for kind in ("tflite", "onnx"):
-        writer = getattr(portable_export, f"write_{kind}")
+        writer = f"write_{kind}"
         with monkeypatch.context() as patch:
-            if kind == "tflite":
-                patch.setattr(portable_export, "write_tflite", lambda _, sig, path: writer(tmp_path / "wrong", sig, path))
-            else:
-                patch.setattr(portable_export, "write_onnx", lambda _, sig, path: writer(tmp_path / "wrong", sig, path))
+            patch.setattr(portable_export, writer, _writing_from(getattr(portable_export, writer), tmp_path / "wrong"))
             out = tmp_path / kind
             out.mkdir()
             with pytest.raises(VerificationError, match="no kink flip") as caught:

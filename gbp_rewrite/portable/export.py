@@ -303,7 +303,7 @@ def _nudge(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], path: Path,
-             nudged: NudgedReference) -> str:
+             nudged: NudgedReference | None = None) -> str:
     """Check a runtime's outputs of the written file against the TensorFlow export's.
 
     Integer outputs must be equal. A float output passes when its largest difference is within
@@ -317,7 +317,8 @@ def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str,
     within KINK_NUDGE (1e-6) relative of it is at most FILE_RTOL plus the largest change of
     TensorFlow's own output among those inputs (all relative to the example's largest magnitude).
     On an example far from every kink TensorFlow's own change is 0 and the limit stays FILE_RTOL;
-    a runtime or gradient error larger than TensorFlow's own variation still fails.
+    a runtime or gradient error larger than TensorFlow's own variation still fails. Without
+    `nudged` (no export to run) an output beyond FILE_RTOL fails.
     """
     worst, flips = 0.0, []
     for key, want in expected.items():
@@ -335,6 +336,11 @@ def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str,
         relative = diff / scale if scale > 0 else diff
         if not np.isfinite(diff):
             raise VerificationError(f"{runtime}: output {key!r} of the written file is not finite where the TensorFlow export's is")
+        if relative > FILE_RTOL and nudged is None:
+            raise VerificationError(
+                f"{runtime}: output {key!r} of the written file differs from the TensorFlow export's "
+                f"by {relative:.3g} relative (limit {FILE_RTOL})"
+            )
         if relative > FILE_RTOL:
             flips.extend(_kink_test(runtime, key, have, want, [run[key] for run in nudged.runs()], relative))
             continue
@@ -346,16 +352,18 @@ def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str,
 def _kink_test(runtime: str, key: str, have: np.ndarray, want: np.ndarray, others: list[np.ndarray],
                relative: float) -> list[str]:
     """The per-example kink test of _compare; one note per example that needed it."""
+    examples = want.shape[0] if want.ndim else 1
+    have, want = (np.asarray(a, np.float64).reshape(examples, -1) for a in (have, want))
+    others = [np.asarray(o, np.float64).reshape(examples, -1) for o in others]
     notes = []
-    for i in range(want.shape[0] if want.ndim else 1):
-        pick = (lambda a: a[i]) if want.ndim else (lambda a: a)
-        base = pick(want).astype(np.float64)
+    for i in range(examples):
+        base = want[i]
         scale = float(np.max(np.abs(base))) or 1.0
-        alone = float(np.max(np.abs(pick(have) - base))) / scale
+        alone = float(np.max(np.abs(have[i] - base))) / scale
         if alone <= FILE_RTOL:
             continue
-        own = max(float(np.max(np.abs(pick(o) - base))) / scale for o in others)
-        nearest = min([alone] + [float(np.max(np.abs(pick(have) - pick(o).astype(np.float64)))) / scale for o in others])
+        own = max(float(np.max(np.abs(o[i] - base))) / scale for o in others)
+        nearest = min([alone] + [float(np.max(np.abs(have[i] - o[i]))) / scale for o in others])
         if not nearest <= FILE_RTOL + own:
             raise VerificationError(
                 f"{runtime}: output {key!r} of the written file differs from the TensorFlow export's by "
