@@ -335,7 +335,7 @@ def _compare(runtime: str, got: Mapping[str, np.ndarray], expected: Mapping[str,
         diff = float(np.max(np.abs(have.astype(np.float64) - want))) if want.size else 0.0
         relative = diff / scale if scale > 0 else diff
         if not np.isfinite(diff):
-            raise VerificationError(f"{runtime}: output {key!r} of the written file is not finite where the TensorFlow export's is")
+            raise VerificationError(f"{runtime}: output {key!r} is not finite (the written file's or the TensorFlow export's)")
         if relative > FILE_RTOL and nudged is None:
             raise VerificationError(
                 f"{runtime}: output {key!r} of the written file differs from the TensorFlow export's "
