@@ -16,7 +16,7 @@ import tensorflow as tf
 import model_zoo
 import numpy_reference as ref
 from conftest import assert_close_relative, reference_inputs
-from gbp_rewrite import cli, convert
+from gbp_rewrite import cli, convert, tf_internals
 from gbp_rewrite.errors import OptionError, OutputError, VerificationError
 from gbp_rewrite.portable import export as portable_export
 from gbp_rewrite.portable import gradients as portable_gradients
@@ -304,3 +304,113 @@ def test_cli_writes_the_tflite_file(tmp_path, capsys):
     assert run(source, tmp_path / "n", "--onnx", tmp_path / "no" / "m.onnx") == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "does not exist" in error[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kink flips (issue 14): ResNet50's one ReLU at its kink passes; a wrong gradient still fails
+
+KINKS = 8  # hidden units at their kink per probe example
+
+
+def _kink_dense(keras, probe: np.ndarray, *, units: int = 64):
+    """Flatten -> Dense(units) -> ReLU -> Dense(4), fixed seed: hidden units [0, KINKS) have their
+    pre-activation at 0 to rounding on probe example 0 and [KINKS, 2 KINKS) on example 1 (the bias
+    cancels the float64 sum), the rest are far from 0. The piece of ResNet50 that failed the LiteRT
+    check: its conv4_block4_out ReLU after the residual Add, 8e-10 in LiteRT, <= 0 in TensorFlow.
+    Returns the model and its weights (w1, b1, w2)."""
+    rng = np.random.default_rng(11)
+    flat = probe.reshape(len(probe), -1).astype(np.float64)
+    w1 = rng.normal(0, 1, (flat.shape[1], units)).astype(np.float32)
+    b1 = rng.normal(0, 3, units)
+    for example in range(2):
+        on_kink = slice(example * KINKS, (example + 1) * KINKS)
+        b1[on_kink] = -(flat[example] @ w1[:, on_kink].astype(np.float64))
+    w2 = rng.normal(0, 1, (units, 4)).astype(np.float32)
+    inputs = keras.Input(probe.shape[1:], name="image")
+    hidden, head = keras.layers.Dense(units, name="hidden"), keras.layers.Dense(4, name="logits")
+    model = keras.Model(inputs, head(keras.layers.ReLU(name="relu")(hidden(keras.layers.Flatten()(inputs)))))
+    hidden.set_weights([w1, b1.astype(np.float32)])
+    head.set_weights([w2, np.zeros(4, np.float32)])
+    return model, (w1, b1, w2)
+
+
+def _guided_up_to_kink_gates(saliency: np.ndarray, cls: int, example: int, probe: np.ndarray, weights) -> float:
+    """How far (relative) one example's saliency is from the float64 guided backprop of the
+    _kink_dense model under the best choice of its KINKS on-kink ReLU gates (the others' gates
+    from the float64 forward): 0 to rounding when the runtime made some choice at each kink."""
+    w1, b1, w2 = (np.asarray(w, np.float64) for w in weights)
+    z = probe[example].reshape(-1).astype(np.float64) @ w1 + b1
+    upstream = np.maximum(w2[:, cls], 0)  # the guided rule: positive upstream gradient only
+    on_kink = np.zeros(len(b1), bool)
+    on_kink[example * KINKS:(example + 1) * KINKS] = True
+    known = w1 @ (upstream * ((z > 0) & ~on_kink))
+    columns = w1[:, on_kink] * upstream[on_kink]
+    target = saliency.reshape(-1).astype(np.float64) - known
+    gates = np.linalg.lstsq(columns, target, rcond=None)[0].round().clip(0, 1)
+    best = known + columns @ gates
+    return float(np.max(np.abs(saliency.reshape(-1) - best)) / np.max(np.abs(best)))
+
+
+def test_relus_at_their_kink_pass_the_file_check(tmp_path):
+    """Units at their kink flip between TensorFlow and the runtimes (float noise in the last bits
+    of the forward): the check accepts it, and each runtime's saliency is still exactly guided
+    backpropagation (the float64 reference written here) for some choice of those gates."""
+    import keras
+
+    probe = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)  # convert's probe batch
+    model, weights = _kink_dense(keras, probe)
+    model.export(str(tmp_path / "source"), verbose=False)
+    export_dir, tflite, onnx, report = _portable(tmp_path / "source", tmp_path, "m")
+    own = portable_export.NudgedReference(export_dir, signature="serving_default", probe={"image": probe})
+    tensorflow = _run_all(export_dir, tflite, onnx, probe)["tensorflow"]
+    scale = np.max(np.abs(tensorflow["saliency"]))
+    assert any(np.max(np.abs(run["saliency"] - tensorflow["saliency"])) > 1e-3 * scale for run in own.runs()), \
+        "TensorFlow's own saliency should jump between nudged inputs: the units are not at their kink"
+    assert "kink flips" in report.checks["tflite"] + report.checks["onnx"], \
+        "neither runtime flipped a gate: the failure mode was not reproduced"
+    for runtime, outputs in _run_all(export_dir, tflite, onnx, probe).items():
+        for example, cls in enumerate(outputs["explained_class"]):
+            off = _guided_up_to_kink_gates(outputs["saliency"][example], int(cls), example, probe, weights)
+            assert off <= RTOL, f"{runtime} example {example}: {off:.3g} from guided backprop under any kink gates"
+
+
+def _scaled_max_pool_gradient(factor: float) -> str:
+    """Register (once) a MaxPool gradient `factor` times the portable one; its gradient name."""
+    name = f"GbpTest_WrongMaxPool_{factor}"
+    if not tf_internals.is_gradient_registered(name):
+        right = portable_gradients.GRADIENTS["MaxPool"]
+        tf.RegisterGradient(name)(lambda op, dy: right(op, dy) * factor)
+    return name
+
+
+def _writing_from(writer: Callable, export_dir: Path) -> Callable:
+    """`writer` (write_tflite/write_onnx) writing from `export_dir` whatever export it is given."""
+    return lambda _, signature, path: writer(export_dir, signature, path)
+
+
+def test_a_wrong_gradient_in_the_file_still_fails(conversions, monkeypatch, tmp_path):
+    """The files are written from an export whose MaxPool gradient is 1.001 times the right one
+    (an error smaller than ResNet50's kink flip, 3.6e-3): on a model without kinks at the probe,
+    TensorFlow's own variation is ~0 and the check refuses it, leaving nothing behind."""
+    portable_gradients.register()
+    source = conversions.source("pools")
+    right_type = portable_gradients.gradient_op_type
+    with monkeypatch.context() as patch:
+        wrong = _scaled_max_pool_gradient(1.001)
+        patch.setattr(portable_gradients, "gradient_op_type", lambda op: wrong if op == "MaxPool" else right_type(op))
+        convert(source, tmp_path / "wrong", portable=True)
+    x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    right, _, _, _ = conversions.portable("pools")
+    saliency = [tf.saved_model.load(str(d)).signatures["serving_default"](image=tf.constant(x))["saliency"].numpy()
+                for d in (right, tmp_path / "wrong")]
+    assert 1e-4 < np.max(np.abs(saliency[1] - saliency[0])) / np.max(np.abs(saliency[0])) < 1e-2
+    for kind in ("tflite", "onnx"):
+        writer = f"write_{kind}"
+        with monkeypatch.context() as patch:
+            patch.setattr(portable_export, writer, _writing_from(getattr(portable_export, writer), tmp_path / "wrong"))
+            out = tmp_path / kind
+            out.mkdir()
+            with pytest.raises(VerificationError, match="no kink flip") as caught:
+                convert(source, out / "m", **{kind: out / f"m.{kind}"})
+            assert "\n" not in str(caught.value)
+            _nothing_written(out)
