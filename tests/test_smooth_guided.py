@@ -124,7 +124,7 @@ def test_extension_matches_the_reference_and_is_not_the_gradient(models, name, k
     plain, _ = ref.saliency(spec, x, rule="vanilla")
     assert np.max(np.abs(got - plain)) > 0.05 * np.max(np.abs(plain))  # a guided map, not the gradient
     gradients = set(_gradients(report).values())
-    assert gradients == {EXTENSION, "pass-through"} if name == "effnet" else {EXTENSION}
+    assert gradients == {EXTENSION}, report.to_text()
     assert all(entry.status == "rewritten" for entry in report.sites if entry.gradient == EXTENSION)
     assert "guided extension for" in report.checks["rule applied"]
 
@@ -136,7 +136,9 @@ def test_every_smooth_activation_and_the_sigmoid_head(models):
     export_dir, report = models.converted("chain", smooth_activations="guided")
     x = _inputs(spec)
     want, _ = ref.saliency(spec, x, smooth_activations="guided")
-    assert_close_relative(_saliency(export_dir, x), want, rtol=1e-5)
+    # Ten float32 nonlinear layers in a row: TensorFlow's own true gradient of this chain differs
+    # from the float64 reference by up to 4e-5 of an example's scale, so 1e-4 here (1e-5 above).
+    assert_close_relative(_saliency(export_dir, x), want, rtol=1e-4)
     kinds = {entry.activation for entry in report.sites if entry.gradient == EXTENSION}
     assert kinds == {"gelu (tanh approximation)", "mish", "Elu", "Selu", "Softplus", "Tanh", "hard_silu",
                      "hard_sigmoid", "swish", "gelu"}
@@ -157,8 +159,7 @@ def test_without_the_flag_smooth_activations_keep_their_true_gradient(models):
     by_kind = {}
     for entry in default.sites:
         by_kind.setdefault(entry.activation, set()).add(entry.gradient)
-    assert by_kind == {"Relu": {"guided"}, "swish": {"true gradient"}, "Sigmoid": {"true gradient"},
-                       "Softmax": {"pass-through"}}
+    assert by_kind == {"Relu": {"guided"}, "swish": {"true gradient"}, "Sigmoid": {"true gradient"}}
     assert {e.gradient for e in extended.sites if e.activation in ("swish", "Sigmoid")} == {EXTENSION}
     text = default.to_text()
     assert "[true gradient]" in text and EXTENSION not in text
@@ -204,7 +205,7 @@ def test_command_line_flag_errors_and_report_line(models, tmp_path):
     swish = [line for line in lines if "stem" in line and "Sigmoid" in line]
     assert swish and all(line.endswith(f"[{EXTENSION}]") and " rewritten " in line for line in swish), lines
     saved = json.loads((tmp_path / "ext" / "assets" / "gbp_rewrite_report.json").read_text())
-    assert {s["gradient"] for s in saved["sites"]} == {EXTENSION, "pass-through"}
+    assert {s["gradient"] for s in saved["sites"]} == {EXTENSION}
     spec = SPECS["effnet"]()
     x = _inputs(spec)
     assert_close_relative(_saliency(tmp_path / "ext", x), ref.saliency(spec, x, smooth_activations="guided")[0])
