@@ -36,6 +36,8 @@ class Selection:
     rule: str = "guided"
     # The selected smooth activations (the guided extension), a subset of `selected`.
     smooth: frozenset[tuple[str, str]] = frozenset()
+    # With the extension: every smooth activation it could rewrite (smooth_candidates).
+    smooth_candidates: frozenset[tuple[str, str]] = frozenset()
 
     def status(self, site: Site, *, reached: bool = True, passed_through: bool = False) -> str:
         """What happened to the site's gradient: 'rewritten', 'off the explained path' (selected,
@@ -45,8 +47,8 @@ class Selection:
             return PASSED_THROUGH
         if site.key in self.selected:
             return "rewritten" if reached else OFF_PATH
-        if site.smooth and site.key in self.excluded:
-            return "kept: excluded"
+        if site.key in self.smooth_candidates:
+            return "kept: excluded" if site.key in self.excluded else "kept: not selected"
         if site.activation:
             return f"kept: part of {site.activation}, not a ReLU activation"
         if not site.rewritable:
@@ -164,8 +166,9 @@ def select(
             "the layer selection rewrites nothing: every selected ReLU is excluded by "
             f"--exclude_layers {','.join(exclude_layers)}"
         )
-    smooth_keys = {s.key for s in smooth} & selected if smooth_activations == rules.SMOOTH_GUIDED else set()
-    return Selection(tuple(sites), frozenset(selected), frozenset(excluded), rule, frozenset(smooth_keys))
+    candidates = {s.key for s in smooth} if smooth_activations == rules.SMOOTH_GUIDED else set()
+    return Selection(tuple(sites), frozenset(selected), frozenset(excluded), rule,
+                     frozenset(candidates & selected), frozenset(candidates))
 
 
 def _layers_of(sites: Iterable[Site]) -> list[str]:

@@ -165,6 +165,29 @@ def test_without_the_flag_smooth_activations_keep_their_true_gradient(models):
     assert "[true gradient]" in text and EXTENSION not in text
 
 
+def test_guided_model_in_memory_follows_the_extension(models):
+    """gbp_rewrite.guided_model: the clone's eager gradient of the top logit is the reference's."""
+    spec = SPECS["convnext"]()
+    x = _inputs(spec)
+    clone = gbp_rewrite.guided_model(models.keras("convnext"), smooth_activations="guided")
+    want, classes = ref.saliency(spec, x, smooth_activations="guided")
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        score = tf.reduce_sum(clone(inputs) * tf.one_hot(classes, 4))
+    assert_close_relative(tape.gradient(score, inputs).numpy(), want, rtol=1e-5)
+
+
+def test_layer_selection_picks_smooth_activations_by_layer(models):
+    _, report = models.converted("effnet", smooth_activations="guided", layers=("se_*",))
+    statuses = {entry.path: (entry.status, entry.gradient) for entry in report.sites}
+    assert statuses == {
+        "effnet_style/stem": ("kept: not selected", "true gradient"),
+        "effnet_style/se_reduce": ("rewritten", EXTENSION),
+        "effnet_style/se_expand": ("rewritten", EXTENSION),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
