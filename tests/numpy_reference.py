@@ -1116,7 +1116,7 @@ def resize_bilinear(maps, size):
 
 
 def grad_cam(spec, x, *, layer, rule="guided", score="logit",
-             class_index=None, head_rule="vanilla"):
+             class_index=None, head_rule="vanilla", smooth_activations="true"):
     """Grad-CAM at the output of top-level layer ``layer`` (its name) and
     Guided Grad-CAM, in float64.
 
@@ -1125,7 +1125,9 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     gradient, is Grad-CAM; any other value only serves tests that show a
     rule would change the answer. The map is ReLU(sum_k w_k A_k), resized to
     the input's height and width and divided by its maximum per example (an
-    all-zero map stays zero). The guided saliency uses ``rule`` everywhere.
+    all-zero map stays zero). The guided saliency uses ``rule`` everywhere, and
+    ``smooth_activations`` at the smooth activations (the weights: their true
+    gradient).
 
     Returns (gradcam [batch, H, W], guided_gradcam shaped like x, classes).
     """
@@ -1147,5 +1149,6 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     heat = resize_bilinear(heat, x.shape[1:3])
     peak = heat.max(axis=(1, 2), keepdims=True)
     heat = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
-    guided, _ = saliency(spec, x, rule=rule, score=score, class_index=classes)
+    guided, _ = saliency(spec, x, rule=rule, score=score, class_index=classes,
+                         smooth_activations=smooth_activations)
     return heat, guided * heat[..., None], classes

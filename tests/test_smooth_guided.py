@@ -178,6 +178,20 @@ def test_guided_model_in_memory_follows_the_extension(models):
     assert_close_relative(tape.gradient(score, inputs).numpy(), want, rtol=1e-5)
 
 
+def test_grad_cam_weights_keep_the_true_gradient_under_the_extension(models):
+    """--cam with the extension: Grad-CAM's channel weights from the true gradient (the SE block's
+    swish and sigmoid above the stem included), the guided saliency from the extension."""
+    spec = SPECS["effnet"]()
+    export_dir, _ = models.converted("effnet", smooth_activations="guided", cam_layer="stem")
+    x = _inputs(spec)
+    signature = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    (key,) = signature.structured_input_signature[1]
+    outputs = {k: v.numpy() for k, v in signature(**{key: tf.constant(x)}).items()}
+    heat, guided, _ = ref.grad_cam(spec, x, layer="stem", smooth_activations="guided")
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+
+
 def test_layer_selection_picks_smooth_activations_by_layer(models):
     _, report = models.converted("effnet", smooth_activations="guided", layers=("se_*",))
     statuses = {entry.path: (entry.status, entry.gradient) for entry in report.sites}
