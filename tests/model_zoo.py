@@ -797,3 +797,10 @@ def smooth_chain_keras3(keras):
     del keras
     return ref.keras_model(ref.smooth_chain_spec(input_shape=SMOOTH_INPUT_SHAPE), SMOOTH_INPUT_SHAPE,
                            name="smooth_chain")
+
+
+def conv_bn_swish_keras3(keras):
+    """ref.conv_bn_swish_spec as a Keras model: conv, BatchNorm, Activation('swish'), gap, dense."""
+    del keras
+    return ref.keras_model(ref.conv_bn_swish_spec(input_shape=SMOOTH_INPUT_SHAPE), SMOOTH_INPUT_SHAPE,
+                           name="conv_bn_swish")

@@ -46,6 +46,7 @@ A model is a list of layer dicts (layout NHWC, like TensorFlow)::
     {"type": "batchnorm", "gamma", "beta", "mean", "var", "epsilon"}
     {"type": "softmax"}   {"type": "sigmoid"}            # last layer only
     {"type": "residual", "layers": [...]}                # y = x + f(x)
+    {"type": "activation", "activation": name}           # Keras' Activation layer
     {"type": "pointwise", ...dense keys}                 # dense on the last axis of any rank
     {"type": "layernorm", "gamma", "beta", "epsilon"}    # over the last axis
     {"type": "se", "reduce": {"kernel", "bias", "activation"},
@@ -557,7 +558,18 @@ def _se_backward(layer, cache, dy, ctx):
     return dy * gate[:, None, None, :] + dsqueezed[:, None, None, :] / (height * width)
 
 
+def _standalone_activation_forward(layer, x):
+    """An activation on its own (Keras' Activation layer)."""
+    y = _activation_forward(layer["activation"], x)
+    return y, {"z": x, "y": y}
+
+
+def _standalone_activation_backward(layer, cache, dy, ctx):
+    return _activation_backward(layer["activation"], cache["z"], cache["y"], dy, ctx)
+
+
 _LAYER_OPS = {
+    "activation": (_standalone_activation_forward, _standalone_activation_backward),
     "pointwise": (_pointwise_forward, _dense_backward),
     "layernorm": (_layernorm_forward, _layernorm_backward),
     "se": (_se_forward, _se_backward),
@@ -865,6 +877,8 @@ def _keras_layer(keras, layer, x):
         return keras.layers.Add(name=name)([x, branch])
     if kind == "pointwise":
         return _keras_dense(keras, layer, x)
+    if kind == "activation":
+        return keras.layers.Activation(_keras_activation(layer["activation"]), name=name)(x)
     if kind == "layernorm":
         keras_layer = keras.layers.LayerNormalization(epsilon=float(layer.get("epsilon", 1e-3)), name=name)
         return _with_weights(keras_layer, x, [layer["gamma"], layer["beta"]])
@@ -1019,6 +1033,19 @@ def efficientnet_style_spec(*, seed=7, input_shape=DEFAULT_INPUT_SHAPE, num_clas
     ]
     return layers + [
         _random_dense(rng, "logits", channels, num_classes, gain=2.0, activation="softmax"),
+    ]
+
+
+def conv_bn_swish_spec(*, seed=9, input_shape=DEFAULT_INPUT_SHAPE, num_classes=4):
+    """EfficientNet's conv, BatchNorm, Activation('swish') (the BatchNorm a graph path folds),
+    then gap and dense logits."""
+    rng = np.random.default_rng(seed)
+    return [
+        _random_conv(rng, "conv", input_shape[-1], 6),
+        _random_batchnorm(rng, "bn", 6),
+        {"type": "activation", "name": "swish", "activation": "swish"},
+        {"type": "gap", "name": "gap"},
+        _random_dense(rng, "logits", 6, num_classes, gain=2.0),
     ]
 
 

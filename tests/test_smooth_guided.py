@@ -30,12 +30,14 @@ SPECS = {
     "effnet_relu": lambda: ref.efficientnet_style_spec(input_shape=SHAPE, relu_head=True),
     "convnext": lambda: ref.convnext_style_spec(input_shape=SHAPE),
     "chain": lambda: ref.smooth_chain_spec(input_shape=SHAPE),
+    "conv_bn_swish": lambda: ref.conv_bn_swish_spec(input_shape=SHAPE),
 }
 BUILDERS = {
     "effnet": lambda keras: model_zoo.efficientnet_style_keras3(keras),
     "effnet_relu": lambda keras: model_zoo.efficientnet_style_keras3(keras, relu_head=True),
     "convnext": model_zoo.convnext_style_keras3,
     "chain": model_zoo.smooth_chain_keras3,
+    "conv_bn_swish": model_zoo.conv_bn_swish_keras3,
 }
 
 
@@ -144,6 +146,17 @@ def test_every_smooth_activation_and_the_sigmoid_head(models):
                      "hard_sigmoid", "swish", "gelu"}
     head = [entry for entry in report.sites if entry.path.endswith("logits")]
     assert [(e.op_type, e.gradient) for e in head] == [("Sigmoid", "pass-through")]
+
+
+def test_saved_custom_gradient_swish_with_a_folded_batchnorm(models):
+    """Keras' swish is tf.nn.silu, whose gradient a Keras 3 export saves: with the extension its
+    IdentityN passes dy to the ops inside (the gated Mul), so the BatchNorm before it folds too."""
+    spec = SPECS["conv_bn_swish"]()
+    export_dir, report = models.converted("conv_bn_swish", smooth_activations="guided")
+    assert "batchnorm folding" in report.checks
+    x = _inputs(spec)
+    assert_close_relative(_saliency(export_dir, x), ref.saliency(spec, x, smooth_activations="guided")[0])
+    assert [(e.activation, e.gradient) for e in report.sites] == [("swish", EXTENSION)]
 
 
 def test_without_the_flag_smooth_activations_keep_their_true_gradient(models):

@@ -19,8 +19,9 @@ For the guided extension to smooth activations (rules.SMOOTH_ACTIVATIONS_CHOICES
 `activation_outputs` gives each activation's OUTPUT op, the one whose gradient gets the gate:
 swish's and mish's final Mul, GELU's outer Mul, hard_silu's Mul by x, hard_sigmoid's division by 6
 (or product with 1/6), the single op itself for ELU, SELU, softplus, sigmoid and tanh; and, when a
-saved `tf.custom_gradient` wraps that output (Keras' swish is `tf.nn.silu`: an IdentityN whose
-`_gradient_op_type` names a gradient function saved with the model), that IdentityN.
+`tf.custom_gradient` wraps that output (Keras' swish is `tf.nn.silu`: an IdentityN whose
+`_gradient_op_type` names a gradient function, in a Keras 3 export one saved with the model),
+that IdentityN.
 
 The patterns are matched on NodeDefs of one graph or function body, whose tensor references are
 'node:0' (graph) or 'node:output_arg:0' (function body); a pattern split across function calls
@@ -68,26 +69,23 @@ class ActivationOutput:
     custom_gradient: str = ""
 
 
-def activation_outputs(nodes: Iterable, *, saved_gradients: Iterable[str] = ()) -> dict[str, ActivationOutput]:
+def activation_outputs(nodes: Iterable) -> dict[str, ActivationOutput]:
     """{op name: its activation's output} for every op of `nodes` (NodeDefs of one graph or function
     body) that computes a smooth activation: the pieces composite_activations names (the Relu6 of
-    hard_sigmoid/hard_silu included) and the single Elu/Selu/Softplus/Sigmoid/Tanh ops.
-    `saved_gradients`: the gradient op types saved with the model (library.registered_gradients),
-    whose IdentityN wraps a tf.custom_gradient. An activation whose output cannot be told (a
+    hard_sigmoid/hard_silu included) and the single Elu/Selu/Softplus/Sigmoid/Tanh ops. An activation whose output cannot be told (a
     pattern split across function calls, a value used before its output op) is left out."""
     nodes = list(nodes)
     by_name = {node.name: node for node in nodes}
     consumers = _consumers(by_name.values())
-    saved = set(saved_gradients)
     found = {}
     pieces = composite_activations(nodes)
     for name, activation in pieces.items():
         output = _composite_output(by_name[name], activation, by_name, consumers)
         if output is not None and by_name[output].op in rules.SMOOTH_OUTPUT_OP_TYPES:
-            found[name] = ActivationOutput(output, _custom_gradient_over(output, consumers, saved))
+            found[name] = ActivationOutput(output, _custom_gradient_over(output, consumers))
     for node in nodes:
         if node.op in SINGLE_OP_ACTIVATIONS and node.name not in pieces:
-            found[node.name] = ActivationOutput(node.name, _custom_gradient_over(node.name, consumers, saved))
+            found[node.name] = ActivationOutput(node.name, _custom_gradient_over(node.name, consumers))
     return found
 
 
@@ -137,11 +135,10 @@ def _constant_value(ref: str, by_name: Mapping):
     return array if array.size == 1 else None
 
 
-def _custom_gradient_over(output: str, consumers: Mapping, saved: set[str]) -> str:
-    """The IdentityN of a saved tf.custom_gradient whose first input is `output`, else ''."""
+def _custom_gradient_over(output: str, consumers: Mapping) -> str:
+    """The IdentityN of a tf.custom_gradient whose first input is `output`, else ''."""
     for use in consumers.get(output, []):
-        if (use.op == "IdentityN" and use.input and node_of(use.input[0]) == output
-                and _GRADIENT_ATTR in use.attr and use.attr[_GRADIENT_ATTR].s.decode() in saved):
+        if use.op == "IdentityN" and use.input and node_of(use.input[0]) == output and _GRADIENT_ATTR in use.attr:
             return use.name
     return ""
 

@@ -50,7 +50,7 @@ class Site:
     # the op itself for a single Elu/Sigmoid/...), the op the guided extension to smooth
     # activations gates; '' when the op is no smooth activation (or its output cannot be told).
     output: str = ""
-    # The IdentityN of a saved tf.custom_gradient over that output (Keras' swish: tf.nn.silu), ''
+    # The IdentityN of a tf.custom_gradient over that output (Keras' swish: tf.nn.silu), ''
     # when none: with the extension it gets rules.OPS_BY_OP_GRADIENT, so the output's gate runs.
     custom_gradient: str = ""
 
@@ -216,22 +216,20 @@ def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence
     graph = _Graph(meta_graph)
     namer = _LayerNamer(meta_graph)
     top_nodes, functions = graph.reachable(output_tensors)
-    saved = [g.registered_op_type for g in meta_graph.graph_def.library.registered_gradients]
     sites = []
     if top_nodes:
-        sites = activation_sites("", graph.top.values(), namer.path, saved_gradients=saved, only=top_nodes)
+        sites = activation_sites("", graph.top.values(), namer.path, only=top_nodes)
     for function in functions:
-        sites.extend(activation_sites(function, graph.functions[function].node_def, namer.path,
-                                      saved_gradients=saved))
+        sites.extend(activation_sites(function, graph.functions[function].node_def, namer.path))
     return sites
 
 
-def activation_sites(function: str, nodes, name_path, *, saved_gradients=(), only=None) -> list[Site]:
+def activation_sites(function: str, nodes, name_path, *, only=None) -> list[Site]:
     """The activation ops among `nodes` (NodeDefs of `function`, '' = the top-level graph; `only`:
     the node names to consider, in that order), as sites named by `name_path(function, node)`."""
     nodes = list(nodes)
     composite = lowered_activations.composite_activations(nodes)
-    outputs = lowered_activations.activation_outputs(nodes, saved_gradients=saved_gradients)
+    outputs = lowered_activations.activation_outputs(nodes)
     by_name = {node.name: node for node in nodes}
     names = sorted(only) if only is not None else [node.name for node in nodes]
     found = []

@@ -218,11 +218,8 @@ def find_sites(model, signature: KerasSignature, *, graph: tf.Graph | None = Non
     tree = layer_tree(model)
     known = {name for path in tree for name in path}
     graph_def = graph.as_graph_def()
-    # Every custom gradient of the trace counts as saved: tf.nn.silu's IdentityN is then named.
-    custom = {n.attr["_gradient_op_type"].s.decode() for n in graph_def.node if "_gradient_op_type" in n.attr}
     order = {op.name: i for i, op in enumerate(graph.get_operations())}
-    top = sites.activation_sites("", graph_def.node, lambda f, n: sites.layer_path(n, known, keras3=True),
-                                 saved_gradients=custom)
+    top = sites.activation_sites("", graph_def.node, lambda f, n: sites.layer_path(n, known, keras3=True))
     found = [_attribute(site, tree) for site in sorted(top, key=lambda site: order.get(site.node, 0))]
     for function in graph_def.library.function:  # control flow: recurrent layers
         in_function = lowered_activations.composite_activations(function.node_def)
