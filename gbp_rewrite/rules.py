@@ -40,7 +40,8 @@ from gbp_rewrite.tf_internals import gen_nn_ops
 # Op types a rule rewrites. Everything else keeps its true gradient.
 REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 
-# Activation op types that are reported but left alone: no agreed guided rule exists for them.
+# Activation op types that are reported and keep their true gradient: no agreed guided rule exists
+# for them (the smooth ones among them get the guided extension only when it is asked for).
 REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Erf", "Erfc")
 
 # Smooth activations (rules.SMOOTH_ACTIVATIONS_CHOICES): their default is the true gradient; with

@@ -36,8 +36,10 @@ class Selection:
     rule: str = "guided"
     # The selected smooth activations (the guided extension), a subset of `selected`.
     smooth: frozenset[tuple[str, str]] = frozenset()
-    # With the extension: every smooth activation it could rewrite (smooth_candidates).
+    # With the extension: every smooth activation it could rewrite (smooth_candidates), and the
+    # explained output's own Softmax/Sigmoid it leaves alone.
     smooth_candidates: frozenset[tuple[str, str]] = frozenset()
+    output_ends: frozenset[tuple[str, str]] = frozenset()
 
     def status(self, site: Site, *, reached: bool = True, passed_through: bool = False) -> str:
         """What happened to the site's gradient: 'rewritten', 'off the explained path' (selected,
@@ -49,6 +51,8 @@ class Selection:
             return "rewritten" if reached else OFF_PATH
         if site.key in self.smooth_candidates:
             return "kept: excluded" if site.key in self.excluded else "kept: not selected"
+        if site.key in self.output_ends:
+            return f"kept: the explained output's {site.op_type}, not a hidden activation"
         if site.activation:
             return f"kept: part of {site.activation}, not a ReLU activation"
         if not site.rewritable:
@@ -130,6 +134,7 @@ def select(
     `rule` 'vanilla' (the plain gradient needs no ReLU), which then selects nothing.
     """
     rules.check_smooth_activations(smooth_activations, rule)
+    output_ends = frozenset(output_ends)
     smooth = smooth_candidates(sites, output_ends=output_ends)
     rewritable = [s for s in sites if s.rewritable]
     if smooth_activations == rules.SMOOTH_GUIDED:
@@ -166,9 +171,11 @@ def select(
             "the layer selection rewrites nothing: every selected ReLU is excluded by "
             f"--exclude_layers {','.join(exclude_layers)}"
         )
-    candidates = {s.key for s in smooth} if smooth_activations == rules.SMOOTH_GUIDED else set()
+    extended = smooth_activations == rules.SMOOTH_GUIDED
+    candidates = {s.key for s in smooth} if extended else set()
+    ends = {s.key for s in sites if s.smooth} & set(output_ends) if extended else set()
     return Selection(tuple(sites), frozenset(selected), frozenset(excluded), rule,
-                     frozenset(candidates & selected), frozenset(candidates))
+                     frozenset(candidates & selected), frozenset(candidates), frozenset(ends))
 
 
 def _layers_of(sites: Iterable[Site]) -> list[str]:

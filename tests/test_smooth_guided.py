@@ -148,6 +148,18 @@ def test_every_smooth_activation_and_the_sigmoid_head(models):
     assert [(e.op_type, e.gradient) for e in head] == [("Sigmoid", "pass-through")]
 
 
+def test_probability_score_keeps_the_output_sigmoid_true(models):
+    """With score 'probability' the output's sigmoid keeps its true gradient under the extension."""
+    spec = SPECS["chain"]()
+    export_dir, report = models.converted("chain", smooth_activations="guided", score="probability")
+    x = _inputs(spec)
+    want, _ = ref.saliency(spec, x, smooth_activations="guided", score="probability")
+    assert_close_relative(_saliency(export_dir, x), want, rtol=1e-4)  # the chain's float32 error, above
+    (head,) = [entry for entry in report.sites if entry.path.endswith("logits")]
+    assert (head.status, head.gradient) == ("kept: the explained output's Sigmoid, not a hidden activation",
+                                            "true gradient")
+
+
 def test_saved_custom_gradient_swish_with_a_folded_batchnorm(models):
     """Keras' swish is tf.nn.silu, whose gradient a Keras 3 export saves: with the extension its
     IdentityN passes dy to the ops inside (the gated Mul), so the BatchNorm before it folds too."""

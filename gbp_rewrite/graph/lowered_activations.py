@@ -9,7 +9,8 @@ is one piece of a smooth-ish gate, not a ReLU unit: giving it the guided gate wo
 nobody defined, so such a Relu6 keeps its true gradient and is reported under the activation's
 name.
 
-The others only name what the report and `inspect` list (they keep their true gradient anyway):
+The others name what the report and `inspect` list (they keep their true gradient unless the
+guided extension to smooth activations is asked for, below):
 swish/SiLU `x * sigmoid(x)`, mish `x * tanh(softplus(x))`, GELU `0.5 * x * (1 + erf(x / sqrt 2))`
 (Erf, or Erfc of -x / sqrt 2 as TensorFlow writes it) and its tanh approximation
 `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`. ELU, SELU, softplus, sigmoid and tanh are

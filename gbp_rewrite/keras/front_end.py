@@ -3,7 +3,8 @@
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (selection.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax/sigmoid a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
+    explained output's softmax/sigmoid a pass-through gradient (with the guided extension, the
+    chosen layers' smooth activation wrapped in rules.smooth_activation), weights copied -> hand gbp_rewrite.pipeline
     the clone to trace the explainable signatures over, and the model to probe.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
