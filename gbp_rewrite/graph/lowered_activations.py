@@ -63,8 +63,8 @@ _GRADIENT_ATTR = "_gradient_op_type"
 
 @dataclasses.dataclass(frozen=True)
 class ActivationOutput:
-    """The op a smooth activation's value comes out of, and the IdentityN of a saved custom
-    gradient over it ('' when none)."""
+    """The op a smooth activation's value comes out of, and the IdentityN of a tf.custom_gradient
+    over it ('' when none)."""
 
     node: str
     custom_gradient: str = ""
@@ -73,8 +73,9 @@ class ActivationOutput:
 def activation_outputs(nodes: Iterable) -> dict[str, ActivationOutput]:
     """{op name: its activation's output} for every op of `nodes` (NodeDefs of one graph or function
     body) that computes a smooth activation: the pieces composite_activations names (the Relu6 of
-    hard_sigmoid/hard_silu included) and the single Elu/Selu/Softplus/Sigmoid/Tanh ops. An activation whose output cannot be told (a
-    pattern split across function calls, a value used before its output op) is left out."""
+    hard_sigmoid/hard_silu included) and the single Elu/Selu/Softplus/Sigmoid/Tanh ops. An
+    activation whose output cannot be told (a pattern split across function calls, a value used
+    before its output op) is left out."""
     nodes = list(nodes)
     by_name = {node.name: node for node in nodes}
     consumers = _consumers(by_name.values())

@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 
 from gbp_rewrite import tf_internals
-from gbp_rewrite.graph import lowered_activations, sites
+from gbp_rewrite.graph import sites
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.keras.signature import KerasSignature
 
@@ -222,13 +222,10 @@ def find_sites(model, signature: KerasSignature, *, graph: tf.Graph | None = Non
     top = sites.activation_sites("", graph_def.node, lambda f, n: sites.layer_path(n, known, keras3=True))
     found = [_attribute(site, tree) for site in sorted(top, key=lambda site: order.get(site.node, 0))]
     for function in graph_def.library.function:  # control flow: recurrent layers
-        in_function = lowered_activations.composite_activations(function.node_def)
-        for node in function.node_def:
-            if node.op in sites.ACTIVATION_OP_TYPES:
-                path = sites.layer_path(node.name, known, keras3=True)
-                site = sites.Site(function.signature.name, node.name, node.op, path, in_function.get(node.name, ""))
-                site = dataclasses.replace(site, output="")  # no smooth rewrite inside control flow
-                found.append(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)"))
+        in_function = sites.activation_sites(function.signature.name, function.node_def,
+                                             lambda f, n: sites.layer_path(n, known, keras3=True))
+        found.extend(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)")
+                     for site in in_function)
     return found
 
 
