@@ -239,6 +239,19 @@ def test_keras_path_refuses_a_form_it_cannot_wrap(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_keras_path_refuses_a_recurrent_cell_under_the_extension(tmp_path):
+    """A SimpleRNN's tanh runs in the cell's own code inside a while loop: no activation to wrap."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((5, 3), name="seq")
+    hidden = keras.layers.SimpleRNN(4, name="rnn")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(hidden), name="rnn_model")
+    with pytest.raises(SelectionError, match=r"layer 'rnn_model/rnn.*Tanh.*cannot give the guided extension"):
+        gbp_rewrite.convert(model, tmp_path / "out", smooth_activations="guided")
+    assert not (tmp_path / "out").exists()
+
+
 def test_extension_with_portable_or_an_unknown_value_is_refused(models, tmp_path):
     with pytest.raises(OptionError, match="--portable"):
         gbp_rewrite.convert(models.export("effnet"), tmp_path / "a", smooth_activations="guided", portable=True)
