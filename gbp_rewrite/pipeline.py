@@ -58,6 +58,7 @@ def convert(
     onnx: str | os.PathLike | None = None,
     cam: bool = False,
     cam_layer: str | None = None,
+    smooth_activations: str = rules.SMOOTH_TRUE,
 ) -> ConversionReport:
     """Write an explainable copy of the SavedModel `source` to `destination`.
 
@@ -120,6 +121,13 @@ def convert(
       cam_layer: the layer Grad-CAM uses (a name, nested model, path or glob, as for `layers`;
         default: the last 4-D [batch, h, w, c] output with h, w > 1 before the explained output).
         Implies cam=True.
+      smooth_activations: 'true' (default: smooth activations keep their true gradient) or
+        'guided': the guided extension to smooth activations, an extension of this toolkit, not the
+        published rule (docs/how-it-works.md): swish/SiLU, GELU (exact and tanh form), mish, ELU,
+        SELU, softplus, sigmoid, tanh, hard_sigmoid and hard_silu pass dx = f'(x) * dy * [dy > 0]
+        (the true local derivative, the guided gate on the gradient at the activation's output);
+        the explained output's own Softmax/Sigmoid is left as `score` says. Only with rule
+        'guided' (an OptionError otherwise); not with portable, tflite or onnx.
 
     Returns:
       The conversion report (also saved as assets/gbp_rewrite_report.{json,txt} in the export).
@@ -130,6 +138,7 @@ def convert(
     started = time.perf_counter()
     signatures.check_score(score)
     rules.get_rule(rule)
+    rules.check_smooth_activations(smooth_activations, rule)
     serving = serving_signatures.check_options(image_bytes=image_bytes, preprocess=preprocess,
                                                saliency_map_dtype=saliency_map_dtype, saliency_png=saliency_png)
     saliency_map = saliency_map or serving.needs_map
@@ -139,6 +148,10 @@ def convert(
         raise OptionError("--cam and --portable/--tflite/--onnx exclude each other: Grad-CAM resizes its "
                           "map with ResizeBilinear, which has no portable form; convert twice, one export "
                           "with --cam and one with --portable")
+    if portable and smooth_activations != rules.SMOOTH_TRUE:
+        raise OptionError("--smooth_activations guided and --portable/--tflite/--onnx exclude each other: the "
+                          "portable gradients cover the ReLU rules only; convert without --smooth_activations "
+                          "for a portable export")
     if portable:
         portable_export.require_extras(tflite=tflite is not None, onnx=onnx is not None)
     destination = write.version_directory(Path(destination), version)
@@ -146,7 +159,7 @@ def convert(
                       output=output, score=score, overwrite=overwrite, saliency_map=saliency_map,
                       serving=serving, portable=portable, tflite=None if tflite is None else Path(tflite),
                       onnx=None if onnx is None else Path(onnx),
-                      cam=cam, cam_layer=cam_layer)
+                      cam=cam, cam_layer=cam_layer, smooth_activations=smooth_activations)
     if keras_loading.is_keras_source(source):
         prepare = keras_front_end.prepare(source, destination, options, safe_mode=safe_mode)
     else:

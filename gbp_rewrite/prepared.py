@@ -43,6 +43,8 @@ class Options:
     onnx: Path | None = None
     cam: bool = False
     cam_layer: str | None = None
+    # 'true' (default) or 'guided': the guided extension to smooth activations (guided rule only).
+    smooth_activations: str = "true"
 
 
 @dataclasses.dataclass

@@ -22,13 +22,17 @@ class SiteEntry:
     op_type: str
     status: str
     function: str = ""
+    # The gradient the op got: 'guided' (or the rule's name), 'guided (smooth extension)' (the
+    # extension, at the activation's output op), 'pass-through', or 'true gradient'.
+    gradient: str = ""
+    activation: str = ""  # what the op computes, as a user names it (sites.Site.kind)
 
     @classmethod
-    def from_site(cls, site, status: str) -> "SiteEntry":
+    def from_site(cls, site, status: str, gradient: str = "") -> "SiteEntry":
         """The entry of a sites.Site whose fate is `status` ('rewritten', 'off the explained path',
-        'kept: why')."""
+        'kept: why') and whose op got the rule `gradient` (selection.Selection.gradient)."""
         return cls(layer=site.layer, path=site.layer_path, op_name=site.node, op_type=site.op_type,
-                   status=status, function=site.function)
+                   status=status, function=site.function, gradient=gradient, activation=site.kind)
 
     @property
     def rewritten(self) -> bool:
@@ -126,7 +130,8 @@ class ConversionReport:
         ]
         width = max([len(s.path) for s in self.sites] + [5])  # the layer path, as inspect names it
         for site in self.sites:
-            lines.append(f"    {site.path:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}")
+            gradient = f"  [{site.gradient}]" if site.gradient else ""
+            lines.append(f"    {site.path:<{width}}  {site.op_type:<9}  {site.status:<28}  {site.op_name}{gradient}")
         lines.append("  exported signatures:")
         for key, outputs in self.signatures.items():
             lines.append(f"    {key}: {', '.join(outputs)}")

@@ -15,6 +15,14 @@ Two mechanisms use the same math: `register_graph_gradients` registers each (rul
 name that the graph path writes into a NodeDef's `_gradient_op_type` attr, and `activation` builds
 a `tf.custom_gradient` function for the Keras path (`pass_through` likewise for the output's
 Softmax/Sigmoid).
+
+The guided extension to smooth activations (opt-in, `convert(..., smooth_activations='guided')`)
+is not in Springenberg et al.: at the OUTPUT op of a smooth activation f (swish's final Mul,
+GELU's outer Mul, mish's Mul, the single Elu/Selu/Softplus/Sigmoid/Tanh op, ...) the upstream
+gradient is gated, dy * [dy > 0], and then that op's TRUE gradient runs, as do the true
+gradients of the activation's inner ops, so the activation passes dx = f'(x) * dy * [dy > 0].
+`register_graph_gradients` registers it as `smooth_gradient_op_type(op_type)`; `smooth_activation`
+builds it for the Keras path.
 """
 
 from __future__ import annotations
@@ -32,8 +40,23 @@ from gbp_rewrite.tf_internals import gen_nn_ops
 # Op types a rule rewrites. Everything else keeps its true gradient.
 REWRITABLE_OP_TYPES = ("Relu", "Relu6")
 
-# Activation op types that are reported but left alone: no agreed guided rule exists for them.
+# Activation op types that are reported and keep their true gradient: no agreed guided rule exists
+# for them (the smooth ones among them get the guided extension only when it is asked for).
 REPORTED_OP_TYPES = ("LeakyRelu", "Elu", "Selu", "Softplus", "Softsign", "Sigmoid", "Tanh", "Erf", "Erfc")
+
+# Smooth activations (rules.SMOOTH_ACTIVATIONS_CHOICES): their default is the true gradient; with
+# 'guided' (only under the guided rule) the guided extension: dx = f'(x) * dy * [dy > 0].
+SMOOTH_TRUE = "true"
+SMOOTH_GUIDED = "guided"
+SMOOTH_ACTIVATIONS_CHOICES = (SMOOTH_TRUE, SMOOTH_GUIDED)
+SMOOTH_RULE_LABEL = "guided (smooth extension)"
+# Op types that end a smooth activation and get the gate: Mul (swish, GELU, mish, hard_silu; the
+# hard_sigmoid's product with 1/6), RealDiv (hard_sigmoid's division by 6), the single ops.
+SMOOTH_OUTPUT_OP_TYPES = ("Mul", "RealDiv", "Div", "Elu", "Selu", "Softplus", "Sigmoid", "Tanh")
+# Given to the IdentityN of a saved tf.custom_gradient (Keras' swish is tf.nn.silu) over a smooth
+# activation that gets the extension: dy passes to the ops it wraps, whose own gradients then run
+# (the gated output Mul among them), instead of the saved function that would skip them.
+OPS_BY_OP_GRADIENT = "GbpRewrite_IdentityN_op_by_op"
 
 # The rule that is the true gradient: it needs no ReLU to reach (any differentiable model works).
 VANILLA = "vanilla"
@@ -110,9 +133,30 @@ def get_rule(name: str) -> Rule:
         ) from None
 
 
+def check_smooth_activations(smooth_activations: str, rule_name: str) -> None:
+    """Refuse an unknown `smooth_activations` value, or 'guided' with another rule than guided."""
+    if smooth_activations not in SMOOTH_ACTIVATIONS_CHOICES:
+        raise OptionError(
+            f"unknown smooth_activations {smooth_activations!r}; valid values: "
+            f"{', '.join(SMOOTH_ACTIVATIONS_CHOICES)}"
+        )
+    if smooth_activations == SMOOTH_GUIDED and rule_name != "guided":
+        raise OptionError(
+            f"--smooth_activations guided extends the guided rule and is valid only with --rule guided, "
+            f"not --rule {rule_name}; use --rule guided --smooth_activations guided, or leave "
+            "--smooth_activations at true"
+        )
+
+
 def gradient_op_type(rule_name: str, op_type: str) -> str:
     """The `_gradient_op_type` attr value that selects `rule_name`'s gradient for `op_type`."""
     return f"GbpRewrite_{op_type}_{rule_name}"
+
+
+def smooth_gradient_op_type(op_type: str) -> str:
+    """The `_gradient_op_type` attr value that gives the output op of a smooth activation (an op
+    type of SMOOTH_OUTPUT_OP_TYPES) the guided extension: its true gradient of dy * [dy > 0]."""
+    return f"GbpRewrite_{op_type}_guided_smooth"
 
 
 _registration_lock = threading.Lock()
@@ -133,6 +177,9 @@ def register_graph_gradients() -> None:
             for op_type, fn in rule.gradients.items():
                 _register(gradient_op_type(rule.name, op_type), fn, RULES["vanilla"].gradients[op_type])
         _register_pass_through(SOFTMAX_PASS_THROUGH)
+        for op_type in SMOOTH_OUTPUT_OP_TYPES:
+            _register_smooth(smooth_gradient_op_type(op_type), op_type)
+        _register_ops_by_op(OPS_BY_OP_GRADIENT)
         _registered = True
 
 
@@ -252,6 +299,32 @@ def _gate_before_max_pool(fn: GradientFn, op, dy):
     )
 
 
+def _register_smooth(name: str, op_type: str) -> None:
+    """The guided extension at a smooth activation's output op: TensorFlow's own gradient of
+    `op_type`, given the gated upstream gradient dy * [dy > 0] (the true one in true mode)."""
+    true_gradient = tf_internals.registered_gradient(op_type)
+
+    def _gradient(op, dy):
+        if _true_gradients_on():
+            return true_gradient(op, dy)
+        _note(op)
+        return true_gradient(op, gen_nn_ops.relu(dy))
+
+    if not _is_registered(name):
+        tf.RegisterGradient(name)(_gradient)
+
+
+def _register_ops_by_op(name: str) -> None:
+    """IdentityN's own gradient (dy to each input), for the IdentityN of a saved custom gradient."""
+
+    def _gradient(op, *dys):
+        del op
+        return list(dys)
+
+    if not _is_registered(name):
+        tf.RegisterGradient(name)(_gradient)
+
+
 def _register_pass_through(name: str) -> None:
     def _gradient(op, dy):
         _note(op)
@@ -290,6 +363,33 @@ def activation(rule_name: str, op_type: str, *, name: str | None = None) -> Call
         return y, _gradient
 
     return _activation
+
+
+def smooth_activation(forward: Callable[[tf.Tensor], tf.Tensor], *, name: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The smooth activation `forward` (Keras' swish, gelu, elu, ...) unchanged, with the guided
+    extension's gradient, for the Keras path: dx = f'(x) * dy * [dy > 0].
+
+    f'(x) * g is the activation's own gradient (recorded by a tape around `forward`, so every op of
+    it, a saved or nested custom gradient included, keeps its true gradient) of the gated g. `name`
+    is recorded as `activation` records it (op_token of the forward output, and forward_token).
+    """
+
+    @tf.custom_gradient
+    def _smooth(x):
+        with tf.GradientTape(persistent=True) as tape:  # Grad-CAM builds a second, true gradient
+            tape.watch(x)
+            y = forward(x)
+        _note_name(forward_token(op_token(name, y)))
+
+        def _gradient(dy):
+            if _true_gradients_on():
+                return tape.gradient(y, x, output_gradients=dy)
+            _note_name(op_token(name, y))
+            return tape.gradient(y, x, output_gradients=gen_nn_ops.relu(dy))
+
+        return y, _gradient
+
+    return _smooth
 
 
 def op_token(name: str | None, y) -> str | None:

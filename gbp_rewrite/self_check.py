@@ -50,23 +50,33 @@ def run_probe(
 
 
 def check_applied(selected: Sequence, reached: Sequence, rule: str) -> str:
-    """Prove the rule reached the gradient: a selected ReLU op whose rule never ran for the
-    explained score keeps the plain gradient, silently.
+    """Prove the rule reached the gradient: a selected op whose rule never ran for the explained
+    score keeps the plain gradient, silently.
 
-    `selected` are the selected ReLU ops, `reached` those whose rule gradient ran while the
-    explained score's gradient was traced (rules.record_applications), counted op by op (the
-    output Softmax/Sigmoid is check_pass_through's). Returns the check's text.
+    `selected` are the selected sites (graph.sites.Site: ReLU ops, and with the guided extension
+    smooth activations, `rewritable` False), `reached` those whose rule gradient ran while the
+    explained score's gradient was traced (rules.record_applications), counted op by op (a smooth
+    activation by its output op; the output Softmax/Sigmoid is check_pass_through's). Returns the
+    check's text.
     """
+    smooth = [s for s in selected if not s.rewritable]
+    smooth_reached = [s for s in reached if not s.rewritable]
+    relus = [s for s in selected if s.rewritable]
+    relus_reached = [s for s in reached if s.rewritable]
     if rule == VANILLA:  # the true gradient needs no ReLU on the path
         return (f"{rule} rule: the plain gradient, no ReLU needed ({len(reached)} of {len(selected)} "
                 "selected ReLU ops on the explained path)")
     if not reached:
+        what = "ReLU ops and smooth activations" if smooth else "ReLU ops"
         raise VerificationError(
-            f"none of the {len(selected)} selected ReLU ops lies between the saliency inputs and the "
+            f"none of the {len(selected)} selected {what} lies between the saliency inputs and the "
             f"explained output, so the saliency would be the plain gradient; select other layers, or "
             f"use --rule {VANILLA} for the plain gradient"
         )
-    text = f"{rule} gradient built for {len(reached)} of {len(selected)} selected ReLU ops"
+    text = f"{rule} gradient built for {len(relus_reached)} of {len(relus)} selected ReLU ops"
+    if smooth:
+        text += (f", and the guided extension for {len(smooth_reached)} of {len(smooth)} selected smooth "
+                 "activation ops (at their output op)")
     if len(reached) < len(selected):
         text += " (the others are off the explained path: no gradient of the explained score runs through them)"
     return text

@@ -766,3 +766,41 @@ def uncovered_op_keras3(keras, *, seed=0):
     x = layers.Flatten(name="flatten")(x)
     outputs = layers.Dense(3, name="logits")(x)
     return keras.Model(inputs, outputs, name="uncovered")
+
+
+# ---------------------------------------------------------------------------------------------
+# Smooth activations under the guided extension (issue 13 item 3): models without a ReLU, built
+# from numpy_reference specs so the reference computes their maps.
+
+SMOOTH_INPUT_SHAPE = (8, 8, 3)
+
+
+def efficientnet_style_keras3(keras, *, relu_head: bool = False):
+    """EfficientNet's pieces, small (ref.efficientnet_style_spec): conv + swish, a
+    squeeze-and-excitation block (swish, a sigmoid gate multiplied in), 1x1 projection, gap, dense
+    softmax. `relu_head`: the projection has a ReLU (the plain guided rule has something to rewrite)."""
+    spec = ref.efficientnet_style_spec(input_shape=SMOOTH_INPUT_SHAPE, relu_head=relu_head)
+    return ref.keras_model(spec, SMOOTH_INPUT_SHAPE, name="effnet_relu" if relu_head else "effnet_style")
+
+
+def convnext_style_keras3(keras):
+    """ConvNeXt's pieces, small (ref.convnext_style_spec): patchify conv, a residual block of conv,
+    LayerNorm, pointwise dense + GELU, pointwise dense; gap, LayerNorm, dense logits."""
+    del keras  # ref.keras_model imports it
+    return ref.keras_model(ref.convnext_style_spec(input_shape=SMOOTH_INPUT_SHAPE), SMOOTH_INPUT_SHAPE,
+                           name="convnext_style")
+
+
+def smooth_chain_keras3(keras):
+    """ref.smooth_chain_spec as a Keras model: one Dense per smooth activation (the tanh-form GELU
+    through a lambda, which only the SavedModel path can rewrite), a binary sigmoid head."""
+    del keras
+    return ref.keras_model(ref.smooth_chain_spec(input_shape=SMOOTH_INPUT_SHAPE), SMOOTH_INPUT_SHAPE,
+                           name="smooth_chain")
+
+
+def conv_bn_swish_keras3(keras):
+    """ref.conv_bn_swish_spec as a Keras model: conv, BatchNorm, Activation('swish'), gap, dense."""
+    del keras
+    return ref.keras_model(ref.conv_bn_swish_spec(input_shape=SMOOTH_INPUT_SHAPE), SMOOTH_INPUT_SHAPE,
+                           name="conv_bn_swish")

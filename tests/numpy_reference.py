@@ -19,6 +19,13 @@ clip(x / 6 + 1/2, 0, 1)`` (derivative 1/6 on (-3, 3)), ``hard_silu(x) = x *
 hard_sigmoid(x)`` (derivative (2x + 3) / 6 on (-3, 3), 1 above), and the
 thresholded ReLU ``x * [x > t]`` (derivative ``[x > t]``).
 
+Smooth activations (swish, gelu, gelu_tanh, mish, elu, selu, softplus, tanh,
+the sigmoid of a squeeze-and-excitation block, hard_sigmoid, hard_silu) keep
+their true gradient ``f'(z) * dy`` by default; ``saliency(...,
+smooth_activations="guided")`` gives them the guided extension (not in
+Springenberg et al.): ``f'(z) * dy * [dy > 0]``, the derivative written out
+by hand here in float64.
+
 Every other op keeps its true gradient.  Max-pooling routes the gradient to
 the first arg-max (row-major) of each window, like TensorFlow's MaxPoolGrad.
 
@@ -39,6 +46,11 @@ A model is a list of layer dicts (layout NHWC, like TensorFlow)::
     {"type": "batchnorm", "gamma", "beta", "mean", "var", "epsilon"}
     {"type": "softmax"}   {"type": "sigmoid"}            # last layer only
     {"type": "residual", "layers": [...]}                # y = x + f(x)
+    {"type": "activation", "activation": name}           # Keras' Activation layer
+    {"type": "pointwise", ...dense keys}                 # dense on the last axis of any rank
+    {"type": "layernorm", "gamma", "beta", "epsilon"}    # over the last axis
+    {"type": "se", "reduce": {"kernel", "bias", "activation"},
+     "expand": {"kernel", "bias"}}   # x * sigmoid(expand(act(reduce(mean_hw x))))
 
 ``"name"`` is optional on every layer; ``keras_model`` passes it to Keras.
 
@@ -59,6 +71,8 @@ and the seed on the output is +1 or -1, so under the guided rule class 0's
 map is the gated backprop of a negative seed, not the negated map of class 1.
 """
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -67,7 +81,12 @@ SCORES = ("logit", "probability")
 SPEC_KINDS = ("mlp", "cnn", "residual_bn")
 DEFAULT_INPUT_SHAPE = (8, 8, 3)
 RELU6_CAP = 6.0
-ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "sigmoid", "hard_sigmoid", "hard_silu")
+SMOOTH = ("swish", "gelu", "gelu_tanh", "mish", "elu", "selu", "softplus", "tanh", "hard_sigmoid", "hard_silu")
+ACTIVATIONS = (None, "linear", "relu", "relu6", "softmax", "sigmoid") + SMOOTH
+SMOOTH_MODES = ("true", "guided")
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+GELU_TANH_COEFF = 0.044715
 HARD_KINK = 3.0  # hard_sigmoid and hard_silu bend at -3 and 3
 SQUASHING = ("softmax", "sigmoid")
 
@@ -145,20 +164,87 @@ def _sigmoid_backward(y, dy, score):
     return dy * y * (1.0 - y)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _smooth_forward(name, z):
+    """A smooth activation of ``z`` (float64)."""
+    if name == "swish":
+        return z * _sigmoid(z)
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + GELU_TANH_COEFF * z ** 3)))
+    if name == "mish":
+        return z * np.tanh(np.logaddexp(0.0, z))
+    if name == "elu":
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+    if name == "selu":
+        return SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(np.minimum(z, 0.0)))
+    if name == "softplus":
+        return np.logaddexp(0.0, z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "sigmoid":
+        return _sigmoid(z)
+    if name == "hard_sigmoid":
+        return np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if name == "hard_silu":
+        return z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    raise ValueError(f"unknown smooth activation {name!r}")
+
+
+def _smooth_derivative(name, z):
+    """f'(z) of a smooth activation, written out by hand."""
+    if name == "swish":
+        s = _sigmoid(z)
+        return s + z * s * (1.0 - s)
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+    if name == "gelu_tanh":
+        c = np.sqrt(2.0 / np.pi)
+        t = np.tanh(c * (z + GELU_TANH_COEFF * z ** 3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * GELU_TANH_COEFF * z * z)
+    if name == "mish":
+        t = np.tanh(np.logaddexp(0.0, z))
+        return t + z * (1.0 - t * t) * _sigmoid(z)
+    if name == "elu":
+        return np.where(z > 0, 1.0, np.exp(np.minimum(z, 0.0)))
+    if name == "selu":
+        return SELU_SCALE * np.where(z > 0, 1.0, SELU_ALPHA * np.exp(np.minimum(z, 0.0)))
+    if name in ("softplus", "sigmoid"):
+        s = _sigmoid(z)
+        return s if name == "softplus" else s * (1.0 - s)
+    if name == "tanh":
+        return 1.0 - np.tanh(z) ** 2
+    if name == "hard_sigmoid":  # not a ReLU unit: kinks at -3 and 3
+        return np.where(np.abs(z) < HARD_KINK, 1.0 / 6.0, 0.0)
+    if name == "hard_silu":
+        inside = np.abs(z) < HARD_KINK
+        return np.where(inside, (2.0 * z + 3.0) / 6.0, (z >= HARD_KINK).astype(np.float64))
+    raise ValueError(f"unknown smooth activation {name!r}")
+
+
+def _smooth_backward(name, z, dy, ctx):
+    """f'(z) * dy (the true gradient), or with ``smooth_activations="guided"``
+    the guided extension f'(z) * dy * [dy > 0]."""
+    if ctx.get("smooth", "true") == "guided":
+        dy = dy * (dy > 0)
+    return _smooth_derivative(name, z) * dy
+
+
 def _activation_forward(name, z):
     """Apply activation ``name`` to pre-activation ``z``."""
     if name in (None, "linear"):
         return z
+    if name in SMOOTH:
+        return _smooth_forward(name, z)
     if name == "relu":
         return np.maximum(z, 0.0)
     if name == "relu6":
         return np.clip(z, 0.0, RELU6_CAP)
     if name == "softmax":
         return _softmax(z)
-    if name == "hard_sigmoid":
-        return np.clip(z / 6.0 + 0.5, 0.0, 1.0)
-    if name == "hard_silu":
-        return z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
     if name == "sigmoid":
         return _sigmoid(z)
     raise ValueError(f"unknown activation {name!r}")
@@ -196,11 +282,8 @@ def _activation_backward(name, z, y, dy, ctx):
         return _relu_family_backward(z, dy, ctx["rule"], RELU6_CAP)
     if name == "softmax":
         return _softmax_backward(y, dy, ctx["score"])
-    if name == "hard_sigmoid":  # not a ReLU unit: the true gradient under every rule
-        return dy * np.where(np.abs(z) < HARD_KINK, 1.0 / 6.0, 0.0)
-    if name == "hard_silu":
-        inside = np.abs(z) < HARD_KINK
-        return dy * np.where(inside, (2.0 * z + 3.0) / 6.0, (z >= HARD_KINK).astype(np.float64))
+    if name in SMOOTH:  # not ReLU units: the true gradient under every rule, or the extension
+        return _smooth_backward(name, z, dy, ctx)
     if name == "sigmoid":
         return _sigmoid_backward(y, dy, ctx["score"])
     raise ValueError(f"unknown activation {name!r}")
@@ -426,7 +509,70 @@ def _residual_backward(layer, cache, dy, ctx):
     return dy + _backward_layers(cache["tape"], dy, ctx)
 
 
+def _pointwise_forward(layer, x):
+    """Dense on the last axis of a tensor of any rank (Keras' Dense on [N, H, W, C])."""
+    kernel = np.asarray(layer["kernel"], np.float64)
+    z = x @ kernel + _bias(layer, kernel.shape[1])
+    y = _activation_forward(layer.get("activation"), z)
+    return y, {"z": z, "y": y}
+
+
+def _layernorm_forward(layer, x):
+    """Layer normalisation over the last axis (population variance)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    inv = 1.0 / np.sqrt((centred ** 2).mean(axis=-1, keepdims=True) + float(layer.get("epsilon", 1e-3)))
+    xhat = centred * inv
+    y = xhat * np.asarray(layer["gamma"], np.float64) + np.asarray(layer["beta"], np.float64)
+    return y, {"xhat": xhat, "inv": inv}
+
+
+def _layernorm_backward(layer, cache, dy, ctx):
+    """d(layernorm)/dx: inv * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma."""
+    g = dy * np.asarray(layer["gamma"], np.float64)
+    xhat = cache["xhat"]
+    return cache["inv"] * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+
+
+def _se_forward(layer, x):
+    """Squeeze-and-excitation: x * sigmoid(expand(act(reduce(mean over H, W of x))))."""
+    squeezed = x.mean(axis=(1, 2))
+    reduce, expand = layer["reduce"], layer["expand"]
+    z1 = squeezed @ np.asarray(reduce["kernel"], np.float64) + _bias(reduce, np.shape(reduce["kernel"])[1])
+    r = _activation_forward(reduce.get("activation"), z1)
+    z2 = r @ np.asarray(expand["kernel"], np.float64) + _bias(expand, np.shape(expand["kernel"])[1])
+    gate = _sigmoid(z2)
+    return x * gate[:, None, None, :], {"x": x, "z1": z1, "r": r, "z2": z2, "gate": gate}
+
+
+def _se_backward(layer, cache, dy, ctx):
+    """The product's two paths: dy * gate, and through the gate (a hidden sigmoid, a smooth
+    activation) and the reduce activation back to the squeezed mean."""
+    x, gate = cache["x"], cache["gate"]
+    height, width = x.shape[1:3]
+    dgate = (dy * x).sum(axis=(1, 2))
+    dz2 = _smooth_backward("sigmoid", cache["z2"], dgate, ctx)
+    dr = dz2 @ np.asarray(layer["expand"]["kernel"], np.float64).T
+    dz1 = _activation_backward(layer["reduce"].get("activation"), cache["z1"], cache["r"], dr, ctx)
+    dsqueezed = dz1 @ np.asarray(layer["reduce"]["kernel"], np.float64).T
+    return dy * gate[:, None, None, :] + dsqueezed[:, None, None, :] / (height * width)
+
+
+def _standalone_activation_forward(layer, x):
+    """An activation on its own (Keras' Activation layer)."""
+    y = _activation_forward(layer["activation"], x)
+    return y, {"z": x, "y": y}
+
+
+def _standalone_activation_backward(layer, cache, dy, ctx):
+    return _activation_backward(layer["activation"], cache["z"], cache["y"], dy, ctx)
+
+
 _LAYER_OPS = {
+    "activation": (_standalone_activation_forward, _standalone_activation_backward),
+    "pointwise": (_pointwise_forward, _dense_backward),
+    "layernorm": (_layernorm_forward, _layernorm_backward),
+    "se": (_se_forward, _se_backward),
     "conv2d": (_conv2d_forward, _conv2d_backward),
     "dense": (_dense_forward, _dense_backward),
     "relu": (_relu_forward, _relu_backward),
@@ -534,7 +680,7 @@ def _resolve_classes(output, class_index, binary=False):
 
 
 def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
-             layer_rules=None):
+             layer_rules=None, smooth_activations="true"):
     """Saliency map d(score)/d(input) with the ReLU gradients of ``rule``.
 
     Args:
@@ -548,6 +694,8 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
       layer_rules: optional {layer name: rule} overriding ``rule`` for the
         ReLUs of the named layers (a partial layer selection is ``rule=
         "vanilla"`` plus the selected layers mapped to the rewriting rule).
+      smooth_activations: "true" (the smooth activations' true gradient) or
+        "guided" (the guided extension: f'(z) * dy * [dy > 0]).
 
     Returns:
       (saliency, classes): float64 array shaped like ``x`` and int64 [batch].
@@ -569,7 +717,10 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
         seed[:, 0] = np.where(classes == 1, 1.0, -1.0)
     else:
         seed[np.arange(len(classes)), classes] = 1.0
-    ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {})}
+    if smooth_activations not in SMOOTH_MODES:
+        raise ValueError(f"smooth_activations must be one of {SMOOTH_MODES}, got {smooth_activations!r}")
+    ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {}),
+           "smooth": smooth_activations}
     return _backward_layers(tape, seed, ctx), classes
 
 
@@ -647,6 +798,9 @@ def _keras_activation(name):
     """Map a spec activation to a Keras ``activation=`` argument."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}")
+    if name == "gelu_tanh":  # Keras' "gelu" is the exact form
+        import keras  # pylint: disable=import-outside-toplevel
+        return lambda t: keras.activations.gelu(t, approximate=True)
     return name or "linear"
 
 
@@ -721,7 +875,31 @@ def _keras_layer(keras, layer, x):
     if kind == "residual":
         branch = _keras_layers(keras, layer["layers"], x)
         return keras.layers.Add(name=name)([x, branch])
+    if kind == "pointwise":
+        return _keras_dense(keras, layer, x)
+    if kind == "activation":
+        return keras.layers.Activation(_keras_activation(layer["activation"]), name=name)(x)
+    if kind == "layernorm":
+        keras_layer = keras.layers.LayerNormalization(epsilon=float(layer.get("epsilon", 1e-3)), name=name)
+        return _with_weights(keras_layer, x, [layer["gamma"], layer["beta"]])
+    if kind == "se":
+        return _keras_se(keras, layer, x)
     raise ValueError(f"unknown layer type {kind!r}")
+
+
+def _keras_se(keras, layer, x):
+    """EfficientNet's squeeze-and-excitation: mean over H, W (kept), 1x1 convs, Multiply."""
+    name = layer.get("name") or "se"
+    squeezed = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_squeeze")(x)
+    convs = []
+    for part, activation in (("reduce", layer["reduce"].get("activation")), ("expand", "sigmoid")):
+        weights = layer[part]
+        kernel = np.asarray(weights["kernel"])[None, None]
+        convs.append((keras.layers.Conv2D(kernel.shape[-1], 1, activation=_keras_activation(activation),
+                                          name=f"{name}_{part}"), [kernel, weights["bias"]]))
+    hidden = _with_weights(convs[0][0], squeezed, convs[0][1])
+    gate = _with_weights(convs[1][0], hidden, convs[1][1])
+    return keras.layers.Multiply(name=f"{name}_excite")([x, gate])
 
 
 def _keras_layers(keras, layers, x):
@@ -839,6 +1017,76 @@ def _residual_bn_spec(rng, input_shape, num_classes):
     ]
 
 
+def efficientnet_style_spec(*, seed=7, input_shape=DEFAULT_INPUT_SHAPE, num_classes=4, relu_head=False):
+    """EfficientNet's pieces, small: conv+swish, a squeeze-and-excitation block (swish, then the
+    sigmoid gate multiplied in), a 1x1 projection, gap, dense softmax. ``relu_head``: a 1x1
+    conv+relu before the pooling (so the plain guided rule has a ReLU to rewrite)."""
+    rng = np.random.default_rng(seed)
+    channels, squeezed = 6, 3
+    layers = [
+        _random_conv(rng, "stem", input_shape[-1], channels, activation="swish"),
+        {"type": "se", "name": "se",
+         "reduce": _random_dense(rng, "reduce", channels, squeezed, gain=2.0, activation="swish"),
+         "expand": _random_dense(rng, "expand", squeezed, channels, gain=2.0)},
+        _random_conv(rng, "project", channels, channels, kernel=1, activation="relu" if relu_head else None),
+        {"type": "gap", "name": "gap"},
+    ]
+    return layers + [
+        _random_dense(rng, "logits", channels, num_classes, gain=2.0, activation="softmax"),
+    ]
+
+
+def conv_bn_swish_spec(*, seed=9, input_shape=DEFAULT_INPUT_SHAPE, num_classes=4):
+    """EfficientNet's conv, BatchNorm, Activation('swish') (the BatchNorm a graph path folds),
+    then gap and dense logits."""
+    rng = np.random.default_rng(seed)
+    return [
+        _random_conv(rng, "conv", input_shape[-1], 6),
+        _random_batchnorm(rng, "bn", 6),
+        {"type": "activation", "name": "swish", "activation": "swish"},
+        {"type": "gap", "name": "gap"},
+        _random_dense(rng, "logits", 6, num_classes, gain=2.0),
+    ]
+
+
+def convnext_style_spec(*, seed=8, input_shape=DEFAULT_INPUT_SHAPE, num_classes=4):
+    """ConvNeXt's pieces, small: a 2x2 stride-2 patchify conv, then a residual block of conv,
+    LayerNorm, pointwise dense + GELU (exact), pointwise dense; gap, LayerNorm, dense logits."""
+    rng = np.random.default_rng(seed)
+    channels = 6
+
+    def layernorm(name):
+        return {"type": "layernorm", "name": name, "gamma": rng.uniform(0.5, 2.0, channels),
+                "beta": rng.normal(0.0, 0.5, channels), "epsilon": 1e-6}
+
+    expand = dict(_random_dense(rng, "pw_expand", channels, 12, gain=1.5, activation="gelu"), type="pointwise")
+    project = dict(_random_dense(rng, "pw_project", 12, channels), type="pointwise")
+    return [
+        _random_conv(rng, "patchify", input_shape[-1], channels, kernel=2, strides=2, padding="valid"),
+        {"type": "residual", "name": "block", "layers": [
+            _random_conv(rng, "block_conv", channels, channels),
+            layernorm("block_norm"), expand, project,
+        ]},
+        {"type": "gap", "name": "gap"},
+        layernorm("head_norm"),
+        _random_dense(rng, "logits", channels, num_classes, gain=2.0),
+    ]
+
+
+def smooth_chain_spec(*, seed=5, input_shape=DEFAULT_INPUT_SHAPE):
+    """flatten, then one dense layer (12 units) per smooth activation (gelu_tanh, mish, elu,
+    selu, softplus, tanh, hard_silu, hard_sigmoid, swish, gelu), then one dense unit with a
+    sigmoid: a binary classifier whose output sigmoid is the head, not a hidden activation."""
+    rng = np.random.default_rng(seed)
+    spec = [{"type": "flatten", "name": "flatten"}]
+    features = int(np.prod(input_shape))
+    for name in ("gelu_tanh", "mish", "elu", "selu", "softplus", "tanh", "hard_silu", "hard_sigmoid",
+                 "swish", "gelu"):
+        spec.append(_random_dense(rng, f"d_{name}", features, 12, gain=1.5, activation=name))
+        features = 12
+    return spec + [_random_dense(rng, "logits", features, 1, gain=2.0, activation="sigmoid")]
+
+
 _SPEC_BUILDERS = {
     "mlp": _mlp_spec,
     "cnn": _cnn_spec,
@@ -895,7 +1143,7 @@ def resize_bilinear(maps, size):
 
 
 def grad_cam(spec, x, *, layer, rule="guided", score="logit",
-             class_index=None, head_rule="vanilla"):
+             class_index=None, head_rule="vanilla", smooth_activations="true"):
     """Grad-CAM at the output of top-level layer ``layer`` (its name) and
     Guided Grad-CAM, in float64.
 
@@ -904,7 +1152,9 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     gradient, is Grad-CAM; any other value only serves tests that show a
     rule would change the answer. The map is ReLU(sum_k w_k A_k), resized to
     the input's height and width and divided by its maximum per example (an
-    all-zero map stays zero). The guided saliency uses ``rule`` everywhere.
+    all-zero map stays zero). The guided saliency uses ``rule`` everywhere, and
+    ``smooth_activations`` at the smooth activations (the weights: their true
+    gradient).
 
     Returns (gradcam [batch, H, W], guided_gradcam shaped like x, classes).
     """
@@ -926,5 +1176,6 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     heat = resize_bilinear(heat, x.shape[1:3])
     peak = heat.max(axis=(1, 2), keepdims=True)
     heat = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
-    guided, _ = saliency(spec, x, rule=rule, score=score, class_index=classes)
+    guided, _ = saliency(spec, x, rule=rule, score=score, class_index=classes,
+                         smooth_activations=smooth_activations)
     return heat, guided * heat[..., None], classes

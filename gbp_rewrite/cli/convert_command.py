@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", default="guided", choices=("guided", "deconvnet", "vanilla"),
                         help="the gradient rule: guided (dy*[x>0]*[dy>0]), deconvnet (dy*[dy>0]) or "
                              "vanilla (the true gradient) (default: guided).")
+    parser.add_argument("--smooth_activations", default="true", choices=("true", "guided"),
+                        help="swish, GELU, mish, ELU, SELU, softplus, sigmoid, tanh, hard_sigmoid/hard_silu: "
+                             "true keeps their true gradient (default); guided is this tool's EXTENSION of "
+                             "guided backprop, not the published rule: dx = f'(x)*dy*[dy>0]. Needs --rule "
+                             "guided.")
     common.add_signature(parser, "the signature to explain (default: serving_default).", default="serving_default")
     parser.add_argument("--output", metavar="KEY", help="the output to explain when the signature has several.")
     parser.add_argument("--score", default="logit", choices=("logit", "probability"),
@@ -86,6 +91,6 @@ def run(args: argparse.Namespace) -> None:
         preprocess=args.preprocess or "unit", saliency_map_dtype=args.saliency_map_dtype,
         saliency_png=args.saliency_png,
         portable=args.portable, tflite=args.tflite, onnx=args.onnx,
-        cam=args.cam, cam_layer=args.cam_layer,
+        cam=args.cam, cam_layer=args.cam_layer, smooth_activations=args.smooth_activations,
     )
     common.emit(report, args)

@@ -47,13 +47,16 @@ def prepare(
                                 output=options.output, saliency_map=options.saliency_map, cam=options.cam)
     serving_signatures.make_serving_plan(plan, options.serving)  # refuse early, before anything is loaded
     found = sites.find_sites(model.meta_graph, [d.tensor_name for d in signature_desc.outputs.values()])
-    selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers, rule=rule)
-    scoring = _score_plan(model, plan, score)
+    heads = sites.find_output_heads(model.meta_graph, plan.explained.tensor_name)
+    selection = select(found, layers=options.layers, exclude_layers=options.exclude_layers, rule=rule,
+                       smooth_activations=options.smooth_activations, output_ends=heads.squashing_keys)
+    scoring = signatures.choose_score(plan, heads, score)
     plan = scoring.plan
     on_path = sites.gradient_path(model.meta_graph, plan.explained.tensor_name)
 
     relu_gradient = portable_gradients.relu_gradient_op_type if options.portable else rules.gradient_op_type
-    patches = {s.key: relu_gradient(rule, s.op_type) for s in selection.selected_sites}
+    patches = {s.key: relu_gradient(rule, s.op_type) for s in selection.selected_sites if s.key not in selection.smooth}
+    patches.update(_smooth_patches(model, selection))
     for head in scoring.pass_through:  # Softmax and Sigmoid alike: dx = dy
         patches[head.key] = rules.SOFTMAX_PASS_THROUGH
     rules.register_graph_gradients()
@@ -144,22 +147,28 @@ def _portable_files_writer(staged: portable_export.StagedFiles, plan: signatures
     return write_files
 
 
-def _score_plan(model: savedmodel.SavedModelFile, plan: signatures.ExplainPlan, score: str) -> signatures.ScorePlan:
-    """What the score is, from the ops that end the explained output (signatures.choose_score)."""
-    heads = sites.find_output_heads(model.meta_graph, plan.explained.tensor_name)
-    return signatures.choose_score(plan, heads, score)
+def _smooth_patches(model: savedmodel.SavedModelFile, selection: Selection) -> dict[tuple[str, str], str]:
+    """The guided extension's attrs: on the output op of each selected smooth activation, and on
+    the IdentityN of a saved custom gradient over it (else the saved gradient would skip the ops)."""
+    chosen = [s for s in selection.selected_sites if s.key in selection.smooth]
+    types = sites.op_types(model.meta_graph, [s.output_key for s in chosen])
+    patches = {s.output_key: rules.smooth_gradient_op_type(types[s.output_key]) for s in chosen}
+    patches.update({(s.function, s.custom_gradient): rules.OPS_BY_OP_GRADIENT for s in chosen if s.custom_gradient})
+    return patches
 
 
 def _site_key(site: sites.Site) -> str:
-    """The key the site's gradient is recorded under (savedmodel sets it as rules.SITE_ATTR)."""
-    return rules.site_key(site.function, site.node)
+    """The key the site's gradient is recorded under (savedmodel sets it as rules.SITE_ATTR): its
+    own op's, or for a smooth activation with the guided extension, its output op's."""
+    return rules.site_key(*site.output_key) if site.smooth else rules.site_key(site.function, site.node)
 
 
 def _reached_sites(selection: Selection, applied: set[str], on_path: set[tuple[str, str]]) -> set[tuple[str, str]]:
     """Keys of the selected sites the explained score's gradient really runs through: the rule's
     gradient was built for the op (the recorder), and the op is on the explained output's gradient
     path (a restored function's gradient is built for all its outputs at once, other heads too)."""
-    return {s.key for s in selection.selected_sites if _site_key(s) in applied and s.key in on_path}
+    return {s.key for s in selection.selected_sites
+            if _site_key(s) in applied and (s.output_key if s.key in selection.smooth else s.key) in on_path}
 
 
 def _cam_layer(cam_options) -> list:
@@ -171,8 +180,11 @@ def _cam_layer(cam_options) -> list:
 
 def _site_entries(found, selection: Selection, reached: set[tuple[str, str]], *,
                   passed_through: set[tuple[str, str]]) -> list[SiteEntry]:
-    return [SiteEntry.from_site(s, selection.status(s, reached=s.key in reached, passed_through=s.key in passed_through))
-            for s in found]
+    entries = []
+    for s in found:
+        status = selection.status(s, reached=s.key in reached, passed_through=s.key in passed_through)
+        entries.append(SiteEntry.from_site(s, status, selection.gradient(s, status)))
+    return entries
 
 
 def _check_applied(selection: Selection, pass_through, applied: set[str],

@@ -9,11 +9,20 @@ is one piece of a smooth-ish gate, not a ReLU unit: giving it the guided gate wo
 nobody defined, so such a Relu6 keeps its true gradient and is reported under the activation's
 name.
 
-The others only name what the report and `inspect` list (they keep their true gradient anyway):
+The others name what the report and `inspect` list (they keep their true gradient unless the
+guided extension to smooth activations is asked for, below):
 swish/SiLU `x * sigmoid(x)`, mish `x * tanh(softplus(x))`, GELU `0.5 * x * (1 + erf(x / sqrt 2))`
 (Erf, or Erfc of -x / sqrt 2 as TensorFlow writes it) and its tanh approximation
 `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`. ELU, SELU, softplus, sigmoid and tanh are
 single ops, named by their type.
+
+For the guided extension to smooth activations (rules.SMOOTH_ACTIVATIONS_CHOICES),
+`activation_outputs` gives each activation's OUTPUT op, the one whose gradient gets the gate:
+swish's and mish's final Mul, GELU's outer Mul, hard_silu's Mul by x, hard_sigmoid's division by 6
+(or product with 1/6), the single op itself for ELU, SELU, softplus, sigmoid and tanh; and, when a
+`tf.custom_gradient` wraps that output (Keras' swish is `tf.nn.silu`: an IdentityN whose
+`_gradient_op_type` names a gradient function, in a Keras 3 export one saved with the model),
+that IdentityN.
 
 The patterns are matched on NodeDefs of one graph or function body, whose tensor references are
 'node:0' (graph) or 'node:output_arg:0' (function body); a pattern split across function calls
@@ -22,11 +31,13 @@ is not recognised.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
+from gbp_rewrite import rules
 from gbp_rewrite.graph.graph_walk import node_of
 
 HARD_SIGMOID = "hard_sigmoid"
@@ -42,6 +53,96 @@ _SQRT_TWO_OVER_PI = float(np.sqrt(2.0 / np.pi))
 _ADDS = ("Add", "AddV2")
 _DIVS = ("RealDiv", "Div", "TrueDiv")
 _CONST_PASS_THROUGH = ("Identity", "Cast")  # a constant may reach its use through these
+# Single-op activations that are their own output op (when not a piece of a larger activation).
+SINGLE_OP_ACTIVATIONS = ("Elu", "Selu", "Softplus", "Sigmoid", "Tanh")
+# Ops that combine the activation's inner value with a constant on the way to its output op
+# (GELU: 1 + erf(.); hard_sigmoid: relu6(.) / 6).
+_CONSTANT_STEPS = ("Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "TrueDiv")
+_GRADIENT_ATTR = "_gradient_op_type"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationOutput:
+    """The op a smooth activation's value comes out of, and the IdentityN of a tf.custom_gradient
+    over it ('' when none)."""
+
+    node: str
+    custom_gradient: str = ""
+
+
+def activation_outputs(nodes: Iterable) -> dict[str, ActivationOutput]:
+    """{op name: its activation's output} for every op of `nodes` (NodeDefs of one graph or function
+    body) that computes a smooth activation: the pieces composite_activations names (the Relu6 of
+    hard_sigmoid/hard_silu included) and the single Elu/Selu/Softplus/Sigmoid/Tanh ops. An
+    activation whose output cannot be told (a pattern split across function calls, a value used
+    before its output op) is left out."""
+    nodes = list(nodes)
+    by_name = {node.name: node for node in nodes}
+    consumers = _consumers(by_name.values())
+    found = {}
+    pieces = composite_activations(nodes)
+    for name, activation in pieces.items():
+        output = _composite_output(by_name[name], activation, by_name, consumers)
+        if output is not None and by_name[output].op in rules.SMOOTH_OUTPUT_OP_TYPES:
+            found[name] = ActivationOutput(output, _custom_gradient_over(output, consumers))
+    for node in nodes:
+        if node.op in SINGLE_OP_ACTIVATIONS and node.name not in pieces:
+            found[node.name] = ActivationOutput(node.name, _custom_gradient_over(node.name, consumers))
+    return found
+
+
+def _composite_output(node, activation: str, by_name: Mapping, consumers: Mapping) -> str | None:
+    """The output op of the composite `activation` of which `node` is a piece: follow the single
+    use of the piece through steps with a constant (1 + erf, relu6 / 6) to the product with x
+    (swish, GELU, mish, hard_silu), or, for hard_sigmoid, to the last step."""
+    if activation == MISH and node.op == "Softplus":
+        node = next((use for use in consumers.get(node.name, []) if use.op == "Tanh"), None)
+        if node is None:
+            return None
+    if activation == HARD_SIGMOID:  # relu6(x + 3) / 6: the one division (or product with 1/6)
+        uses = consumers.get(node.name, [])
+        return uses[0].name if len(uses) == 1 else None
+    current = node
+    for _ in range(8):
+        uses = consumers.get(current.name, [])
+        if len(uses) != 1 or uses[0].op not in _CONSTANT_STEPS:
+            return None
+        if not _with_constant(uses[0], current.name, by_name):
+            return uses[0].name if uses[0].op == "Mul" else None
+        current = uses[0]
+    return None
+
+
+def _with_constant(node, producer: str, by_name: Mapping) -> bool:
+    """True when `node` combines `producer`'s output with a scalar constant."""
+    inputs = _data_inputs(node)
+    if len(inputs) != 2:
+        return False
+    others = [b for a, b in (inputs, inputs[::-1]) if node_of(a) == producer]
+    return bool(others) and _constant_value(others[0], by_name) is not None
+
+
+def _constant_value(ref: str, by_name: Mapping):
+    node = by_name.get(node_of(ref))
+    for _ in range(8):
+        if node is None or node.op not in _CONST_PASS_THROUGH:
+            break
+        node = by_name.get(node_of(node.input[0])) if node.input else None
+    if node is None or node.op != "Const":
+        return None
+    try:
+        array = tf.make_ndarray(node.attr["value"].tensor)
+    except (TypeError, ValueError):
+        return None
+    return array if array.size == 1 else None
+
+
+def _custom_gradient_over(output: str, consumers: Mapping) -> str:
+    """The IdentityN of a tf.custom_gradient whose first input is `output`, else ''."""
+    for use in consumers.get(output, []):
+        if use.op == "IdentityN" and use.input and node_of(use.input[0]) == output and _GRADIENT_ATTR in use.attr:
+            return use.name
+    return ""
 
 
 def composite_activations(nodes: Iterable) -> dict[str, str]:

@@ -46,6 +46,13 @@ class Site:
     # The activation the op is one piece of, when that is not a ReLU activation ('hard_silu':
     # a Relu6 inside x * relu6(x + 3) / 6); such an op keeps its true gradient. '' otherwise.
     activation: str = ""
+    # The output op of the smooth activation the op computes or is a piece of (swish's final Mul,
+    # the op itself for a single Elu/Sigmoid/...), the op the guided extension to smooth
+    # activations gates; '' when the op is no smooth activation (or its output cannot be told).
+    output: str = ""
+    # The IdentityN of a tf.custom_gradient over that output (Keras' swish: tf.nn.silu), ''
+    # when none: with the extension it gets rules.OPS_BY_OP_GRADIENT, so the output's gate runs.
+    custom_gradient: str = ""
 
     @property
     def layer(self) -> str:
@@ -62,6 +69,17 @@ class Site:
     @property
     def rewritable(self) -> bool:
         return self.op_type in rules.REWRITABLE_OP_TYPES and not self.activation
+
+    @property
+    def smooth(self) -> bool:
+        """A smooth activation the guided extension can rewrite (at its output op)."""
+        return bool(self.output)
+
+    @property
+    def output_key(self) -> tuple[str, str]:
+        """(function, node) of the op whose gradient the site's rule replaces: the output op of a
+        smooth activation, the op itself otherwise."""
+        return (self.function, self.output or self.node)
 
     @property
     def kind(self) -> str:
@@ -200,20 +218,28 @@ def find_sites(meta_graph: meta_graph_pb2.MetaGraphDef, output_tensors: Sequence
     top_nodes, functions = graph.reachable(output_tensors)
     sites = []
     if top_nodes:
-        composite = lowered_activations.composite_activations(graph.top.values())
-        sites = [
-            Site("", name, graph.top[name].op, namer.path("", name), composite.get(name, ""))
-            for name in sorted(top_nodes)
-            if graph.top[name].op in ACTIVATION_OP_TYPES
-        ]
+        sites = activation_sites("", graph.top.values(), namer.path, only=top_nodes)
     for function in functions:
-        nodes = graph.functions[function].node_def
-        composite = lowered_activations.composite_activations(nodes)
-        for node in nodes:
-            if node.op in ACTIVATION_OP_TYPES:
-                path = namer.path(function, node.name)
-                sites.append(Site(function, node.name, node.op, path, composite.get(node.name, "")))
+        sites.extend(activation_sites(function, graph.functions[function].node_def, namer.path))
     return sites
+
+
+def activation_sites(function: str, nodes, name_path, *, only=None) -> list[Site]:
+    """The activation ops among `nodes` (NodeDefs of `function`, '' = the top-level graph; `only`:
+    the node names to consider, in that order), as sites named by `name_path(function, node)`."""
+    nodes = list(nodes)
+    composite = lowered_activations.composite_activations(nodes)
+    outputs = lowered_activations.activation_outputs(nodes)
+    by_name = {node.name: node for node in nodes}
+    names = sorted(only) if only is not None else [node.name for node in nodes]
+    found = []
+    for name in names:
+        node = by_name[name]
+        if node.op in ACTIVATION_OP_TYPES:
+            output = outputs.get(name, lowered_activations.ActivationOutput(""))
+            found.append(Site(function, name, node.op, name_path(function, name), composite.get(name, ""),
+                              output.node, output.custom_gradient))
+    return found
 
 
 # Ops that only move values (shape, dtype, which head): a squashing op before them still ends
@@ -248,6 +274,12 @@ class OutputHeads:
     @property
     def squashing(self) -> tuple[Site, ...]:
         return tuple(s for s in self.ends if s.op_type in SQUASHING_OP_TYPES)
+
+    @property
+    def squashing_keys(self) -> frozenset[tuple[str, str]]:
+        """Keys of the Softmax/Sigmoid ops that end the output, or hide behind its last arithmetic:
+        the output's own, never a hidden layer's activation."""
+        return frozenset(s.key for s in (*self.squashing, *([self.hidden] if self.hidden else ())))
 
     @property
     def plain(self) -> tuple[Site, ...]:
@@ -348,6 +380,12 @@ def _split_ref(ref: str, *, in_function: bool) -> tuple[str, int]:
     index_position = 2 if in_function else 1
     index = parts[index_position] if len(parts) == index_position + 1 else "0"
     return parts[0], int(index) if index.isdigit() else -1
+
+
+def op_types(meta_graph: meta_graph_pb2.MetaGraphDef, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """{(function, node): op type} of the given ops (function '' = the top-level graph)."""
+    graph = _Graph(meta_graph)
+    return {(f, n): (graph.function_nodes(f) if f else graph.top)[n].op for f, n in keys}
 
 
 # ---------------------------------------------------------------------------------------------

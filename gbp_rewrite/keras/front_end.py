@@ -3,7 +3,8 @@
     load (.keras / .h5 safely, or take the in-memory model) -> trace its serving call and find the
     ReLU-family sites exactly as the graph path does -> select them (selection.select) -> clone the
     model, giving the chosen layers a ReLU built on `tf.custom_gradient` (rules.activation) and the
-    explained output's softmax/sigmoid a pass-through gradient, weights copied -> hand gbp_rewrite.pipeline
+    explained output's softmax/sigmoid a pass-through gradient (with the guided extension, the
+    chosen layers' smooth activation wrapped in rules.smooth_activation), weights copied -> hand gbp_rewrite.pipeline
     the clone to trace the explainable signatures over, and the model to probe.
 
 The user's model is never modified: every layer is re-created (from its config; a Lambda from its
@@ -62,6 +63,7 @@ def guided_model(
     rule: str = "guided",
     score: str = "logit",
     output: str | None = None,
+    smooth_activations: str = rules.SMOOTH_TRUE,
 ):
     """A clone of the Keras `model` whose input gradients follow `rule`.
 
@@ -78,13 +80,16 @@ def guided_model(
       rule: 'guided' (default), 'deconvnet' or 'vanilla'.
       score: 'logit' (default) or 'probability' (keep the softmax's/sigmoid's true gradient).
       output: the output whose softmax/sigmoid is explained, when the model has several outputs.
+      smooth_activations: 'true' (default) or 'guided' (the guided extension to smooth
+        activations, as for `convert`: layers whose activation is swish, gelu, ... pass
+        f'(x) * dy * [dy > 0]).
 
     Raises:
       GbpError: a one-line reason (subclassed model, unknown layer name, ...).
     """
     source = keras_loading.load(model)
     rewrite = plan_rewrite(source.model, layers=layers, exclude_layers=exclude_layers, rule=rule,
-                           score=score, output=output)
+                           score=score, output=output, smooth_activations=smooth_activations)
     return clone_model(source.model, rewrite.replacements)
 
 
@@ -108,7 +113,8 @@ def prepare(source, destination: Path, options: Options, *, safe_mode: bool) -> 
     write.check_destination(destination, source=loaded.path, overwrite=options.overwrite)
     rewrite = plan_rewrite(loaded.model, layers=options.layers, exclude_layers=options.exclude_layers,
                            rule=options.rule, score=options.score, output=options.output,
-                           saliency_map=options.saliency_map, cam=options.cam)
+                           saliency_map=options.saliency_map, cam=options.cam,
+                           smooth_activations=options.smooth_activations)
     clone = clone_model(loaded.model, rewrite.replacements)
     cam_spec = cam_options(clone, options.cam_layer) if options.cam else None
     yield Prepared(
@@ -137,20 +143,24 @@ def plan_rewrite(
     output: str | None,
     saliency_map: bool = False,
     cam: bool = False,
+    smooth_activations: str = rules.SMOOTH_TRUE,
 ) -> Rewrite:
     """Find and select the sites, and decide how the clone replaces each chosen layer."""
     rules.get_rule(rule)
+    rules.check_smooth_activations(smooth_activations, rule)
     signatures.check_score(score)
     signature = keras_signature.describe(model)
     plan = signatures.make_plan(keras_signature.SIGNATURE_KEY, signature.inputs, signature.outputs, output=output,
                                 saliency_map=saliency_map, cam=cam)
     graph = keras_sites.trace(model, signature)
     found = keras_sites.find_sites(model, signature, graph=graph)
-    selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule)
+    heads = _output_heads(graph, plan.output_key)
+    selection = select([s.site for s in found], layers=layers, exclude_layers=exclude_layers, rule=rule,
+                       smooth_activations=smooth_activations, output_ends=heads.squashing_keys)
     chosen, warnings = _rewritable_choice(found, selection, explicit=bool(patterns(layers)), rule=rule)
-    selection = Selection(selection.sites, frozenset(s.site.key for s in chosen), selection.excluded)
-    replacements, tokens = _rule_replacements(chosen, rule)
-    scoring = signatures.choose_score(plan, _output_heads(graph, plan.output_key), score)
+    selection = dataclasses.replace(selection, selected=frozenset(s.site.key for s in chosen))
+    replacements, tokens = _rule_replacements(chosen, rule, smooth=selection.smooth)
+    scoring = signatures.choose_score(plan, heads, score)
     pass_through = _pass_through_replacements(model, scoring)
     for layer, token, replacement, _ in pass_through:
         # Never a chosen ReLU layer too: a layer that ends in a softmax/sigmoid has no ReLU lowering.
@@ -164,6 +174,13 @@ def _rewritable_choice(found, selection: Selection, *, explicit: bool, rule: str
     selected = [s for s in found if s.site.key in selection.selected]
     custom = [s for s in selected if not s.rewritable]
     warnings = []
+    smooth = [s for s in custom if s.site.key in selection.smooth]
+    if smooth:  # the extension on a form the clone cannot wrap: refused, never a differing map
+        first = smooth[0]
+        raise SelectionError(
+            f"layer '{first.site.layer_path}' holds {first.reason}, which the Keras path cannot give the "
+            f"guided extension (--smooth_activations guided); {keras_loading.SAVEDMODEL_ROUTE}"
+        )
     if custom and explicit:
         first = custom[0]
         raise SelectionError(
@@ -202,7 +219,7 @@ def _check_whole_layers(found, chosen) -> None:
             )
 
 
-def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[tuple[str, str], str]]:
+def _rule_replacements(chosen, rule: str, *, smooth=frozenset()) -> tuple[dict[int, Replacement], dict[tuple[str, str], str]]:
     replacements: dict[int, Replacement] = {}
     tokens: dict[tuple[str, str], str] = {}
     for site in chosen:
@@ -210,11 +227,25 @@ def _rule_replacements(chosen, rule: str) -> tuple[dict[int, Replacement], dict[
         # forward op too, so each op is proven on its own (a layer's own ReLU next to its
         # activation is never counted as its activation).
         token = f"keras:{site.layer.name}#{id(site.layer)}"
-        tokens[site.site.key] = f"{token}@{site.site.node}"
-        if id(site.layer) not in replacements:
+        tokens[site.site.key] = f"{token}@{site.token_node}"
+        if id(site.layer) in replacements:
+            continue
+        if site.site.key in smooth:  # the guided extension around the layer's own activation
+            replacements[id(site.layer)] = _with_smooth_activation(token)
+        else:
             relu = rules.activation(rule, site.lowering.op_type, name=token)
             replacements[id(site.layer)] = _with_activation(site.layer, site.lowering.build(relu))
     return replacements, tokens
+
+
+def _with_smooth_activation(token: str) -> Replacement:
+    """The fresh layer with its smooth activation wrapped in the guided extension (values unchanged)."""
+
+    def replace(fresh):
+        fresh.activation = rules.smooth_activation(fresh.activation, name=token)
+        return fresh
+
+    return replace
 
 
 def _with_activation(layer, activation) -> Replacement:
@@ -372,6 +403,13 @@ def _check_applied(rewrite: Rewrite, applied: set[str], rule: str) -> str:
     """Prove the rule reached the gradient: a layer the clone missed would keep the plain gradient."""
     self_check.check_pass_through(list(rewrite.pass_through_tokens.items()), applied)
     selected = rewrite.selection.selected_sites
+    for site in selected:  # a smooth activation the clone's wrapper never computed: never silently
+        token = rewrite.tokens[site.key]
+        if site.key in rewrite.selection.smooth and rules.forward_token(token) not in applied:
+            raise SelectionError(
+                f"layer '{site.layer_path}' computes its {site.kind} ('{site.node}') in code the Keras path "
+                f"cannot give the guided extension; {keras_loading.SAVEDMODEL_ROUTE}"
+            )
     return self_check.check_applied(selected, [s for s in selected if s.key in _reached_sites(rewrite, applied)], rule)
 
 
@@ -410,4 +448,4 @@ def _site_entry(keras_site: keras_sites.KerasSite, rewrite: Rewrite, applied: se
         status = f"kept: {keras_site.reason}"
     elif site.key in rewrite.tokens and rules.forward_token(rewrite.tokens[site.key]) not in applied:
         status = _OWN_CODE
-    return SiteEntry.from_site(site, status)
+    return SiteEntry.from_site(site, status, rewrite.selection.gradient(site, status))

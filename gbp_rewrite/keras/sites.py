@@ -13,6 +13,13 @@ rebuild it with a rule when that layer applies a recognised ReLU activation: a l
 (gbp_rewrite.graph.lowered_activations), it is a site that keeps its true gradient. A ReLU computed in code the clone
 cannot see into (a Lambda, a custom or wrapper layer, PReLU, a recurrent cell) is a site the Keras
 path keeps, and says so; the SavedModel path rewrites every op.
+
+With the guided extension to smooth activations, a smooth activation site (swish, GELU, mish, ELU,
+SELU, softplus, sigmoid, tanh, hard_sigmoid, hard_silu: sites.Site.smooth) is rewritable when the
+innermost layer around it applies one of Keras' (or TensorFlow's) functions for them as its
+`activation` (`Dense(activation='gelu')`, `Activation('swish')`): the clone wraps that function
+in rules.smooth_activation. Any other form (a lambda, a layer's own code) is refused by the front
+end rather than left to differ from the graph path.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import tensorflow as tf
 
 from gbp_rewrite import tf_internals
 from gbp_rewrite.graph import sites
-from gbp_rewrite.graph import lowered_activations
 from gbp_rewrite.errors import GbpError, SourceModelError, one_line
 from gbp_rewrite.keras.signature import KerasSignature
 
@@ -54,10 +60,20 @@ class KerasSite:
     layer: Any | None  # the (original) layer object, None when the op is not inside a known layer
     lowering: Lowering | None  # None: the Keras path cannot rebuild this ReLU
     reason: str = ""  # why not, for the report
+    # A smooth activation site whose layer's `activation` the clone can wrap (the guided extension).
+    smooth: bool = False
 
     @property
     def rewritable(self) -> bool:
-        return self.site.rewritable and self.lowering is not None
+        return (self.site.rewritable and self.lowering is not None) or self.smooth
+
+    @property
+    def token_node(self) -> str:
+        """The op the clone's activation returns for this site: the smooth activation's output (or
+        the IdentityN of its custom gradient: tf.nn.silu), the ReLU op itself otherwise."""
+        if not self.smooth:
+            return self.site.node
+        return self.site.custom_gradient or self.site.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +139,25 @@ def _lookup(function) -> Lowering | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _smooth_functions() -> frozenset:
+    """Keras' and TensorFlow's functions for the smooth activations the guided extension covers."""
+    names = ("silu", "swish", "gelu", "mish", "elu", "selu", "softplus", "sigmoid", "tanh",
+             "hard_sigmoid", "hard_silu", "hard_swish")
+    found = set()
+    for module in (keras.activations, keras.ops, tf.nn, tf.math):
+        found.update(getattr(module, name) for name in names if hasattr(module, name))
+    return frozenset(found)
+
+
+def is_smooth_function(function) -> bool:
+    """True for a function the clone can wrap with the guided extension (rules.smooth_activation)."""
+    try:
+        return function in _smooth_functions()
+    except TypeError:  # an unhashable callable object
+        return False
+
+
 def is_sigmoid_function(function) -> bool:
     try:
         return function in (keras.activations.sigmoid, keras.ops.sigmoid, tf.nn.sigmoid, tf.math.sigmoid)
@@ -183,24 +218,21 @@ def find_sites(model, signature: KerasSignature, *, graph: tf.Graph | None = Non
     tree = layer_tree(model)
     known = {name for path in tree for name in path}
     graph_def = graph.as_graph_def()
-    composite = lowered_activations.composite_activations(graph_def.node)
-    found = []
-    for op in graph.get_operations():
-        if op.type in sites.ACTIVATION_OP_TYPES:
-            path = sites.layer_path(op.name, known, keras3=True)
-            found.append(_attribute(sites.Site("", op.name, op.type, path, composite.get(op.name, "")), tree))
+    order = {op.name: i for i, op in enumerate(graph.get_operations())}
+    top = sites.activation_sites("", graph_def.node, lambda f, n: sites.layer_path(n, known, keras3=True))
+    found = [_attribute(site, tree) for site in sorted(top, key=lambda site: order.get(site.node, 0))]
     for function in graph_def.library.function:  # control flow: recurrent layers
-        in_function = lowered_activations.composite_activations(function.node_def)
-        for node in function.node_def:
-            if node.op in sites.ACTIVATION_OP_TYPES:
-                path = sites.layer_path(node.name, known, keras3=True)
-                site = sites.Site(function.signature.name, node.name, node.op, path, in_function.get(node.name, ""))
-                found.append(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)"))
+        in_function = sites.activation_sites(function.signature.name, function.node_def,
+                                             lambda f, n: sites.layer_path(n, known, keras3=True))
+        found.extend(KerasSite(site, None, None, "computed inside a control-flow function (a recurrent layer?)")
+                     for site in in_function)
     return found
 
 
 def _attribute(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:
     layer = tree.get(site.path)
+    if site.smooth:
+        return _attribute_smooth(site, tree)
     if site.activation:
         return KerasSite(site, layer, None, f"part of {site.activation}, not a ReLU activation")
     if not site.rewritable:
@@ -215,6 +247,25 @@ def _attribute(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:
     if lowering is not None and lowering.op_type != site.op_type:
         return KerasSite(site, layer, None, f"a {site.op_type} op in a layer whose activation is {lowering.description}")
     return KerasSite(site, layer, lowering, reason)
+
+
+def _attribute_smooth(site: sites.Site, tree: dict[tuple[str, ...], Any]) -> KerasSite:
+    """A smooth activation: rewritable by the extension when the innermost layer around it (its
+    ops may sit in a name scope of their own: `d_gelu/Gelu/Erfc`) applies a known function as its
+    `activation`."""
+    layer = tree.get(site.path)
+    if layer is None:
+        layer = _innermost_layer(site.path + ("",), tree)
+    kind = site.activation or site.op_type
+    if layer is None or _sublayers(layer):
+        return KerasSite(site, None, None, f"a {kind} computed by custom code, not by a layer's activation")
+    activation = vars(layer).get("activation")
+    if activation is None or not is_smooth_function(activation):
+        name = getattr(activation, "__name__", type(activation).__name__) if activation is not None else ""
+        return KerasSite(site, layer, None, f"a {kind} computed in {type(layer).__name__} '{layer.name}' "
+                         + (f"by its activation {name!r}, which the Keras path does not know" if name else
+                            "by its own code"))
+    return KerasSite(site, layer, None, f"no guided rule for {kind}", smooth=True)
 
 
 def _innermost_layer(path: tuple[str, ...], tree: dict[tuple[str, ...], Any]):
