@@ -260,3 +260,106 @@ def test_cam_and_portable_exports_are_refused_before_anything_is_written(tmp_pat
         gbp_rewrite.convert(REPO / "testdata" / "shapes_cnn", tmp_path / "out", cam_layer="pool2", **extra)
     assert "\n" not in str(info.value)
     assert sorted(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A binary sigmoid head: one unit p = sigmoid(z). As for the saliency (signatures.py), class 1 is
+# explained where p > 0.5, else class 0; class 1's score is the logit z, class 0's is -z. So class
+# 0's Grad-CAM weights are class 1's negated: its map is ReLU(-sum_k w_k A_k), the regions that
+# push the score towards class 0, not a copy of class 1's map.
+
+
+def binary_cam_spec():
+    """SPEC's body (the head ReLU 'fc' included) with one sigmoid unit; its bias puts the median
+    logit of the reference inputs at 0, so the batch holds both classes."""
+    logits = ref._random_dense(np.random.default_rng(3), "logits", 6, 1, gain=2.0)
+    z = ref.forward(SPEC[:-2] + [logits], reference_inputs(SPEC))[:, 0]
+    return SPEC[:-2] + [dict(logits, bias=logits["bias"] - np.median(z), activation="sigmoid")]
+
+
+BINARY_SPEC = binary_cam_spec()
+
+
+@pytest.fixture(scope="module")
+def binary_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cam_binary_sources")
+    built = {}
+
+    def source(case: str):
+        if case not in built:
+            if case == "keras_path":
+                built[case] = ref.keras_model(BINARY_SPEC, INPUT_SHAPE)
+            else:
+                built[case] = model_zoo.FAMILIES[case](BINARY_SPEC, INPUT_SHAPE, root / case)
+        return built[case]
+
+    return source
+
+
+def test_binary_reference_class_zero_is_the_negated_logit():
+    """The reference's binary Grad-CAM (numpy_reference.grad_cam) is that of the network whose
+    last layer computes z (class 1) or -z (class 0) with no sigmoid: one linear unit, no classes
+    to choose. Class 0 is not class 1's map flipped, and the guided head would change both."""
+    x = reference_inputs(BINARY_SPEC)
+    last = BINARY_SPEC[-1]
+    plain = BINARY_SPEC[:-1] + [dict(last, activation=None)]
+    negated = BINARY_SPEC[:-1] + [dict(last, kernel=-last["kernel"], bias=-last["bias"], activation=None)]
+    _, _, classes = ref.grad_cam(BINARY_SPEC, x, layer="conv2")
+    np.testing.assert_array_equal(classes, ref.forward(BINARY_SPEC, x)[:, 0] > 0.5)
+    assert 0 < classes.sum() < len(x), "the batch should hold both classes"
+    maps = {}
+    for cls, linear in ((1, plain), (0, negated)):
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        linear_heat, linear_guided, _ = ref.grad_cam(linear, x, layer="conv2")
+        np.testing.assert_allclose(heat, linear_heat, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(guided, linear_guided, rtol=1e-12, atol=0)
+        assert heat.max(axis=(1, 2)).min() > 0, "every example's map should be non-zero"
+        guided_head, _, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls, head_rule="guided")
+        assert np.max(np.abs(heat - guided_head)) > 0.05
+        maps[cls] = heat
+    assert np.max(np.abs(maps[0] - maps[1])) > 0.5
+
+
+def _check_binary_cam(export_dir: Path, x: np.ndarray) -> None:
+    """The export's maps for the predicted class and for classes 0 and 1 equal the reference's."""
+    outputs = _run(export_dir, x)
+    heat, guided, classes = ref.grad_cam(BINARY_SPEC, x, layer="conv2")
+    np.testing.assert_array_equal(outputs["explained_class"], classes)
+    assert outputs["gradcam"].dtype == np.float32 and outputs["gradcam"].shape == x.shape[:3]
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+    for cls in (0, 1):
+        forced = _run(export_dir, x, class_index=np.full(len(x), cls))
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        np.testing.assert_array_equal(forced["explained_class"], np.full(len(x), cls))
+        assert_close_relative(forced["gradcam"], heat)
+        assert_close_relative(forced["guided_gradcam"], guided)
+        assert_close_relative(forced["saliency"], ref.saliency(BINARY_SPEC, x, class_index=cls)[0])
+
+
+@pytest.mark.parametrize("case", ["keras_path", "keras3", "tf1"])
+def test_binary_sigmoid_gradcam_equals_reference_for_both_classes(binary_sources, tmp_path, case):
+    x = reference_inputs(BINARY_SPEC)
+    report = gbp_rewrite.convert(binary_sources(case), tmp_path / "export", cam=True)
+    assert report.score_plan == "binary sigmoid logit"
+    assert report.checks["grad-cam layer"] == "layer 'conv2', output [?, 4, 4, 6]"
+    _check_binary_cam(tmp_path / "export", x)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class_index must be < 2"):
+        _run(tmp_path / "export", x, class_index=np.full(len(x), 2))
+
+
+def test_binary_sigmoid_gradcam_through_the_cli(binary_sources, tmp_path):
+    """convert --cam from the command line, on a .keras file (the Keras path)."""
+    import json
+    import subprocess
+
+    from conftest import cli_command
+
+    source = model_zoo.spec_keras_file(BINARY_SPEC, INPUT_SHAPE, tmp_path / "binary")
+    result = subprocess.run(cli_command("convert", source, tmp_path / "export", "--cam", "--json"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["score_plan"] == "binary sigmoid logit"
+    assert report["checks"]["grad-cam layer"] == "layer 'conv2', output [?, 4, 4, 6]"
+    _check_binary_cam(tmp_path / "export", reference_inputs(BINARY_SPEC))
