@@ -115,14 +115,26 @@ def test_gradcam_equals_numpy_reference(exports, case):
     assert report.checks["grad-cam layer"] == f"layer '{LAYER.get(case, 'conv2')}', output [?, 4, 4, 6]"
 
 
-def test_explain_class_gradcam_equals_reference_for_other_classes(exports):
-    export_dir, _ = exports("keras3", cam=True)
+@pytest.mark.parametrize("case", ["keras3", "keras_path"])
+def test_explain_class_gradcam_equals_reference_for_other_classes(exports, case):
+    """explain_class with a class that is not the top one: its own Grad-CAM (the reference's for
+    that class), not the top class's map again."""
+    export_dir, _ = exports(case, cam=True)
     x = reference_inputs(SPEC)
-    classes = (ref.forward(SPEC, x).argmax(-1) + 2) % 5
+    top = ref.forward(SPEC, x).argmax(-1)
+    classes = (top + 2) % 5
     outputs = _run(export_dir, x, class_index=classes)
+    np.testing.assert_array_equal(outputs["explained_class"], classes)
     heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
     assert_close_relative(outputs["gradcam"], heat)
     assert_close_relative(outputs["guided_gradcam"], guided)
+    top_outputs = _run(export_dir, x)
+    np.testing.assert_array_equal(top_outputs["explained_class"], top)
+    differs = np.abs(outputs["gradcam"] - top_outputs["gradcam"]).reshape(len(x), -1).max(axis=1)
+    assert np.all(differs > 0.05), f"the other class's map is the top class's: {differs}"
+    # the reference agrees that the maps differ (the comparison above has power)
+    top_heat, _, _ = ref.grad_cam(SPEC, x, layer="conv2")
+    assert_close_relative(top_outputs["gradcam"], top_heat)
 
 
 def test_guided_head_would_differ():
@@ -363,3 +375,49 @@ def test_binary_sigmoid_gradcam_through_the_cli(binary_sources, tmp_path):
     assert report["score_plan"] == "binary sigmoid logit"
     assert report["checks"]["grad-cam layer"] == "layer 'conv2', output [?, 4, 4, 6]"
     _check_binary_cam(tmp_path / "export", reference_inputs(BINARY_SPEC))
+
+
+# ---------------------------------------------------------------------------------------------
+# The image-bytes signatures (--image_bytes_signature): serving_bytes and explain_class_bytes call
+# the float signatures on the decoded image, so they return the same maps.
+
+
+def _bytes_batch(spec, *, count: int = 6, seed: int = 21) -> tuple[list[bytes], np.ndarray]:
+    """PNGs of random 8x8 RGB images at the model's input size, and the float input the
+    'symmetric' preprocessing makes of them (pixels / 127.5 - 1 in float32: inputs of both signs,
+    as the reference inputs), kept away from the ReLU and max-pool kinks."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (count * 4, *INPUT_SHAPE), dtype=np.uint8)
+    x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    keep = ref.kink_margin(spec, x) > 1e-3
+    assert keep.sum() >= count
+    return [tf.io.encode_png(p).numpy() for p in pixels[keep][:count]], x[keep][:count]
+
+
+@pytest.mark.parametrize("case", ["keras3", "keras_path"])
+def test_bytes_signatures_return_the_float_signatures_maps(exports, case):
+    export_dir, report = exports(case, cam=True, image_bytes=True, preprocess="symmetric")
+    encoded, x = _bytes_batch(SPEC)
+    loaded = tf.saved_model.load(str(export_dir))
+    (key,) = loaded.signatures["serving_default"].structured_input_signature[1]
+    top = ref.forward(SPEC, x).argmax(-1)
+    other = (top + 2) % 5
+    calls = {
+        "serving_bytes": ({}, loaded.signatures["serving_default"], top),
+        "explain_class_bytes": ({"class_index": tf.constant(other, tf.int64)}, loaded.signatures["explain_class"],
+                                other),
+    }
+    for name, (extra, float_signature, classes) in calls.items():
+        signature = loaded.signatures[name]
+        assert set(report.signatures[name]) == set(signature.structured_outputs)
+        assert {"gradcam", "guided_gradcam", "saliency", "image_size"} <= set(signature.structured_outputs)
+        from_bytes = {k: v.numpy() for k, v in signature(image_bytes=tf.constant(encoded), **extra).items()}
+        from_floats = {k: v.numpy() for k, v in float_signature(**{key: tf.constant(x)}, **extra).items()}
+        np.testing.assert_array_equal(from_bytes["image_size"], np.tile([8, 8], (len(x), 1)))
+        np.testing.assert_array_equal(from_bytes["explained_class"], classes)
+        assert from_bytes["gradcam"].dtype == np.float32 and from_bytes["gradcam"].shape == x.shape[:3]
+        assert from_bytes["guided_gradcam"].dtype == x.dtype and from_bytes["guided_gradcam"].shape == x.shape
+        for output in ("gradcam", "guided_gradcam", "saliency"):
+            np.testing.assert_allclose(from_bytes[output], from_floats[output], rtol=0, atol=1e-6)
+        heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
+        assert_close_relative(from_bytes["gradcam"], heat)
+        assert_close_relative(from_bytes["guided_gradcam"], guided)
