@@ -201,10 +201,80 @@ def test_non_image_input_is_refused(tmp_path):
         gbp_rewrite.convert(model, tmp_path / "out", cam=True)
 
 
+NESTED_REFUSAL = (r"^--cam: the layers above '\S+' are computed by nested functions \(.+\), whose true "
+                  r"gradient TensorFlow cannot build beside the guided one; ")
+
+
 def test_nested_function_head_is_refused(sources, tmp_path):
-    with pytest.raises(GbpError, match="nested functions"):
+    """A tf.Module with a tf.function per layer: every layer above the default (last) one is a
+    nested call, so no --cam_layer helps; the error says what does."""
+    with pytest.raises(SignatureError, match=NESTED_REFUSAL + r"convert the Keras model itself or its Keras 3 "
+                       r"export \(model.export\(\): one traced function\), or convert without --cam$") as info:
         gbp_rewrite.convert(sources("tf2_module"), tmp_path / "out", cam=True)
+    assert "\n" not in str(info.value) and "gbp_source" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_nested_function_head_is_refused_in_one_line_by_the_cli(sources, tmp_path):
+    import subprocess
+
+    from conftest import cli_command
+
+    result = subprocess.run(cli_command("convert", sources("tf2_module"), tmp_path / "out", "--cam"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "nested functions" in errors[0] and "convert without --cam" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+class _BlockInAFunction(tf.Module):
+    """SPEC in one tf.function, except its layer 'conv2', a nested tf.function `block`: the
+    Grad-CAM head above a layer below conv2 holds a nested call; above conv2 it does not."""
+
+    def __init__(self):
+        super().__init__(name="block_in_a_function")
+        self.weights = {f"{layer['name']}_{key}": tf.Variable(np.asarray(layer[key], np.float32))
+                        for layer in SPEC for key in model_zoo._weight_keys(layer)}
+
+    def _weight(self, layer, key):
+        return self.weights[f"{layer['name']}_{key}"]
+
+    @tf.function
+    def block(self, x):
+        return model_zoo._apply([SPEC[2]], x, self._weight)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.float32, name="image")])
+    def serve(self, image):
+        x = image
+        for layer in SPEC:
+            x = self.block(x) if layer["name"] == "conv2" else model_zoo._apply([layer], x, self._weight)
+        return {"scores": x}
+
+
+def test_nested_function_below_the_cam_layer_is_fine_and_above_it_names_the_way_out(tmp_path):
+    """The inlined body keeps the nested call's own gradient (the loader's), so the guided rule
+    applies inside it: without it tf.gradients falls back to SymbolicGradient, whose true ReLU
+    gradient made conv2 'off the explained path' and the saliency wrong."""
+    assert SPEC[2]["name"] == "conv2"
+    module = _BlockInAFunction()
+    tf.saved_model.save(module, str(tmp_path / "source"), signatures={"serving_default": module.serve})
+    # the default layer is the nested call's output (conv2): its head is inline ops
+    report = gbp_rewrite.convert(tmp_path / "source", tmp_path / "export", cam=True)
+    assert report.checks["grad-cam layer"] == "layer 'StatefulPartitionedCall', output [?, 4, 4, 6]"
+    assert {site.path: site.status for site in report.sites}["conv2"] == "rewritten"
+    x = reference_inputs(SPEC)
+    outputs = _run(tmp_path / "export", x)
+    heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2")
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+    assert_close_relative(outputs["saliency"], ref.saliency(SPEC, x)[0])  # guided through the nested call
+    # conv1's head holds the call: refused, naming the one later layer whose head does not
+    with pytest.raises(SignatureError, match=NESTED_REFUSAL + r"name a later layer with --cam_layer "
+                       r"\(StatefulPartitionedCall\)$"):
+        gbp_rewrite.convert(tmp_path / "source", tmp_path / "refused", cam_layer="conv1")
+    assert not (tmp_path / "refused").exists()
 
 
 REPO = Path(__file__).resolve().parents[1]
