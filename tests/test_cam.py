@@ -491,3 +491,54 @@ def test_bytes_signatures_return_the_float_signatures_maps(exports, case):
         heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
         assert_close_relative(from_bytes["gradcam"], heat)
         assert_close_relative(from_bytes["guided_gradcam"], guided)
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass: the exported signature holds the model's forward ops once (the graph path
+# imports the restored body into the signature's graph instead of calling it; the Keras path calls
+# the clone once), so Grad-CAM adds backward work only.
+
+
+def _ops_reached(export_dir: Path, signature: str) -> dict[str, int]:
+    """Op type -> count over the functions `signature` reaches in saved_model.pb (each once)."""
+    from collections import Counter
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((export_dir / "saved_model.pb").read_bytes())
+    (meta_graph,) = saved.meta_graphs
+    library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    nodes = {n.name: n for n in meta_graph.graph_def.node}
+    counts, functions = Counter(), set()
+
+    def called(node):
+        return [a.func.name for a in node.attr.values() if a.HasField("func") and a.func.name in library]
+
+    pending = [t.name.split(":")[0] for t in meta_graph.signature_def[signature].outputs.values()]
+    seen = set()
+    while pending:
+        node = nodes[pending.pop()]
+        if node.name not in seen:
+            seen.add(node.name)
+            functions.update(called(node))
+            pending.extend(i.lstrip("^").split(":")[0] for i in node.input)
+    stack = list(functions)
+    while stack:
+        for node in library[stack.pop()].node_def:
+            counts[node.op] += 1
+            new = set(called(node)) - functions
+            functions.update(new)
+            stack.extend(new)
+    return dict(counts)
+
+
+@pytest.mark.parametrize("case", ["keras3", "tf1", "keras_path"])
+def test_the_cam_signature_holds_the_forward_pass_once(exports, case):
+    export_dir, _ = exports(case, cam=True)
+    for signature in ("serving_default", "explain_class"):
+        ops = _ops_reached(export_dir, signature)
+        # SPEC's forward: conv1, conv2 (Conv2D), pool1 (MaxPool), fc, logits (MatMul); the backward
+        # passes use Conv2DBackpropInput/MaxPoolGrad, and MatMul twice per dense layer each
+        assert ops["Conv2D"] == 2 and ops["MaxPool"] == 1, ops
+        assert ops["MatMul"] == 2 + 2 * 2 + 2 * 2, ops  # forward, saliency's backward, the head's again
