@@ -542,3 +542,18 @@ def test_the_cam_signature_holds_the_forward_pass_once(exports, case):
         # passes use Conv2DBackpropInput/MaxPoolGrad, and MatMul twice per dense layer each
         assert ops["Conv2D"] == 2 and ops["MaxPool"] == 1, ops
         assert ops["MatMul"] == 2 + 2 * 2 + 2 * 2, ops  # forward, saliency's backward, the head's again
+
+
+def test_binary_sigmoid_gradcam_with_the_probability_score(binary_sources, tmp_path):
+    """--score probability: class 1's score p, class 0's 1 - p. Their gradients are z's and -z's
+    times p (1 - p) > 0 per example, so the normalised Grad-CAM maps are the logit's."""
+    x = reference_inputs(BINARY_SPEC)
+    report = gbp_rewrite.convert(binary_sources("keras3"), tmp_path / "export", cam=True, score="probability")
+    assert report.score_plan == "binary sigmoid probability"
+    for cls in (0, 1):
+        outputs = _run(tmp_path / "export", x, class_index=np.full(len(x), cls))
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", score="probability", class_index=cls)
+        assert_close_relative(outputs["gradcam"], heat)
+        assert_close_relative(outputs["guided_gradcam"], guided)
+        logit_heat, _, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        np.testing.assert_allclose(heat, logit_heat, rtol=1e-9, atol=1e-12)
