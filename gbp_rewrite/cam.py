@@ -70,9 +70,12 @@ class CamOptions:
     prefix: str = ""
     chosen: CamLayer | None = None
 
+    def source_name(self, op_name: str) -> str:
+        """The op's name in the source (without the import scope)."""
+        return op_name[len(self.prefix) + 1:] if self.prefix else op_name
+
     def layer_path(self, op_name: str) -> tuple[str, ...]:
-        name = op_name[len(self.prefix) + 1:] if self.prefix else op_name
-        return sites.layer_path(name, set(self.known), keras3=self.keras3)
+        return sites.layer_path(self.source_name(op_name), set(self.known), keras3=self.keras3)
 
 
 def check_plan(plan) -> str:
@@ -225,8 +228,9 @@ def explain(
     ops = graph.get_operations()[before:]
     (saliency_key, input_key), = plan.saliency_outputs.items()
     image, explained = inputs[input_key], outputs[plan.output_key]
-    chosen = choose_layer(candidates(ops, image, explained, options), options.cam_layer)
-    _check_head(ops, chosen.tensor, explained, chosen.layer)
+    found = candidates(ops, image, explained, options)
+    chosen = choose_layer(found, options.cam_layer)
+    _check_head(ops, found, chosen, explained, options)
     options.chosen = CamLayer(chosen.layer, chosen.tensor.name, tuple(chosen.tensor.shape.as_list()))
     seed, classes = seed_and_classes(explained)
     unconnected = tf.UnconnectedGradients.ZERO
@@ -241,18 +245,31 @@ def explain(
     return result, classes
 
 
-def _check_head(ops: Sequence, activation: tf.Tensor, output: tf.Tensor, layer: str) -> None:
+def _check_head(ops: Sequence, found: Sequence[_Candidate], chosen: _Candidate, output: tf.Tensor,
+                options: CamOptions) -> None:
     """Refuse a head of nested function calls: TensorFlow builds a call's gradient once and reuses
     it, so the rule's gradient would be reused where Grad-CAM needs the true one."""
-    head = _ops_between(ops, activation, output)
-    calls = sorted(op.name for op in head if op.type in _CALL_OPS)
-    if calls:
-        raise SignatureError(
-            f"--cam: the layers above '{layer}' are computed by nested functions ({_listing(calls, 3)}; "
-            "a model whose layers are separate tf.functions), whose true gradient TensorFlow cannot "
-            "build beside the guided one; convert the Keras model or its Keras 3 export, or choose a "
-            f"later layer with {CAM_LAYER_FLAG}"
-        )
+    calls = _calls_between(ops, chosen.tensor, output)
+    if not calls:
+        return
+    # Only a layer above the calls helps; the default is the last candidate, so this needs a
+    # --cam_layer that named an earlier one.
+    position = next(i for i, c in enumerate(found) if c is chosen)
+    later = [c.layer for c in found[position + 1:] if not _calls_between(ops, c.tensor, output)]
+    fix = (f"name a later layer with {CAM_LAYER_FLAG} ({_listing(later)})" if later else
+           "convert the Keras model itself or its Keras 3 export (model.export(): one traced function), "
+           "or convert without --cam")
+    raise SignatureError(
+        f"--cam: the layers above '{chosen.layer}' are computed by nested functions "
+        f"({_listing((options.source_name(c) for c in calls), 3)}; "
+        "a model whose layers are separate tf.functions), whose true gradient TensorFlow cannot "
+        f"build beside the guided one; {fix}"
+    )
+
+
+def _calls_between(ops: Sequence, activation: tf.Tensor, output: tf.Tensor) -> list[str]:
+    """The names of the function-call ops between `activation` and `output`, sorted."""
+    return sorted(op.name for op in _ops_between(ops, activation, output) if op.type in _CALL_OPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,10 +292,13 @@ def inline_forward(function, output_keys: Sequence[str], *, variables: Sequence[
     The signature function of a TF2 SavedModel calls the model's function (which may call another):
     the calls are followed down to the function that computes every output, whose body
     (`FuncGraph.as_graph_def()`, with the patched gradient attrs) is imported into the graph being
-    traced, its arguments mapped to the signature's inputs and to the captured variables.
+    traced, its arguments mapped to the signature's inputs and to the captured variables. Calls of
+    nested functions left in that body keep the gradient the loader gave them, so the rule also
+    applies inside those functions (tf_internals.copy_call_gradient).
     """
     body, feeds, tensors = _flat_body(function, output_keys)
     graph_def = body.as_graph_def()
+    calls = [op for op in body.get_operations() if op.type in _CALL_OPS]
     by_handle = {id(v.handle): v for v in variables}
 
     def forward(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -293,9 +313,11 @@ def inline_forward(function, output_keys: Sequence[str], *, variables: Sequence[
                     graph.watch_variable(variable)  # so the export saves the variable it reads
                 input_map[placeholder.name] = graph.capture(value)
         names = [tensors[key].name for key in output_keys]
-        results = tf.graph_util.import_graph_def(graph_def, input_map=input_map, return_elements=names,
-                                                 name=prefix)
-        return dict(zip(output_keys, results))
+        results = tf.graph_util.import_graph_def(graph_def, input_map=input_map,
+                                                 return_elements=names + [op.name for op in calls], name=prefix)
+        for call, imported in zip(calls, results[len(names):]):
+            tf_internals.copy_call_gradient(call, imported)  # the rule inside nested functions
+        return dict(zip(output_keys, results[:len(names)]))
 
     return forward
 

@@ -111,9 +111,16 @@ def _check_gradient_attr() -> None:
 
 
 def _check_graph_functions() -> None:
-    """tf.Graph must still keep the functions it calls by name in `_get_function`."""
-    if not callable(getattr(tf.Graph(), "_get_function", None)):
+    """tf.Graph must still keep the functions it calls by name in `_get_function`, and ops their
+    own gradient function in `_gradient_function` (what tf.gradients asks first)."""
+    graph = tf.Graph()
+    if not callable(getattr(graph, "_get_function", None)):
         raise missing_api_error("tf.Graph._get_function", "inline a restored signature's body for --cam")
+    with graph.as_default():
+        op = tf.constant(1.0).op
+    if not hasattr(op, "_gradient_function"):
+        raise missing_api_error("tf.Operation._gradient_function",
+                                "keep a nested function call's gradient when --cam inlines a body")
 
 
 def check_tensorflow() -> None:
@@ -161,6 +168,20 @@ def graph_function(graph: tf.Graph, name: str):
     """The function `graph` calls under `name` (a restored function's body; None if it has none).
     tf.Graph keeps no public accessor; gbp_rewrite.cam inlines a signature's body with it."""
     return graph._get_function(name)
+
+
+def copy_call_gradient(source, target) -> None:
+    """Give the function-call op `target` (imported from a restored body) the gradient function of
+    `source`, the call op it copies.
+
+    The SavedModel loader attaches to each restored call op its function's own gradient (which
+    builds the callee's backward pass with the `_gradient_op_type` attrs honoured);
+    import_graph_def does not carry it over, and tf.gradients would then fall back to
+    SymbolicGradient, whose C++ gradients ignore those attrs: the rule would be lost inside.
+    """
+    function = getattr(source, "_gradient_function", None)
+    if function is not None:
+        target._gradient_function = function
 
 
 # ---------------------------------------------------------------------------------------------

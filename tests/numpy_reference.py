@@ -679,6 +679,17 @@ def _resolve_classes(output, class_index, binary=False):
     return classes.copy()
 
 
+def _class_seed(output, classes, binary):
+    """d(score)/d(output): one-hot at each example's class; a binary sigmoid's
+    one unit gets +1 for class 1 (score z or p) and -1 for class 0 (-z or 1 - p)."""
+    seed = np.zeros_like(output)
+    if binary:
+        seed[:, 0] = np.where(classes == 1, 1.0, -1.0)
+    else:
+        seed[np.arange(len(classes)), classes] = 1.0
+    return seed
+
+
 def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
              layer_rules=None, smooth_activations="true"):
     """Saliency map d(score)/d(input) with the ReLU gradients of ``rule``.
@@ -712,11 +723,7 @@ def saliency(spec, x, *, rule="guided", score="logit", class_index=None,
                          f"{output.shape}")
     binary = is_binary_sigmoid(spec, output)
     classes = _resolve_classes(output, class_index, binary)
-    seed = np.zeros_like(output)
-    if binary:
-        seed[:, 0] = np.where(classes == 1, 1.0, -1.0)
-    else:
-        seed[np.arange(len(classes)), classes] = 1.0
+    seed = _class_seed(output, classes, binary)
     if smooth_activations not in SMOOTH_MODES:
         raise ValueError(f"smooth_activations must be one of {SMOOTH_MODES}, got {smooth_activations!r}")
     ctx = {"rule": rule, "score": score, "layer_rules": dict(layer_rules or {}),
@@ -1154,7 +1161,9 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     the input's height and width and divided by its maximum per example (an
     all-zero map stays zero). The guided saliency uses ``rule`` everywhere, and
     ``smooth_activations`` at the smooth activations (the weights: their true
-    gradient).
+    gradient). Classes are resolved and seeded as in ``saliency``: for a binary
+    sigmoid head, class 0's score is -z (or 1 - p), so its weights are class 1's
+    negated.
 
     Returns (gradcam [batch, H, W], guided_gradcam shaped like x, classes).
     """
@@ -1167,9 +1176,9 @@ def grad_cam(spec, x, *, layer, rule="guided", score="logit",
     if activation.ndim != 4:
         raise ValueError(f"layer {layer!r} outputs {activation.shape}, not 4-D")
     output, head_tape = _forward_layers(spec[split:], activation)
-    classes = _resolve_classes(output, class_index)
-    seed = np.zeros_like(output)
-    seed[np.arange(len(classes)), classes] = 1.0
+    binary = is_binary_sigmoid(spec, output)
+    classes = _resolve_classes(output, class_index, binary)
+    seed = _class_seed(output, classes, binary)
     true_ctx = {"rule": head_rule, "score": score, "layer_rules": {}}
     weights = _backward_layers(head_tape, seed, true_ctx).mean(axis=(1, 2))
     heat = np.maximum(np.einsum("bhwc,bc->bhw", activation, weights), 0.0)

@@ -18,7 +18,7 @@ import gbp_rewrite
 import model_zoo
 import numpy_reference as ref
 from conftest import INPUT_SHAPE, assert_close_relative, reference_inputs
-from gbp_rewrite.errors import GbpError, OptionError, SignatureError
+from gbp_rewrite.errors import OptionError, SignatureError
 
 
 def cam_spec(seed: int = 7):
@@ -115,14 +115,26 @@ def test_gradcam_equals_numpy_reference(exports, case):
     assert report.checks["grad-cam layer"] == f"layer '{LAYER.get(case, 'conv2')}', output [?, 4, 4, 6]"
 
 
-def test_explain_class_gradcam_equals_reference_for_other_classes(exports):
-    export_dir, _ = exports("keras3", cam=True)
+@pytest.mark.parametrize("case", ["keras3", "keras_path"])
+def test_explain_class_gradcam_equals_reference_for_other_classes(exports, case):
+    """explain_class with a class that is not the top one: its own Grad-CAM (the reference's for
+    that class), not the top class's map again."""
+    export_dir, _ = exports(case, cam=True)
     x = reference_inputs(SPEC)
-    classes = (ref.forward(SPEC, x).argmax(-1) + 2) % 5
+    top = ref.forward(SPEC, x).argmax(-1)
+    classes = (top + 2) % 5
     outputs = _run(export_dir, x, class_index=classes)
+    np.testing.assert_array_equal(outputs["explained_class"], classes)
     heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
     assert_close_relative(outputs["gradcam"], heat)
     assert_close_relative(outputs["guided_gradcam"], guided)
+    top_outputs = _run(export_dir, x)
+    np.testing.assert_array_equal(top_outputs["explained_class"], top)
+    differs = np.abs(outputs["gradcam"] - top_outputs["gradcam"]).reshape(len(x), -1).max(axis=1)
+    assert np.all(differs > 0.05), f"the other class's map is the top class's: {differs}"
+    # the reference agrees that the maps differ (the comparison above has power)
+    top_heat, _, _ = ref.grad_cam(SPEC, x, layer="conv2")
+    assert_close_relative(top_outputs["gradcam"], top_heat)
 
 
 def test_guided_head_would_differ():
@@ -189,10 +201,80 @@ def test_non_image_input_is_refused(tmp_path):
         gbp_rewrite.convert(model, tmp_path / "out", cam=True)
 
 
+NESTED_REFUSAL = (r"^--cam: the layers above '\S+' are computed by nested functions \(.+\), whose true "
+                  r"gradient TensorFlow cannot build beside the guided one; ")
+
+
 def test_nested_function_head_is_refused(sources, tmp_path):
-    with pytest.raises(GbpError, match="nested functions"):
+    """A tf.Module with a tf.function per layer: every layer above the default (last) one is a
+    nested call, so no --cam_layer helps; the error says what does."""
+    with pytest.raises(SignatureError, match=NESTED_REFUSAL + r"convert the Keras model itself or its Keras 3 "
+                       r"export \(model.export\(\): one traced function\), or convert without --cam$") as info:
         gbp_rewrite.convert(sources("tf2_module"), tmp_path / "out", cam=True)
+    assert "\n" not in str(info.value) and "gbp_source" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_nested_function_head_is_refused_in_one_line_by_the_cli(sources, tmp_path):
+    import subprocess
+
+    from conftest import cli_command
+
+    result = subprocess.run(cli_command("convert", sources("tf2_module"), tmp_path / "out", "--cam"),
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "nested functions" in errors[0] and "convert without --cam" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+class _BlockInAFunction(tf.Module):
+    """SPEC in one tf.function, except its layer 'conv2', a nested tf.function `block`: the
+    Grad-CAM head above a layer below conv2 holds a nested call; above conv2 it does not."""
+
+    def __init__(self):
+        super().__init__(name="block_in_a_function")
+        self.weights = {f"{layer['name']}_{key}": tf.Variable(np.asarray(layer[key], np.float32))
+                        for layer in SPEC for key in model_zoo._weight_keys(layer)}
+
+    def _weight(self, layer, key):
+        return self.weights[f"{layer['name']}_{key}"]
+
+    @tf.function
+    def block(self, x):
+        return model_zoo._apply([SPEC[2]], x, self._weight)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.float32, name="image")])
+    def serve(self, image):
+        x = image
+        for layer in SPEC:
+            x = self.block(x) if layer["name"] == "conv2" else model_zoo._apply([layer], x, self._weight)
+        return {"scores": x}
+
+
+def test_nested_function_below_the_cam_layer_is_fine_and_above_it_names_the_way_out(tmp_path):
+    """The inlined body keeps the nested call's own gradient (the loader's), so the guided rule
+    applies inside it: without it tf.gradients falls back to SymbolicGradient, whose true ReLU
+    gradient made conv2 'off the explained path' and the saliency wrong."""
+    assert SPEC[2]["name"] == "conv2"
+    module = _BlockInAFunction()
+    tf.saved_model.save(module, str(tmp_path / "source"), signatures={"serving_default": module.serve})
+    # the default layer is the nested call's output (conv2): its head is inline ops
+    report = gbp_rewrite.convert(tmp_path / "source", tmp_path / "export", cam=True)
+    assert report.checks["grad-cam layer"] == "layer 'StatefulPartitionedCall', output [?, 4, 4, 6]"
+    assert {site.path: site.status for site in report.sites}["conv2"] == "rewritten"
+    x = reference_inputs(SPEC)
+    outputs = _run(tmp_path / "export", x)
+    heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2")
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+    assert_close_relative(outputs["saliency"], ref.saliency(SPEC, x)[0])  # guided through the nested call
+    # conv1's head holds the call: refused, naming the one later layer whose head does not
+    with pytest.raises(SignatureError, match=NESTED_REFUSAL + r"name a later layer with --cam_layer "
+                       r"\(StatefulPartitionedCall\)$"):
+        gbp_rewrite.convert(tmp_path / "source", tmp_path / "refused", cam_layer="conv1")
+    assert not (tmp_path / "refused").exists()
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +342,218 @@ def test_cam_and_portable_exports_are_refused_before_anything_is_written(tmp_pat
         gbp_rewrite.convert(REPO / "testdata" / "shapes_cnn", tmp_path / "out", cam_layer="pool2", **extra)
     assert "\n" not in str(info.value)
     assert sorted(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A binary sigmoid head: one unit p = sigmoid(z). As for the saliency (signatures.py), class 1 is
+# explained where p > 0.5, else class 0; class 1's score is the logit z, class 0's is -z. So class
+# 0's Grad-CAM weights are class 1's negated: its map is ReLU(-sum_k w_k A_k), the regions that
+# push the score towards class 0, not a copy of class 1's map.
+
+
+def binary_cam_spec():
+    """SPEC's body (the head ReLU 'fc' included) with one sigmoid unit; its bias puts the median
+    logit of the reference inputs at 0, so the batch holds both classes."""
+    logits = ref._random_dense(np.random.default_rng(3), "logits", 6, 1, gain=2.0)
+    z = ref.forward(SPEC[:-2] + [logits], reference_inputs(SPEC))[:, 0]
+    return SPEC[:-2] + [dict(logits, bias=logits["bias"] - np.median(z), activation="sigmoid")]
+
+
+BINARY_SPEC = binary_cam_spec()
+
+
+@pytest.fixture(scope="module")
+def binary_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cam_binary_sources")
+    built = {}
+
+    def source(case: str):
+        if case not in built:
+            if case == "keras_path":
+                built[case] = ref.keras_model(BINARY_SPEC, INPUT_SHAPE)
+            else:
+                built[case] = model_zoo.FAMILIES[case](BINARY_SPEC, INPUT_SHAPE, root / case)
+        return built[case]
+
+    return source
+
+
+def test_binary_reference_class_zero_is_the_negated_logit():
+    """The reference's binary Grad-CAM (numpy_reference.grad_cam) is that of the network whose
+    last layer computes z (class 1) or -z (class 0) with no sigmoid: one linear unit, no classes
+    to choose. Class 0 is not class 1's map flipped, and the guided head would change both."""
+    x = reference_inputs(BINARY_SPEC)
+    last = BINARY_SPEC[-1]
+    plain = BINARY_SPEC[:-1] + [dict(last, activation=None)]
+    negated = BINARY_SPEC[:-1] + [dict(last, kernel=-last["kernel"], bias=-last["bias"], activation=None)]
+    _, _, classes = ref.grad_cam(BINARY_SPEC, x, layer="conv2")
+    np.testing.assert_array_equal(classes, ref.forward(BINARY_SPEC, x)[:, 0] > 0.5)
+    assert 0 < classes.sum() < len(x), "the batch should hold both classes"
+    maps = {}
+    for cls, linear in ((1, plain), (0, negated)):
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        linear_heat, linear_guided, _ = ref.grad_cam(linear, x, layer="conv2")
+        np.testing.assert_allclose(heat, linear_heat, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(guided, linear_guided, rtol=1e-12, atol=0)
+        assert heat.max(axis=(1, 2)).min() > 0, "every example's map should be non-zero"
+        guided_head, _, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls, head_rule="guided")
+        assert np.max(np.abs(heat - guided_head)) > 0.05
+        maps[cls] = heat
+    assert np.max(np.abs(maps[0] - maps[1])) > 0.5
+
+
+def _check_binary_cam(export_dir: Path, x: np.ndarray) -> None:
+    """The export's maps for the predicted class and for classes 0 and 1 equal the reference's."""
+    outputs = _run(export_dir, x)
+    heat, guided, classes = ref.grad_cam(BINARY_SPEC, x, layer="conv2")
+    np.testing.assert_array_equal(outputs["explained_class"], classes)
+    assert outputs["gradcam"].dtype == np.float32 and outputs["gradcam"].shape == x.shape[:3]
+    assert_close_relative(outputs["gradcam"], heat)
+    assert_close_relative(outputs["guided_gradcam"], guided)
+    for cls in (0, 1):
+        forced = _run(export_dir, x, class_index=np.full(len(x), cls))
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        np.testing.assert_array_equal(forced["explained_class"], np.full(len(x), cls))
+        assert_close_relative(forced["gradcam"], heat)
+        assert_close_relative(forced["guided_gradcam"], guided)
+        assert_close_relative(forced["saliency"], ref.saliency(BINARY_SPEC, x, class_index=cls)[0])
+
+
+@pytest.mark.parametrize("case", ["keras_path", "keras3", "tf1"])
+def test_binary_sigmoid_gradcam_equals_reference_for_both_classes(binary_sources, tmp_path, case):
+    x = reference_inputs(BINARY_SPEC)
+    report = gbp_rewrite.convert(binary_sources(case), tmp_path / "export", cam=True)
+    assert report.score_plan == "binary sigmoid logit"
+    assert report.checks["grad-cam layer"] == "layer 'conv2', output [?, 4, 4, 6]"
+    _check_binary_cam(tmp_path / "export", x)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class_index must be < 2"):
+        _run(tmp_path / "export", x, class_index=np.full(len(x), 2))
+
+
+def test_binary_sigmoid_gradcam_through_the_cli(binary_sources, tmp_path):
+    """convert --cam from the command line, on a .keras file (the Keras path)."""
+    import json
+    import subprocess
+
+    from conftest import cli_command
+
+    source = model_zoo.spec_keras_file(BINARY_SPEC, INPUT_SHAPE, tmp_path / "binary")
+    result = subprocess.run(cli_command("convert", source, tmp_path / "export", "--cam", "--json"),
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["score_plan"] == "binary sigmoid logit"
+    assert report["checks"]["grad-cam layer"] == "layer 'conv2', output [?, 4, 4, 6]"
+    _check_binary_cam(tmp_path / "export", reference_inputs(BINARY_SPEC))
+
+
+# ---------------------------------------------------------------------------------------------
+# The image-bytes signatures (--image_bytes_signature): serving_bytes and explain_class_bytes call
+# the float signatures on the decoded image, so they return the same maps.
+
+
+def _bytes_batch(spec, *, count: int = 6, seed: int = 21) -> tuple[list[bytes], np.ndarray]:
+    """PNGs of random 8x8 RGB images at the model's input size, and the float input the
+    'symmetric' preprocessing makes of them (pixels / 127.5 - 1 in float32: inputs of both signs,
+    as the reference inputs), kept away from the ReLU and max-pool kinks."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (count * 4, *INPUT_SHAPE), dtype=np.uint8)
+    x = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    keep = ref.kink_margin(spec, x) > 1e-3
+    assert keep.sum() >= count
+    return [tf.io.encode_png(p).numpy() for p in pixels[keep][:count]], x[keep][:count]
+
+
+@pytest.mark.parametrize("case", ["keras3", "keras_path"])
+def test_bytes_signatures_return_the_float_signatures_maps(exports, case):
+    export_dir, report = exports(case, cam=True, image_bytes=True, preprocess="symmetric")
+    encoded, x = _bytes_batch(SPEC)
+    loaded = tf.saved_model.load(str(export_dir))
+    (key,) = loaded.signatures["serving_default"].structured_input_signature[1]
+    top = ref.forward(SPEC, x).argmax(-1)
+    other = (top + 2) % 5
+    calls = {
+        "serving_bytes": ({}, loaded.signatures["serving_default"], top),
+        "explain_class_bytes": ({"class_index": tf.constant(other, tf.int64)}, loaded.signatures["explain_class"],
+                                other),
+    }
+    for name, (extra, float_signature, classes) in calls.items():
+        signature = loaded.signatures[name]
+        assert set(report.signatures[name]) == set(signature.structured_outputs)
+        assert {"gradcam", "guided_gradcam", "saliency", "image_size"} <= set(signature.structured_outputs)
+        from_bytes = {k: v.numpy() for k, v in signature(image_bytes=tf.constant(encoded), **extra).items()}
+        from_floats = {k: v.numpy() for k, v in float_signature(**{key: tf.constant(x)}, **extra).items()}
+        np.testing.assert_array_equal(from_bytes["image_size"], np.tile([8, 8], (len(x), 1)))
+        np.testing.assert_array_equal(from_bytes["explained_class"], classes)
+        assert from_bytes["gradcam"].dtype == np.float32 and from_bytes["gradcam"].shape == x.shape[:3]
+        assert from_bytes["guided_gradcam"].dtype == x.dtype and from_bytes["guided_gradcam"].shape == x.shape
+        for output in ("gradcam", "guided_gradcam", "saliency"):
+            np.testing.assert_allclose(from_bytes[output], from_floats[output], rtol=0, atol=1e-6)
+        heat, guided, _ = ref.grad_cam(SPEC, x, layer="conv2", class_index=classes)
+        assert_close_relative(from_bytes["gradcam"], heat)
+        assert_close_relative(from_bytes["guided_gradcam"], guided)
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass: the exported signature holds the model's forward ops once (the graph path
+# imports the restored body into the signature's graph instead of calling it; the Keras path calls
+# the clone once), so Grad-CAM adds backward work only.
+
+
+def _ops_reached(export_dir: Path, signature: str) -> dict[str, int]:
+    """Op type -> count over the functions `signature` reaches in saved_model.pb (each once)."""
+    from collections import Counter
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((export_dir / "saved_model.pb").read_bytes())
+    (meta_graph,) = saved.meta_graphs
+    library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    nodes = {n.name: n for n in meta_graph.graph_def.node}
+    counts, functions = Counter(), set()
+
+    def called(node):
+        return [a.func.name for a in node.attr.values() if a.HasField("func") and a.func.name in library]
+
+    pending = [t.name.split(":")[0] for t in meta_graph.signature_def[signature].outputs.values()]
+    seen = set()
+    while pending:
+        node = nodes[pending.pop()]
+        if node.name not in seen:
+            seen.add(node.name)
+            functions.update(called(node))
+            pending.extend(i.lstrip("^").split(":")[0] for i in node.input)
+    stack = list(functions)
+    while stack:
+        for node in library[stack.pop()].node_def:
+            counts[node.op] += 1
+            new = set(called(node)) - functions
+            functions.update(new)
+            stack.extend(new)
+    return dict(counts)
+
+
+@pytest.mark.parametrize("case", ["keras3", "tf1", "keras_path"])
+def test_the_cam_signature_holds_the_forward_pass_once(exports, case):
+    export_dir, _ = exports(case, cam=True)
+    for signature in ("serving_default", "explain_class"):
+        ops = _ops_reached(export_dir, signature)
+        # SPEC's forward: conv1, conv2 (Conv2D), pool1 (MaxPool), fc, logits (MatMul); the backward
+        # passes use Conv2DBackpropInput/MaxPoolGrad, and MatMul twice per dense layer each
+        assert ops["Conv2D"] == 2 and ops["MaxPool"] == 1, ops
+        assert ops["MatMul"] == 2 + 2 * 2 + 2 * 2, ops  # forward, saliency's backward, the head's again
+
+
+def test_binary_sigmoid_gradcam_with_the_probability_score(binary_sources, tmp_path):
+    """--score probability: class 1's score p, class 0's 1 - p. Their gradients are z's and -z's
+    times p (1 - p) > 0 per example, so the normalised Grad-CAM maps are the logit's."""
+    x = reference_inputs(BINARY_SPEC)
+    report = gbp_rewrite.convert(binary_sources("keras3"), tmp_path / "export", cam=True, score="probability")
+    assert report.score_plan == "binary sigmoid probability"
+    for cls in (0, 1):
+        outputs = _run(tmp_path / "export", x, class_index=np.full(len(x), cls))
+        heat, guided, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", score="probability", class_index=cls)
+        assert_close_relative(outputs["gradcam"], heat)
+        assert_close_relative(outputs["guided_gradcam"], guided)
+        logit_heat, _, _ = ref.grad_cam(BINARY_SPEC, x, layer="conv2", class_index=cls)
+        np.testing.assert_allclose(heat, logit_heat, rtol=1e-9, atol=1e-12)
