@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
+import itertools
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -240,11 +243,102 @@ def write_onnx(export_dir: Path, signature: str, path: Path) -> None:
         tf2onnx_log.removeHandler(unsupported)
     if unsupported.lines:
         raise VerificationError(f"tf2onnx left ops unconverted in the ONNX model: {unsupported.lines[-1]}")
+    _shorten_names(model)
+    shared = share_transposed_initializers(model)
+    if shared:
+        log.info("ONNX: %d folded kernel copies replaced by Transpose nodes of the stored kernels", shared)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx.checker's ValidationError and friends
         raise VerificationError(f"onnx.checker rejects the converted model: {one_line(e)}") from None
     path.write_bytes(model.SerializeToString())
+
+
+# The call wrappers tf2onnx keeps in every name ("StatefulPartitionedCall/PartitionedCall/...").
+_CALL_PREFIXES = re.compile(r"(?:(?:Stateful)?PartitionedCall(?:_\d+)?(?:_grad)?/)+")
+
+
+def _shorten_names(model) -> None:
+    """Drop the call-wrapper prefixes from the names of nodes and inner values (a third of a small
+    model's file); the graph's input and output names stay as they are, and so does any name
+    whose short form is taken."""
+    graph = model.graph
+    fixed = {v.name for v in graph.input} | {v.name for v in graph.output}
+    values = {name for node in graph.node for name in [*node.input, *node.output] if name}
+    values |= {t.name for t in graph.initializer}
+    renamed, taken = {}, set(fixed) | values
+    for name in sorted(values - fixed):
+        short = _CALL_PREFIXES.sub("", name)
+        if short != name and short not in taken:
+            renamed[name] = short
+            taken.add(short)
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+    for tensor in graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    node_names = {node.name for node in graph.node}
+    for node in graph.node:
+        short = _CALL_PREFIXES.sub("", node.name)
+        if short != node.name and short not in node_names:
+            node_names.add(short)
+            node.name = short
+
+
+# Smaller initializers are left alone: a Transpose node would cost about as much as the bytes saved.
+_SHARE_MIN_ELEMENTS = 1024
+
+
+def share_transposed_initializers(model) -> int:
+    """Replace each initializer that is an axis permutation of another, bit for bit, by a Transpose
+    node of that other one; return how many.
+
+    tf2onnx folds the re-laid-out kernels of the portable gradients (TFLite's [out, kh, kw, in]
+    layout, from which they are derived at run time) into second copies next to the forward op's
+    own. onnxruntime folds the Transpose nodes back at session start: the file keeps one copy, the
+    run pays nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    candidates: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for tensor in graph.initializer:
+        if math.prod(tensor.dims) < _SHARE_MIN_ELEMENTS or len(tensor.dims) > 6:
+            continue
+        array = numpy_helper.to_array(tensor)
+        # Same dtype, same multiset of dimensions and the same sorted bytes: a permutation may relate them.
+        key = (array.dtype.str, tuple(sorted(array.shape)), hashlib.sha256(np.sort(array, axis=None).tobytes()).digest())
+        candidates.setdefault(key, []).append((tensor.name, array))
+    replaced: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for group in candidates.values():
+        kept: list[tuple[str, np.ndarray]] = []
+        for name, array in group:
+            match = next(((k, perm) for k, a in kept if (perm := _permutation(a, array)) is not None), None)
+            if match is None:
+                kept.append((name, array))
+            else:
+                replaced[name] = match
+    if not replaced:
+        return 0
+    keep = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = [onnx.helper.make_node("Transpose", [source], [name], name=f"{name}/shared_transpose", perm=list(perm))
+             for name, (source, perm) in replaced.items()]
+    for index, node in enumerate(nodes):
+        graph.node.insert(index, node)
+    return len(replaced)
+
+
+def _permutation(source: np.ndarray, target: np.ndarray) -> tuple[int, ...] | None:
+    """The axis permutation p with source.transpose(p) equal to target bit for bit, if any."""
+    wanted = target.tobytes()
+    for perm in itertools.permutations(range(source.ndim)):
+        if tuple(source.shape[a] for a in perm) == target.shape and np.ascontiguousarray(source.transpose(perm)).tobytes() == wanted:
+            return perm
+    return None
 
 
 def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

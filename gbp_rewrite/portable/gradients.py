@@ -233,18 +233,22 @@ def _conv_setup(op):
     return x, kernel, (strides[1], strides[2]), (dilations[1], dilations[2]), padding
 
 
+def _zero_from(dy: tf.Tensor) -> tf.Tensor:
+    """A float zero the converters cannot fold: `m < m` is false for every m, NaN included, and
+    m (the max of dy's first element, -inf for an empty dy) is known only at run time."""
+    m = tf.reduce_max(dy[tuple(slice(0, 1) for _ in range(dy.shape.rank))])
+    return tf.cast(tf.less(m, m), dy.dtype)
+
+
 def _unfolded(stored: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
     """`stored` plus a zero computed from `dy`: the same values, but no longer a constant.
 
     The converters fold every op whose inputs are all constants, so a kernel re-laid out for the
     backward op (transposed, flipped) would be stored a second time. Written from the layout the
     forward op stores (`stored`, which the converter folds into that same constant) and made
-    data-dependent here, the re-layout runs at run time and the file keeps one copy. The zero is
-    exact: `m < m` is false for every float, NaN included, and an empty dy gives m = -inf.
+    data-dependent here, the re-layout runs at run time and the file keeps one copy.
     """
-    corner = dy[tuple(slice(0, 1) for _ in range(dy.shape.rank))]
-    m = tf.reduce_max(corner)
-    return stored + tf.cast(tf.less(m, m), stored.dtype)
+    return stored + tf.cast(_zero_from(dy), stored.dtype)
 
 
 def _conv2d(op, dy):
@@ -480,7 +484,9 @@ def _matmul(op, dy):
     grad_a = None
     if _needs(a):  # dy @ b^T from [out, in], the layout TFLite's FULLY_CONNECTED stores
         live = _unfolded(b if tb else tf.transpose(b), dy)
-        grad_a = tf.transpose(tf.matmul(live, dy, transpose_a=True, transpose_b=True))
+        # + 0: TFLite's converter fuses a ReLU that follows into the BATCH_MATMUL it makes of this
+        # and drops it (BATCH_MATMUL has no activation); ADD takes the ReLU and keeps it.
+        grad_a = tf.matmul(dy, live) + _zero_from(dy)
     grad_b = None
     if _needs(b):
         grad_b = tf.matmul(a, dy, transpose_a=True)
