@@ -176,15 +176,44 @@ def write_and_check(export_dir: Path, staged: StagedFiles, *, signature: str, pr
     """Write each staged file from the export at `export_dir`, run it on `probe` in its runtime and
     compare every output with `expected` (the TensorFlow export's); return the check results."""
     checks = {}
-    if "tflite" in staged.temporary:
-        path = staged.temporary["tflite"]
-        write_tflite(export_dir, signature, path)
-        checks["tflite"] = _compare("LiteRT", run_tflite(path, signature, probe), expected, path)
-    if "onnx" in staged.temporary:
-        path = staged.temporary["onnx"]
-        write_onnx(export_dir, signature, path)
-        checks["onnx"] = _compare("onnxruntime", run_onnx(path, probe), expected, path)
+    writers = {"tflite": write_tflite, "onnx": write_onnx}
+    for kind, path in staged.temporary.items():
+        writers[kind](export_dir, signature, path)
+        checks[kind] = check_file(kind, path, signature=signature, probe=probe, expected=expected)
     return checks
+
+
+RUNTIMES = {"tflite": "LiteRT", "onnx": "onnxruntime"}  # file kind -> the runtime that runs it
+
+
+def check_file(kind: str, path: Path, *, signature: str, probe: Mapping[str, np.ndarray],
+               expected: Mapping[str, np.ndarray]) -> str:
+    """Run the `kind` ("tflite" or "onnx") file at `path` on `probe` in its runtime and compare
+    every output with `expected`, the TensorFlow export's on the same inputs: the conversion's
+    self-check and `verify`'s. Returns what passed; a VerificationError says what did not."""
+    got = run_tflite(path, signature, probe) if kind == "tflite" else run_onnx(path, probe)
+    return _compare(RUNTIMES[kind], got, expected, path)
+
+
+def tflite_signatures(path: Path) -> list[str]:
+    """The signature keys of a .tflite file (a VerificationError when LiteRT cannot read it)."""
+    from ai_edge_litert import interpreter
+
+    try:
+        return list(interpreter.Interpreter(model_path=str(path)).get_signature_list())
+    except Exception as e:  # noqa: BLE001 - LiteRT raises RuntimeError/ValueError
+        raise VerificationError(f"LiteRT cannot read '{path}': {one_line(e)}") from None
+
+
+def onnx_input_names(path: Path) -> list[str]:
+    """The input names of an .onnx file (a VerificationError when onnxruntime cannot read it)."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [i.name for i in session.get_inputs()]
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors
+        raise VerificationError(f"onnxruntime cannot read '{path}': {one_line(e)}") from None
 
 
 def write_tflite(export_dir: Path, signature: str, path: Path) -> None:
