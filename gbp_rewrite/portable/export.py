@@ -273,7 +273,10 @@ def write_onnx(export_dir: Path, signature: str, path: Path) -> None:
     if unsupported.lines:
         raise VerificationError(f"tf2onnx left ops unconverted in the ONNX model: {unsupported.lines[-1]}")
     _shorten_names(model)
+    dropped = drop_runtime_zeros(model)
     shared = share_transposed_initializers(model)
+    if dropped:
+        log.info("ONNX: %d run-time zeros dropped (onnxruntime folds the kernels' re-layouts at load)", dropped)
     if shared:
         log.info("ONNX: %d folded kernel copies replaced by Transpose nodes of the stored kernels", shared)
     try:
@@ -314,6 +317,55 @@ def _shorten_names(model) -> None:
         if short != node.name and short not in node_names:
             node_names.add(short)
             node.name = short
+
+
+def drop_runtime_zeros(model) -> int:
+    """Bypass each `x + zero` whose zero is the portable gradients' run-time one (`Cast(Less(m, m))`,
+    gradients._zero_from); return how many.
+
+    That zero keeps TFLite's converter from storing re-laid-out kernel copies; in ONNX the copies
+    are shared by share_transposed_initializers instead, and without the zero the re-layouts
+    depend on initializers only, so onnxruntime folds them at session start and runs the backward
+    convolutions with constant (prepacked) weights."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def is_zero(name: str) -> bool:
+        cast = producer.get(name)
+        less = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        return less is not None and less.op_type == "Less" and less.input[0] == less.input[1]
+
+    bypass = {}
+    for node in graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and node.output[0] not in {o.name for o in graph.output}:
+            for keep, zero in ((0, 1), (1, 0)):
+                if is_zero(node.input[zero]):
+                    bypass[node.output[0]] = node.input[keep]
+                    break
+    if not bypass:
+        return 0
+
+    def resolve(name: str) -> str:
+        while name in bypass:
+            name = bypass[name]
+        return name
+
+    for node in graph.node:
+        node.input[:] = [resolve(n) for n in node.input]
+    _remove_unused_nodes(graph)
+    return len(bypass)
+
+
+def _remove_unused_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is used (repeatedly: a dropped node frees its inputs)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        kept = [node for node in graph.node if any(out in used for out in node.output)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 # Smaller initializers are left alone: a Transpose node would cost about as much as the bytes saved.
