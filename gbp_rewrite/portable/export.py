@@ -2,6 +2,10 @@
 traced signature uses only ops TFLite builtins and ONNX both run, write the .tflite and .onnx
 files, and run each in its own runtime on the probe batch.
 
+The .onnx is post-processed so that each kernel is stored once: initializers that are a permutation
+of another become Transpose nodes of it, and the gradients' run-time zeros are bypassed (onnxruntime
+folds the re-layouts at load).
+
 The files are written to hidden temporary siblings and renamed into place only when the whole
 conversion (the SavedModel included) succeeded: a failure leaves no partial file.
 """

@@ -21,6 +21,10 @@ TensorFlow's own numbers for the input gradient:
     Sigmoid/Tanh   dy * y * (1 - y), dy * (1 - y * y)
     Transpose      the inverse permutation, computed here (no InvertPermutation op)
 
+Kernels (Conv2D, depthwise, MatMul) are taken in the layout TFLite stores for the forward op and
+made data-dependent by an exact zero (`_unfolded`) before being re-laid out, so the converters keep
+one copy of each kernel instead of folding a transposed or flipped second one into the file.
+
 Gradients are built for data inputs only: an input computed from variables and constants alone (a
 kernel, a bias, BatchNorm's scale) gets none, which is all the explainable signature needs (it
 differentiates with respect to the model's inputs). A kernel that depends on the data is refused.
