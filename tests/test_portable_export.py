@@ -192,6 +192,11 @@ def test_small_mobilenetv2(tmp_path):
         assert_close_relative(outputs["saliency"], expected, rtol=RTOL)
         np.testing.assert_array_equal(outputs["explained_class"], np.argmax(logits, axis=1), err_msg=runtime)
         assert_close_relative(outputs[_prediction_key(outputs)], logits.numpy(), rtol=RTOL)
+    # Every BatchNorm folded into its convolution, each kernel stored once (a BatchNorm left unfolded
+    # made the converters store the kernel scaled for the forward op and plain for the backward).
+    weights = _weights_bytes(tmp_path / "mobilenetv2")
+    sizes = {path.name: path.stat().st_size for path in (tflite, onnx)}
+    assert all(size <= SIZE_LIMIT * weights for size in sizes.values()), f"{sizes} against {weights} bytes of weights"
 
 
 def test_files_are_at_most_1_2_times_the_weights(conversions):
