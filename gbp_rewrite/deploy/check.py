@@ -174,9 +174,10 @@ def _portable_files(*, tflite, onnx) -> dict[str, Path]:
 
     files = {kind: Path(path) for kind, path in (("tflite", tflite), ("onnx", onnx)) if path is not None}
     for kind, path in files.items():
+        if path.is_dir():
+            raise SourceModelError(f"--{kind} '{path}' is a directory; give the file `convert --{kind}` wrote")
         if not path.is_file():
-            raise SourceModelError(f"--{kind} '{path}' " + ("is a directory; give the file `convert --"
-                                   f"{kind}` wrote" if path.is_dir() else "does not exist"))
+            raise SourceModelError(f"--{kind} '{path}' does not exist")
     portable_export.require_extras(tflite="tflite" in files, onnx="onnx" in files)
     return files
 
