@@ -6,6 +6,9 @@
          REST row-format shape check, saliency finite and not all zero, predictions vs the source
       -> the C++ loader (gbp_rewrite/cpp/serving_check.cc, TF Serving's LoadSavedModel + Session::Run) runs
          every signature on the same probe inputs; its outputs must equal Python's
+      -> with tflite=/onnx= (files `convert --tflite/--onnx` wrote beside the export): each file
+         runs in its runtime (LiteRT, onnxruntime) on the same probe inputs, and every output must
+         match the export's, as the conversion's own self-check requires (gbp_rewrite.portable.export)
       -> a DeployReport: one pass/fail/skip line per check, saying why TF Serving would fail.
 """
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 CHILD_TIMEOUT = 1800
 CPP_CHECK = "C++ loader (LoadSavedModel + Session::Run)"
 WHY_CPP = "this is the loader and runner TF Serving uses; the model server would fail the same way"
+WHY_FILE = ("the file does not compute what this export computes: convert again with --tflite/--onnx and "
+            "ship the files together")
 
 # The script the clean process runs: a file of this package, run without the package (see its docstring).
 CLEAN_PROCESS = Path(__file__).with_name("clean_process.py")
@@ -117,6 +122,8 @@ def verify_export(
     batch: int = 2,
     seed: int = 0,
     allow_file_ops: bool = False,
+    tflite: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
 ) -> DeployReport:
     """Check that the SavedModel `export_dir` runs without gbp_rewrite, as TF Serving would run it.
 
@@ -132,6 +139,10 @@ def verify_export(
       batch: probe batch size. seed: seed of the probe inputs (uniform in [0, 1)).
       allow_file_ops: run models whose graphs reach files or the network outside the standard
         savers (refused by default, as by `convert`: verifying runs them).
+      tflite: a .tflite file written from this export (`convert --tflite`): it must run in LiteRT
+        and give the export's outputs on the probe inputs, within the conversion self-check's
+        tolerance. Needs the 'tflite' extra.
+      onnx: the same for an .onnx file (`convert --onnx`), in onnxruntime. Needs the 'onnx' extra.
 
     Returns:
       The report; `report.ok` is False when any check failed (this function does not raise for
@@ -139,6 +150,7 @@ def verify_export(
     """
     export_dir = Path(export_dir).resolve()
     _require_savedmodel(export_dir, "the model to verify")
+    files = _portable_files(tflite=tflite, onnx=onnx)
     security.check_savedmodel(export_dir, allow=allow_file_ops, action="verifying it")
     work = Path(tempfile.mkdtemp(prefix="gbp_rewrite_verify_"))
     try:
@@ -148,10 +160,59 @@ def verify_export(
         result = _run_clean_process(export_dir, source_dir, work, batch=batch, seed=seed)
         checks = [Check(**item) for item in result["checks"]]
         checks.extend(_cpp_checks(serving_check, export_dir, result["signatures"]))
+        checks.extend(_file_check(kind, path, export_dir, result["signatures"]) for kind, path in files.items())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return DeployReport(str(export_dir), str(source) if source is not None else None, checks,
                         result["op_types"], result["facts"])
+
+
+def _portable_files(*, tflite, onnx) -> dict[str, Path]:
+    """The .tflite/.onnx files to check beside the export: each must exist, and its runtime (an
+    optional extra) be installed; a one-line error otherwise, before anything runs."""
+    from gbp_rewrite.portable import export as portable_export
+
+    files = {kind: Path(path) for kind, path in (("tflite", tflite), ("onnx", onnx)) if path is not None}
+    for kind, path in files.items():
+        if path.is_dir():
+            raise SourceModelError(f"--{kind} '{path}' is a directory; give the file `convert --{kind}` wrote")
+        if not path.is_file():
+            raise SourceModelError(f"--{kind} '{path}' does not exist")
+    portable_export.require_extras(tflite="tflite" in files, onnx="onnx" in files)
+    return files
+
+
+def _file_check(kind: str, path: Path, export_dir: Path, signatures: list[dict]) -> Check:
+    """The .tflite/.onnx file at `path` on the clean process's probe inputs of the export's
+    signature it was written from, against that signature's outputs (the conversion's check,
+    kink flips included: the export at `export_dir` gives the nudged runs when one is needed)."""
+    from gbp_rewrite.portable import export as portable_export
+
+    runtime = portable_export.RUNTIMES[kind]
+    name = f"{kind} file in {runtime}: {path}"
+    ran = {s["key"]: s for s in signatures if s["outputs"]}
+    try:
+        if kind == "tflite":
+            keys = portable_export.tflite_signatures(path)
+            matching = [k for k in keys if k in ran]
+            wanted = f"a signature of the export (it has {', '.join(keys) or 'none'})"
+        else:
+            inputs = set(portable_export.onnx_input_names(path))
+            matching = [k for k, s in ran.items() if set(s["inputs"]) == inputs]
+            wanted = f"inputs named as a signature's of the export (it has {', '.join(sorted(inputs))})"
+        if not matching:
+            raise VerificationError(f"the file has no {wanted}: was it written from this export?")
+        key = "serving_default" if "serving_default" in matching else matching[0]
+        signature = ran[key]
+        probe = {k: np.load(p) for k, p in signature["inputs"].items()}
+        expected = {k: np.load(p) for k, p in signature["outputs"].items()}
+        nudged = portable_export.NudgedReference(export_dir, signature=key, probe=probe)
+        detail = portable_export.check_file(kind, path, signature=key, probe=probe, expected=expected,
+                                            nudged=nudged)
+    except VerificationError as e:
+        return Check(name, "fail", str(e), WHY_FILE)
+    return Check(name, "pass", f"{key}: {detail}")
+
 
 
 def _source_savedmodel(source, work: Path) -> Path | None:

@@ -46,16 +46,20 @@ class _Match:
     shift_ref: str
 
 
-def fold_batchnorm(function_defs) -> list[str]:
-    """Fold every matching BatchNorm in the given FunctionDefs in place; return the folded Mul nodes."""
+def fold_batchnorm(function_defs, *, every: bool = False) -> list[str]:
+    """Fold every matching BatchNorm in the given FunctionDefs in place; return the folded Mul nodes.
+
+    `every`: also where the size rule says folding costs more than it saves (portable exports:
+    there the converters fold the scaled kernel into the file, and the backward op can then share
+    the forward op's stored kernel)."""
     folded = []
     for function in function_defs:
-        folded.extend(f"{function.signature.name}/{name}" for name in _fold_function(function))
+        folded.extend(f"{function.signature.name}/{name}" for name in _fold_function(function, every=every))
     return folded
 
 
-def _fold_function(function: function_pb2.FunctionDef) -> list[str]:
-    graph = _FunctionGraph(function)
+def _fold_function(function: function_pb2.FunctionDef, *, every: bool) -> list[str]:
+    graph = _FunctionGraph(function, every=every)
     matches = [m for m in (graph.match(node) for node in function.node_def if node.op == "Mul") if m]
     for match in matches:
         graph.rewrite(match)
@@ -64,8 +68,9 @@ def _fold_function(function: function_pb2.FunctionDef) -> list[str]:
 
 
 class _FunctionGraph:
-    def __init__(self, function: function_pb2.FunctionDef):
+    def __init__(self, function: function_pb2.FunctionDef, *, every: bool = False):
         self.function = function
+        self.every = every
         self.nodes = {n.name: n for n in function.node_def}
         self.data_args = {a.name for a in function.signature.input_arg if a.type != types_pb2.DT_RESOURCE}
         self.consumers: dict[str, list[str]] = {}
@@ -145,6 +150,8 @@ class _FunctionGraph:
     def _worth_folding(self, conv: node_def_pb2.NodeDef) -> bool:
         """Do the 3 passes folding saves over one example's activation outweigh the 2 it adds over
         the kernel? True when the graph's `_output_shapes` do not say."""
+        if self.every:
+            return True
         activation = _elements(conv, per_example=True)
         kernel_node = self.nodes.get(node_of(conv.input[1]))
         kernel = None if kernel_node is None else _elements(kernel_node, output=output_index(conv.input[1]))

@@ -26,8 +26,10 @@ def twin_key(signature_key: str) -> str:
     return f"__gbp_folded_{signature_key}"
 
 
-def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str) -> tuple[str, ...]:
+def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str, *,
+                    every: bool = False) -> tuple[str, ...]:
     """Add the folded twin of `signature_key` in place; return the folded BatchNorms (none: no twin).
+    `every`: fold each BatchNorm, also where the size rule would not (fold_batchnorm).
 
     Works on TF2 SavedModels (signatures in the object graph); TF1 graphs get no twin.
     """
@@ -46,7 +48,7 @@ def add_folded_twin(meta_graph: meta_graph_pb2.MetaGraphDef, signature_key: str)
         return ()
     members = set(chain)
     copies = [_renamed_copy(by_name[name], members) for name in chain]
-    folded = fold_batchnorm(copies)
+    folded = fold_batchnorm(copies, every=every)
     if not folded:
         return ()
     library.function.extend(copies)

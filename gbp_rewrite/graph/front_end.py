@@ -66,7 +66,10 @@ def prepare(
     mark = portable_export.mark_portable_gradients if options.portable else None
     with portable_export.staged_files(tflite=options.tflite, onnx=options.onnx,
                                       overwrite=options.overwrite) as staged, \
-            staging.patched_copy(model, patches, fold_signature=fold_signature, also=mark) as patched:
+            staging.patched_copy(model, patches, fold_signature=fold_signature, also=mark,
+                                 # portable: a BatchNorm left unfolded would make the converters store
+                                 # the forward kernel scaled and the backward's unscaled (two copies)
+                                 fold_every=options.portable) as patched:
         with PhaseTimer()("load"):
             loaded = staging.load(patched.path, tags=model.tags, source=source)
         validation.check_loaded_signatures(loaded, model.signature_keys(), source=source)

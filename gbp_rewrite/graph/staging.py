@@ -70,11 +70,12 @@ class PatchedCopy:
 @contextlib.contextmanager
 def patched_copy(
     model: SavedModelFile, patches: dict[tuple[str, str], str], *, fold_signature: str | None = None,
-    also: Callable[[meta_graph_pb2.MetaGraphDef], object] | None = None,
+    fold_every: bool = False, also: Callable[[meta_graph_pb2.MetaGraphDef], object] | None = None,
 ) -> Iterator[PatchedCopy]:
     """A temporary SavedModel directory: the source with `patches` applied to its serving graph,
     TF1 reference variables made resource variables, and, with `fold_signature`, a folded twin of
-    that signature (gbp_rewrite.graph.folded_twin) beside the unchanged original. `also`, when given,
+    that signature (gbp_rewrite.graph.folded_twin; `fold_every`: each BatchNorm, not only where
+    the size rule says it pays) beside the unchanged original. `also`, when given,
     patches the serving graph further after all that (portable gradients: every op, twin included)."""
     proto = saved_model_pb2.SavedModel()
     proto.CopyFrom(model.proto)
@@ -83,7 +84,7 @@ def patched_copy(
     converted = tf1_variables.convert_ref_variables(meta_graph)
     if converted:
         log.info("converted %d TF1 reference variables to resource variables", converted)
-    folded = folded_twin.add_folded_twin(meta_graph, fold_signature) if fold_signature else ()
+    folded = folded_twin.add_folded_twin(meta_graph, fold_signature, every=fold_every) if fold_signature else ()
     twin = folded_twin.twin_key(fold_signature) if folded else None
     if also is not None:
         also(meta_graph)

@@ -2,6 +2,10 @@
 traced signature uses only ops TFLite builtins and ONNX both run, write the .tflite and .onnx
 files, and run each in its own runtime on the probe batch.
 
+The .onnx is post-processed so that each kernel is stored once: initializers that are a permutation
+of another become Transpose nodes of it, and the gradients' run-time zeros are bypassed (onnxruntime
+folds the re-layouts at load).
+
 The files are written to hidden temporary siblings and renamed into place only when the whole
 conversion (the SavedModel included) succeeded: a failure leaves no partial file.
 """
@@ -10,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
+import itertools
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -180,15 +187,45 @@ def write_and_check(export_dir: Path, staged: StagedFiles, *, signature: str, pr
     results."""
     checks = {}
     nudged = NudgedReference(export_dir, signature=signature, probe=probe)
-    if "tflite" in staged.temporary:
-        path = staged.temporary["tflite"]
-        write_tflite(export_dir, signature, path)
-        checks["tflite"] = _compare("LiteRT", run_tflite(path, signature, probe), expected, path, nudged)
-    if "onnx" in staged.temporary:
-        path = staged.temporary["onnx"]
-        write_onnx(export_dir, signature, path)
-        checks["onnx"] = _compare("onnxruntime", run_onnx(path, probe), expected, path, nudged)
+    writers = {"tflite": write_tflite, "onnx": write_onnx}
+    for kind, path in staged.temporary.items():
+        writers[kind](export_dir, signature, path)
+        checks[kind] = check_file(kind, path, signature=signature, probe=probe, expected=expected, nudged=nudged)
     return checks
+
+
+RUNTIMES = {"tflite": "LiteRT", "onnx": "onnxruntime"}  # file kind -> the runtime that runs it
+
+
+def check_file(kind: str, path: Path, *, signature: str, probe: Mapping[str, np.ndarray],
+               expected: Mapping[str, np.ndarray], nudged: NudgedReference) -> str:
+    """Run the `kind` ("tflite" or "onnx") file at `path` on `probe` in its runtime and compare
+    every output with `expected`, the TensorFlow export's on the same inputs (and, for an example
+    beyond 1e-5, with `nudged`'s runs: see _compare): the conversion's self-check and `verify`'s.
+    Returns what passed; a VerificationError says what did not."""
+    got = run_tflite(path, signature, probe) if kind == "tflite" else run_onnx(path, probe)
+    return _compare(RUNTIMES[kind], got, expected, path, nudged)
+
+
+def tflite_signatures(path: Path) -> list[str]:
+    """The signature keys of a .tflite file (a VerificationError when LiteRT cannot read it)."""
+    from ai_edge_litert import interpreter
+
+    try:
+        return list(interpreter.Interpreter(model_path=str(path)).get_signature_list())
+    except Exception as e:  # noqa: BLE001 - LiteRT raises RuntimeError/ValueError
+        raise VerificationError(f"LiteRT cannot read '{path}': {one_line(e)}") from None
+
+
+def onnx_input_names(path: Path) -> list[str]:
+    """The input names of an .onnx file (a VerificationError when onnxruntime cannot read it)."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [i.name for i in session.get_inputs()]
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors
+        raise VerificationError(f"onnxruntime cannot read '{path}': {one_line(e)}") from None
 
 
 def write_tflite(export_dir: Path, signature: str, path: Path) -> None:
@@ -247,11 +284,154 @@ def write_onnx(export_dir: Path, signature: str, path: Path) -> None:
         tf2onnx_log.removeHandler(unsupported)
     if unsupported.lines:
         raise VerificationError(f"tf2onnx left ops unconverted in the ONNX model: {unsupported.lines[-1]}")
+    _shorten_names(model)
+    dropped = drop_runtime_zeros(model)
+    shared = share_transposed_initializers(model)
+    if dropped:
+        log.info("ONNX: %d run-time zeros dropped (onnxruntime folds the kernels' re-layouts at load)", dropped)
+    if shared:
+        log.info("ONNX: %d folded kernel copies replaced by Transpose nodes of the stored kernels", shared)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx.checker's ValidationError and friends
         raise VerificationError(f"onnx.checker rejects the converted model: {one_line(e)}") from None
     path.write_bytes(model.SerializeToString())
+
+
+# The call wrappers tf2onnx keeps in every name ("StatefulPartitionedCall/PartitionedCall/...").
+_CALL_PREFIXES = re.compile(r"(?:(?:Stateful)?PartitionedCall(?:_\d+)?(?:_grad)?/)+")
+
+
+def _shorten_names(model) -> None:
+    """Drop the call-wrapper prefixes from the names of nodes and inner values (a third of a small
+    model's file); the graph's input and output names stay as they are, and so does any name
+    whose short form is taken."""
+    graph = model.graph
+    fixed = {v.name for v in graph.input} | {v.name for v in graph.output}
+    values = {name for node in graph.node for name in [*node.input, *node.output] if name}
+    values |= {t.name for t in graph.initializer}
+    renamed, taken = {}, set(fixed) | values
+    for name in sorted(values - fixed):
+        short = _CALL_PREFIXES.sub("", name)
+        if short != name and short not in taken:
+            renamed[name] = short
+            taken.add(short)
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+    for tensor in graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    node_names = {node.name for node in graph.node}
+    for node in graph.node:
+        short = _CALL_PREFIXES.sub("", node.name)
+        if short != node.name and short not in node_names:
+            node_names.add(short)
+            node.name = short
+
+
+def drop_runtime_zeros(model) -> int:
+    """Bypass each `x + zero` whose zero is the portable gradients' run-time one (`Cast(Less(m, m))`,
+    gradients._zero_from); return how many.
+
+    That zero keeps TFLite's converter from storing re-laid-out kernel copies; in ONNX the copies
+    are shared by share_transposed_initializers instead, and without the zero the re-layouts
+    depend on initializers only, so onnxruntime folds them at session start and runs the backward
+    convolutions with constant (prepacked) weights."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def is_zero(name: str) -> bool:
+        cast = producer.get(name)
+        less = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        return less is not None and less.op_type == "Less" and less.input[0] == less.input[1]
+
+    bypass = {}
+    for node in graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and node.output[0] not in {o.name for o in graph.output}:
+            for keep, zero in ((0, 1), (1, 0)):
+                if is_zero(node.input[zero]):
+                    bypass[node.output[0]] = node.input[keep]
+                    break
+    if not bypass:
+        return 0
+
+    def resolve(name: str) -> str:
+        while name in bypass:
+            name = bypass[name]
+        return name
+
+    for node in graph.node:
+        node.input[:] = [resolve(n) for n in node.input]
+    _remove_unused_nodes(graph)
+    return len(bypass)
+
+
+def _remove_unused_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is used (repeatedly: a dropped node frees its inputs)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        kept = [node for node in graph.node if any(out in used for out in node.output)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+# Smaller initializers are left alone: a Transpose node would cost about as much as the bytes saved.
+_SHARE_MIN_ELEMENTS = 1024
+
+
+def share_transposed_initializers(model) -> int:
+    """Replace each initializer that is an axis permutation of another, bit for bit, by a Transpose
+    node of that other one; return how many.
+
+    tf2onnx folds the re-laid-out kernels of the portable gradients (TFLite's [out, kh, kw, in]
+    layout, from which they are derived at run time) into second copies next to the forward op's
+    own. onnxruntime folds the Transpose nodes back at session start: the file keeps one copy, the
+    run pays nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    candidates: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for tensor in graph.initializer:
+        if math.prod(tensor.dims) < _SHARE_MIN_ELEMENTS or len(tensor.dims) > 6:
+            continue
+        array = numpy_helper.to_array(tensor)
+        # Same dtype, same multiset of dimensions and the same sorted bytes: a permutation may relate them.
+        key = (array.dtype.str, tuple(sorted(array.shape)), hashlib.sha256(np.sort(array, axis=None).tobytes()).digest())
+        candidates.setdefault(key, []).append((tensor.name, array))
+    replaced: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for group in candidates.values():
+        kept: list[tuple[str, np.ndarray]] = []
+        for name, array in group:
+            match = next(((k, perm) for k, a in kept if (perm := _permutation(a, array)) is not None), None)
+            if match is None:
+                kept.append((name, array))
+            else:
+                replaced[name] = match
+    if not replaced:
+        return 0
+    keep = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = [onnx.helper.make_node("Transpose", [source], [name], name=f"{name}/shared_transpose", perm=list(perm))
+             for name, (source, perm) in replaced.items()]
+    for index, node in enumerate(nodes):
+        graph.node.insert(index, node)
+    return len(replaced)
+
+
+def _permutation(source: np.ndarray, target: np.ndarray) -> tuple[int, ...] | None:
+    """The axis permutation p with source.transpose(p) equal to target bit for bit, if any."""
+    wanted = target.tobytes()
+    for perm in itertools.permutations(range(source.ndim)):
+        if tuple(source.shape[a] for a in perm) == target.shape and np.ascontiguousarray(source.transpose(perm)).tobytes() == wanted:
+            return perm
+    return None
 
 
 def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

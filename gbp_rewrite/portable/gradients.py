@@ -21,6 +21,10 @@ TensorFlow's own numbers for the input gradient:
     Sigmoid/Tanh   dy * y * (1 - y), dy * (1 - y * y)
     Transpose      the inverse permutation, computed here (no InvertPermutation op)
 
+Kernels (Conv2D, depthwise, MatMul) are taken in the layout TFLite stores for the forward op and
+made data-dependent by an exact zero (`_unfolded`) before being re-laid out, so the converters keep
+one copy of each kernel instead of folding a transposed or flipped second one into the file.
+
 Gradients are built for data inputs only: an input computed from variables and constants alone (a
 kernel, a bias, BatchNorm's scale) gets none, which is all the explainable signature needs (it
 differentiates with respect to the model's inputs). A kernel that depends on the data is refused.
@@ -217,28 +221,58 @@ RELU_RULES: dict[str, dict[str, Callable]] = {
 # Convolutions and pools
 
 
-def _conv2d(op, dy):
+def _conv_setup(op):
+    """(x, kernel, stride, dilation, padding) of a Conv2D/depthwise op, or None when x needs no
+    gradient; refused for NCHW, a kernel computed from the data and explicit paddings."""
     x, kernel = op.inputs
     _check_nhwc(op)
     if not is_weight(kernel):
         raise _refuse(op, "for a kernel computed from the data")
     if not _needs(x):
-        return None, None
+        return None
     strides, dilations = op.get_attr("strides"), op.get_attr("dilations")
-    stride, dilation = (strides[1], strides[2]), (dilations[1], dilations[2])
     padding = op.get_attr("padding").decode()
     if padding == "EXPLICIT":
         raise _refuse(op, "for explicit paddings")
+    return x, kernel, (strides[1], strides[2]), (dilations[1], dilations[2]), padding
+
+
+def _zero_from(dy: tf.Tensor) -> tf.Tensor:
+    """A float zero the converters cannot fold: `m < m` is false for every m, NaN included, and
+    m (the max of dy's first element, -inf for an empty dy) is known only at run time."""
+    m = tf.reduce_max(dy[tuple(slice(0, 1) for _ in range(dy.shape.rank))])
+    return tf.cast(tf.less(m, m), dy.dtype)
+
+
+def _unfolded(stored: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+    """`stored` plus a zero computed from `dy`: the same values, but no longer a constant.
+
+    The converters fold every op whose inputs are all constants, so a kernel re-laid out for the
+    backward op (transposed, flipped) would be stored a second time. Written from the layout the
+    forward op stores (`stored`, which the converter folds into that same constant) and made
+    data-dependent here, the re-layout runs at run time and the file keeps one copy.
+    """
+    return stored + tf.cast(_zero_from(dy), stored.dtype)
+
+
+def _conv2d(op, dy):
+    setup = _conv_setup(op)
+    if setup is None:
+        return None, None
+    x, kernel, stride, dilation, padding = setup
     h, w, _ = _static(op, x, (1, 2, 3))
     kh, kw = _static(op, kernel, (0, 1))
     oh, ow = _static(op, dy, (1, 2))
     pads = (_pads(op, padding, h, kh, stride[0], dilation[0]), _pads(op, padding, w, kw, stride[1], dilation[1]))
     covered = ((oh - 1) * stride[0] + (kh - 1) * dilation[0] + 1, (ow - 1) * stride[1] + (kw - 1) * dilation[1] + 1)
+    # [out, kh, kw, in]: the layout TFLite's CONV_2D stores for the forward op.
+    live = _unfolded(tf.transpose(kernel, [3, 0, 1, 2]), dy)
     if dilation == (1, 1):
         shape = tf.stack([tf.shape(dy)[0], covered[0], covered[1], int(x.shape[3])])
-        dx = tf.nn.conv2d_transpose(dy, kernel, shape, strides=[1, *stride, 1], padding="VALID")
+        dx = tf.nn.conv2d_transpose(dy, tf.transpose(live, [1, 2, 3, 0]), shape, strides=[1, *stride, 1],
+                                    padding="VALID")
     else:  # TF's convolutions take dilations with stride 1 only: a full correlation, flipped kernel
-        flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+        flipped = tf.transpose(tf.reverse(live, [1, 2]), [1, 2, 0, 3])  # [kh, kw, out, in]
         dx = _full_correlation(dy, flipped, window=(kh, kw), stride=stride, dilation=dilation, depthwise=False)
     return _fit(dx, start=(pads[0][0], pads[1][0]), size=(h, w)), None
 
@@ -255,23 +289,18 @@ def _full_correlation(dy, kernel, *, window, stride, dilation, depthwise: bool):
 
 
 def _depthwise(op, dy):
-    x, kernel = op.inputs
-    _check_nhwc(op)
-    if not is_weight(kernel):
-        raise _refuse(op, "for a kernel computed from the data")
-    if not _needs(x):
+    setup = _conv_setup(op)
+    if setup is None:
         return None, None
-    strides, dilations = op.get_attr("strides"), op.get_attr("dilations")
-    stride, dilation = (strides[1], strides[2]), (dilations[1], dilations[2])
-    padding = op.get_attr("padding").decode()
-    if padding == "EXPLICIT":
-        raise _refuse(op, "for explicit paddings")
+    x, kernel, stride, dilation, padding = setup
     h, w, c = _static(op, x, (1, 2, 3))
     kh, kw, _, multiplier = _static(op, kernel, (0, 1, 2, 3))
     pads = (_pads(op, padding, h, kh, stride[0], dilation[0]), _pads(op, padding, w, kw, stride[1], dilation[1]))
     # Output channel c*M+m comes from input channel c: correlate each of the C*M channels with its
-    # own flipped kernel, then sum the M channels of each input channel.
-    flipped = tf.reshape(tf.reverse(kernel, [0, 1]), [kh, kw, c * multiplier, 1])
+    # own flipped kernel, then sum the M channels of each input channel. [1, kh, kw, C*M] is the
+    # layout TFLite's DEPTHWISE_CONV_2D stores for the forward op.
+    live = _unfolded(tf.reshape(kernel, [1, kh, kw, c * multiplier]), dy)
+    flipped = tf.reshape(tf.reverse(live, [1, 2]), [kh, kw, c * multiplier, 1])
     dx = _full_correlation(dy, flipped, window=(kh, kw), stride=stride, dilation=dilation, depthwise=True)
     if multiplier > 1:
         dx = tf.reduce_sum(tf.reshape(dx, [-1, int(dx.shape[1]), int(dx.shape[2]), c, multiplier]), axis=-1)
@@ -456,7 +485,12 @@ def _matmul(op, dy):
     ta, tb = op.get_attr("transpose_a"), op.get_attr("transpose_b")
     if ta:
         raise _refuse(op, "for transpose_a")
-    grad_a = tf.matmul(dy, b, transpose_b=not tb) if _needs(a) else None
+    grad_a = None
+    if _needs(a):  # dy @ b^T from [out, in], the layout TFLite's FULLY_CONNECTED stores
+        live = _unfolded(b if tb else tf.transpose(b), dy)
+        # + 0: TFLite's converter fuses a ReLU that follows into the BATCH_MATMUL it makes of this
+        # and drops it (BATCH_MATMUL has no activation); ADD takes the ReLU and keeps it.
+        grad_a = tf.matmul(dy, live) + _zero_from(dy)
     grad_b = None
     if _needs(b):
         grad_b = tf.matmul(a, dy, transpose_a=True)
