@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -105,6 +106,30 @@ def test_usage_errors_exit_2():
         assert "usage error" in result.stderr and "Traceback" not in result.stderr
 
 
+_NO_TENSORFLOW = """
+import sys
+from gbp_rewrite import cli
+try:
+    cli.main(cli.parse_command_line(["gbp-rewrite", *sys.argv[1:]]))
+except SystemExit as e:
+    print("exit", e.code, "tensorflow imported" if "tensorflow" in sys.modules else "no tensorflow")
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "a", "b", "--preprocess", "caffe"], ["explain", "m", "--out", "o"],
+    ["explain", "m", "--glob", "*.png", "--out", "o"], ["request", "m"], ["decode", "r"],
+    ["sanity", "m", "--dir", "d"],
+], ids=lambda argv: " ".join(argv))
+def test_usage_errors_answer_before_tensorflow_is_imported(argv):
+    """A flag combination the command refuses is a usage error (exit 2) from check_usage, before
+    the seconds TensorFlow's import takes."""
+    result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert "usage error" in result.stderr, result.stderr
+    assert result.stdout.split() == ["exit", "2", "no", "tensorflow"], result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line's structure: per-command help, accumulating list flags, bare command
 
@@ -172,4 +197,4 @@ def test_images_come_from_either_image_or_dir(command, sources):
 
     args = parse_command_line(["gbp-rewrite", command, "model", "--out", "out", *sources])
     with pytest.raises(UsageError, match=rf"^'{command}' takes the images with either --image or --dir"):
-        COMMANDS[command].run(args)
+        COMMANDS[command].check_usage(args)

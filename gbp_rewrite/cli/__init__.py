@@ -100,6 +100,10 @@ def _raise_interrupt(signum, frame):
 def main(args: argparse.Namespace) -> int:
     module = COMMANDS[args.command]
     _configure_logging(verbose=args.verbose)
+    try:  # before TensorFlow is imported: a usage error answers at once
+        getattr(module, "check_usage", _no_usage_check)(args)
+    except UsageError as e:
+        _usage_exit(str(e), command=module.NAME)
     _import_tensorflow_quietly(verbose=args.verbose)
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -120,6 +124,10 @@ def main(args: argparse.Namespace) -> int:
                          "(run with --verbose for the traceback)\n")
         return 1
     return 0
+
+
+def _no_usage_check(args: argparse.Namespace) -> None:
+    del args
 
 
 def _import_tensorflow_quietly(*, verbose: bool) -> None:

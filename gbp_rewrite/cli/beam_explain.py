@@ -13,7 +13,8 @@ from gbp_rewrite.cli import common
 from gbp_rewrite.errors import ImageError
 
 
-def run(args: argparse.Namespace) -> None:
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations `explain --runner` needs (checked before TensorFlow is imported)."""
     if not args.runner:
         raise common.UsageError("--glob, --saliency_format and options after -- are for a Beam pipeline: add "
                                 "--runner NAME (e.g. --runner DirectRunner)")
@@ -23,6 +24,9 @@ def run(args: argparse.Namespace) -> None:
         raise common.UsageError("'explain --runner' needs --glob 'PATTERN', the image files")
     if not args.out:
         raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
+
+
+def run(args: argparse.Namespace) -> None:
     from gbp_rewrite.beam.extra import require_beam
 
     require_beam()

@@ -74,13 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_allow_file_ops(parser)
 
 
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations (checked before TensorFlow is imported)."""
+    if args.preprocess is not None and not args.image_bytes_signature:
+        raise common.UsageError("'convert' takes --preprocess only with --image_bytes_signature (the "
+                                "preprocessing done in the graph); without it clients send preprocessed pixels")
+
+
 def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pipeline import convert
 
-    if args.preprocess is not None and not args.image_bytes_signature:
-        raise common.UsageError("'convert' takes --preprocess only with --image_bytes_signature (the "
-                                "preprocessing done in the graph); without it clients send preprocessed pixels")
     report = convert(
         args.source, args.destination,
         layers=common.split_list(args.layers), exclude_layers=common.split_list(args.exclude_layers),

@@ -27,14 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "Needs the optional extra 'serving' (tensorflow-serving-api).")
 
 
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations (checked before TensorFlow is imported)."""
+    if not args.out:
+        raise common.UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
+
+
 def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.serving.response_files import write_response_files
     from gbp_rewrite.pictures.labels import load_labels
     from gbp_rewrite.serving.rest import decode_response
 
-    if not args.out:
-        raise common.UsageError("'decode' needs --out DIR, the folder for the arrays and pictures")
     if args.grpc:
         from gbp_rewrite.serving import grpc_messages
 

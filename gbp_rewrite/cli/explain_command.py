@@ -59,19 +59,31 @@ def _add_beam_arguments(parser: argparse.ArgumentParser) -> None:
                         "saliency arrays (saliency-*.parquet: file, class, score, shape, saliency).")
 
 
+def _is_beam(args: argparse.Namespace) -> bool:
+    return bool(args.runner or args.glob or args.saliency_format or args.passthrough)
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations (checked before TensorFlow is imported)."""
+    if _is_beam(args):
+        from gbp_rewrite.cli import beam_explain  # no apache-beam import: that is in its run()
+
+        return beam_explain.check_usage(args)
+    if args.recursive and not args.dir:
+        raise common.UsageError("--recursive goes with --dir FOLDER")
+    common.require_one_image_source(args, "explain")
+    if not args.out:
+        raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.runner or args.glob or args.saliency_format or args.passthrough:
+    if _is_beam(args):
         from gbp_rewrite.cli import beam_explain  # apache-beam only when asked for
 
         return beam_explain.run(args)
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.pictures.explainer import explain
 
-    if args.recursive and not args.dir:
-        raise common.UsageError("--recursive goes with --dir FOLDER")
-    common.require_one_image_source(args, "explain")
-    if not args.out:
-        raise common.UsageError("'explain' needs --out OUTDIR, the folder for the pictures")
     if args.dir and not Path(args.dir).is_dir():  # refused before the model is loaded
         what = "is not a folder" if Path(args.dir).exists() else "does not exist"
         raise ImageError(f"--dir '{args.dir}' {what}; pass a folder of images, or image files with --image")

@@ -39,15 +39,19 @@ def default_model_name(model: str) -> str:
     return path.parent.name if path.name.isdigit() else path.name
 
 
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations (checked before TensorFlow is imported)."""
+    if not args.image:
+        raise common.UsageError("'request' needs at least one --image PATH")
+    if args.grpc and not args.out:
+        raise common.UsageError("'request --grpc' writes a binary PredictRequest: give the file with --out")
+
+
 def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.serving import rest
     from gbp_rewrite.serving.request import make_inputs, request_signature, write_request
 
-    if not args.image:
-        raise common.UsageError("'request' needs at least one --image PATH")
-    if args.grpc and not args.out:
-        raise common.UsageError("'request --grpc' writes a binary PredictRequest: give the file with --out")
     signature = request_signature(args.signature, args.class_index)
     inputs = make_inputs(args.model, common.split_paths(args.image), signature=signature,
                          class_index=args.class_index, preprocess=args.preprocess,

@@ -32,13 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_json(parser)
 
 
+def check_usage(args: argparse.Namespace) -> None:
+    """The flag combinations (checked before TensorFlow is imported)."""
+    common.require_one_image_source(args, "sanity")
+    if not args.out:
+        raise common.UsageError("'sanity' needs --out DIR, the folder for sanity.txt, sanity.json and sanity.png")
+
+
 def run(args: argparse.Namespace) -> None:
     # Imported here, as in every command: --help and usage errors answer without loading TensorFlow.
     from gbp_rewrite.sanity_checks.run import sanity
 
-    common.require_one_image_source(args, "sanity")
-    if not args.out:
-        raise common.UsageError("'sanity' needs --out DIR, the folder for sanity.txt, sanity.json and sanity.png")
     result = sanity(
         args.model, args.dir if args.dir else common.split_paths(args.image), out_dir=args.out,
         layers_to_randomize=args.layers_to_randomize, max_images=args.max_images,

@@ -333,7 +333,7 @@ def _shorten_names(model) -> None:
 
 def drop_runtime_zeros(model) -> int:
     """Bypass each `x + zero` whose zero is the portable gradients' run-time one (`Cast(Less(m, m))`,
-    gradients._zero_from); return how many.
+    made in the gradients module); return how many.
 
     That zero keeps TFLite's converter from storing re-laid-out kernel copies; in ONNX the copies
     are shared by share_transposed_initializers instead, and without the zero the re-layouts
