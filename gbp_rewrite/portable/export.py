@@ -219,10 +219,8 @@ def tflite_signatures(path: Path) -> list[str]:
 
 def onnx_input_names(path: Path) -> list[str]:
     """The input names of an .onnx file (a VerificationError when onnxruntime cannot read it)."""
-    import onnxruntime
-
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = _onnx_session(path)
         return [i.name for i in session.get_inputs()]
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors
         raise VerificationError(f"onnxruntime cannot read '{path}': {one_line(e)}") from None
@@ -445,12 +443,19 @@ def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> 
         raise VerificationError(f"LiteRT cannot run '{path}': {one_line(e)}") from None
 
 
-def run_onnx(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`inputs` through the .onnx file in onnxruntime (CPU)."""
+def _onnx_session(path: Path):
+    """An onnxruntime CPU session for the file, its warnings (unused initializers) kept quiet."""
     import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: they reach the caller as exceptions anyway
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` through the .onnx file in onnxruntime (CPU)."""
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = _onnx_session(path)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, dict(inputs))))
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors
