@@ -264,17 +264,7 @@ def _scales_by_one_sixth(node, relu6_name: str, by_name: Mapping) -> bool:
 def _is_constant(ref: str, value: float, by_name: Mapping) -> bool:
     """True when `ref` is a one-element Const (possibly behind Identity/Cast) equal to `value` to
     float16 rounding (1/6 is stored as 0.16666667 in float32, 0.1666 in float16)."""
-    node = by_name.get(node_of(ref))
-    for _ in range(8):
-        if node is None or node.op not in _CONST_PASS_THROUGH:
-            break
-        node = by_name.get(node_of(node.input[0])) if node.input else None
-    if node is None or node.op != "Const":
-        return False
-    try:
-        array = tf.make_ndarray(node.attr["value"].tensor)
-    except (TypeError, ValueError):
-        return False
-    if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+    array = _constant_value(ref, by_name)
+    if array is None or not np.issubdtype(array.dtype, np.number):
         return False
     return bool(np.isclose(float(array.reshape(-1)[0]), value, rtol=1e-3, atol=0.0))

@@ -307,13 +307,20 @@ def _depthwise(op, dy):
     return _fit(dx, start=(pads[0][0], pads[1][0]), size=(h, w)), None
 
 
-def _avg_pool(op, dy):
+def _pool_setup(op, dy):
+    """What both pooling gradients need: the input x, window, stride, the input's (h, w, c), the
+    output's (oh, ow) and the padding before/after on each spatial axis (static shapes, NHWC)."""
     (x,) = op.inputs
     _check_nhwc(op)
     window, stride, padding = _window_attrs(op)
     h, w, c = _static(op, x, (1, 2, 3))
     oh, ow = _static(op, dy, (1, 2))
     pads = (_pads(op, padding, h, window[0], stride[0]), _pads(op, padding, w, window[1], stride[1]))
+    return x, window, stride, (h, w, c), (oh, ow), pads
+
+
+def _avg_pool(op, dy):
+    _, window, stride, (h, w, c), (oh, ow), pads = _pool_setup(op, dy)
     # Each output's value is its window's mean over the elements inside the input (SAME padding
     # leaves the padded ones out of the count).
     count = (_window_counts(h, window[0], stride[0], pads[0][0], oh)[:, None]
@@ -330,12 +337,7 @@ def _window_counts(size: int, window: int, stride: int, before: int, out: int) -
 
 
 def _max_pool(op, dy):
-    (x,) = op.inputs
-    _check_nhwc(op)
-    window, stride, padding = _window_attrs(op)
-    h, w, _ = _static(op, x, (1, 2, 3))
-    oh, ow = _static(op, dy, (1, 2))
-    pads = (_pads(op, padding, h, window[0], stride[0]), _pads(op, padding, w, window[1], stride[1]))
+    x, window, stride, (h, w, _), (oh, ow), pads = _pool_setup(op, dy)
     pooled = op.outputs[0]
     # Padding never wins: the lowest float is below every real element of a window.
     lowest = tf.constant(x.dtype.min, x.dtype)
