@@ -257,6 +257,24 @@ def test_batched_saliency_agrees_to_float32_rounding(model_dir, tmp_path):
         assert np.abs(copy - alone).max() <= 1e-5 * scale
 
 
+def test_direct_runner_never_hands_the_pipeline_to_prism(model_dir, tmp_path, monkeypatch):
+    """Beam's DirectRunner would try its Prism runner first (downloaded from GitHub; workers as
+    threads of this process, --direct_num_workers ignored); run_explain must go to the FnApiRunner.
+    Offline the download fails and Beam falls back anyway, so the attempt itself is what is
+    checked."""
+    from apache_beam.runners.portability import prism_runner
+
+    attempts = []
+
+    def refuse(self, *args, **kwargs):
+        attempts.append(self)
+        raise RuntimeError("Prism must not be tried")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", refuse)
+    summary = run_explain(model_dir, [str(TESTDATA_IMAGES[0])], out=str(tmp_path / "out"), runner="DirectRunner")
+    assert attempts == [] and summary.explained == 1 and summary.failed == 0
+
+
 # ---------------------------------------------------------------- errors
 
 
