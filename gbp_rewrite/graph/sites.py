@@ -184,8 +184,11 @@ def layer_path(node_name: str, known: set[str], *, keras3: bool, function: str =
     """
     match = _TF_KERAS_LAYER_FUNCTION.match(function)
     prefix = (match.group("layer"),) if match else ()
-    scopes = tuple(_segment(s, known, keras3=keras3) for s in node_name.split("/")[:-1])
-    return (prefix + scopes) or (node_name,)
+    path = prefix + tuple(_segment(s, known, keras3=keras3) for s in node_name.split("/")[:-1])
+    # Scopes an activation function opens inside its layer (tf.nn.gelu's `Gelu`) are no layers:
+    # the path ends at the innermost layer the model names.
+    layers = [n for n, segment in enumerate(path) if segment in known]
+    return (path[:layers[-1] + 1] if layers else path) or (node_name,)
 
 
 def _segment(segment: str, known: set[str], *, keras3: bool) -> str:
